@@ -1,0 +1,1 @@
+"""Declarative search spaces (YAML), read by tuner.spaces."""

@@ -1,0 +1,1 @@
+"""certtune trainer core: certified training (IBP, CROWN-IBP, the fast method) with no framework inside."""
