@@ -1,0 +1,306 @@
+"""Interval (IBP) and linear (CROWN-IBP) bound propagation for the layer kinds our models use.
+
+Supported modules: nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d, nn.ReLU, nn.Flatten and
+`ResidualBlock` (main(x) + shortcut(x)). Inputs live in the model's input space (already normalized); the
+caller builds the box [x_lower, x_upper].
+
+IBP carries an interval as (center, radius). Alongside it we carry the clean batch through the same layers:
+in train mode a BatchNorm layer is the fixed affine map given by the *clean* batch's statistics, and the
+trainer gets the clean logits from the same walk instead of a separate forward pass.
+
+CROWN-IBP keeps IBP bounds for every hidden layer and runs one backward linear pass from the output: the
+margins C·f(x) are written as A·x + bias over the input box, with each ReLU relaxed by its IBP
+pre-activation bounds (upper line through (l, 0) and (u, u); lower slope 1 if u > −l else 0).
+
+The specification C (B, S, K) is folded into the last linear layer (W' = C·W, b' = C·b) so IBP bounds the
+margins directly, which is tighter than differencing logit bounds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import ResidualBlock
+
+
+# ---- the specification matrix -------------------------------------------------------------------
+def margin_spec(y: Tensor, num_classes: int) -> Tensor:
+    """C of shape (B, K-1, K): row i is e_y − e_j for each class j ≠ y, so C·z = z_y − z_j."""
+    eye = torch.eye(num_classes, device=y.device)
+    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j is e_y − e_j
+    keep = eye[y] == 0  # drop j = y
+    return C[keep].view(len(y), num_classes - 1, num_classes)
+
+
+# ---- IBP: one function per layer kind -------------------------------------------------------------
+@dataclass
+class State:
+    """What flows forward: the clean batch (or None) and the interval as center ± radius."""
+
+    clean: Tensor | None
+    center: Tensor
+    radius: Tensor
+
+
+@dataclass
+class Tape:
+    """What the backward pass needs, recorded in forward order (one entry per leaf module)."""
+
+    entries: list = field(default_factory=list)
+    relu_bounds: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # every ReLU's (l, u)
+    update_bn_stats: bool = False
+
+
+def ibp_linear(layer: nn.Linear, s: State) -> State:
+    clean = None if s.clean is None else F.linear(s.clean, layer.weight, layer.bias)
+    return State(clean, F.linear(s.center, layer.weight, layer.bias), F.linear(s.radius, layer.weight.abs()))
+
+
+def ibp_conv(layer: nn.Conv2d, s: State) -> State:
+    def conv(x, w, b):
+        return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    clean = None if s.clean is None else conv(s.clean, layer.weight, layer.bias)
+    return State(clean, conv(s.center, layer.weight, layer.bias), conv(s.radius, layer.weight.abs(), None))
+
+
+def bn_affine(layer: nn.modules.batchnorm._BatchNorm, clean: Tensor | None, update_stats: bool):
+    """BN as a per-channel map z ↦ scale·z + shift. Train mode: the clean batch's mean and biased variance;
+    eval mode: the running statistics. The perturbed intervals never enter the statistics."""
+    if layer.training or layer.running_mean is None:
+        if clean is None:
+            raise ValueError("BatchNorm in train mode needs the clean batch to take its statistics from")
+        dims = [0] + list(range(2, clean.dim()))
+        mean = clean.mean(dims)
+        var = clean.var(dims, unbiased=False)
+        if update_stats and layer.running_mean is not None:
+            _update_running_stats(layer, mean, var, clean.numel() // clean.shape[1])
+    else:
+        mean, var = layer.running_mean, layer.running_var
+    scale = torch.rsqrt(var + layer.eps)
+    if layer.weight is not None:
+        scale = scale * layer.weight
+    shift = -mean * scale
+    if layer.bias is not None:
+        shift = shift + layer.bias
+    return scale, shift
+
+
+@torch.no_grad()
+def _update_running_stats(layer, mean: Tensor, var: Tensor, n: int) -> None:
+    # Same update as F.batch_norm in train mode (running_var takes the unbiased variance).
+    layer.num_batches_tracked += 1
+    m = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
+    layer.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+    layer.running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1, 1), alpha=m)
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def ibp_batchnorm(layer, s: State, tape: Tape) -> State:
+    scale, shift = bn_affine(layer, s.clean, tape.update_bn_stats)
+    tape.entries.append((scale, shift))
+    a, b = _per_channel(scale, s.center), _per_channel(shift, s.center)
+    clean = None if s.clean is None else s.clean * a + b
+    return State(clean, s.center * a + b, s.radius * a.abs())
+
+
+def ibp_relu(s: State, tape: Tape) -> State:
+    lower, upper = s.center - s.radius, s.center + s.radius
+    tape.relu_bounds.append((lower, upper))
+    tape.entries.append((lower, upper))
+    lo, up = lower.clamp(min=0), upper.clamp(min=0)
+    clean = None if s.clean is None else s.clean.clamp(min=0)
+    return State(clean, (up + lo) / 2, (up - lo) / 2)
+
+
+def ibp_flatten(layer: nn.Flatten, s: State, tape: Tape) -> State:
+    tape.entries.append(s.center.shape[1:])
+    flat = layer  # nn.Flatten(start_dim=1) is the only form we support
+    return State(None if s.clean is None else flat(s.clean), flat(s.center), flat(s.radius))
+
+
+def ibp_residual(block: ResidualBlock, s: State, tape: Tape) -> State:
+    # Interval of a sum: centers add and radii add.
+    main, short = ibp_walk(block.main, s, tape), ibp_walk(block.shortcut, s, tape)
+    clean = None if s.clean is None else main.clean + short.clean
+    return State(clean, main.center + short.center, main.radius + short.radius)
+
+
+def ibp_walk(module: nn.Module, s: State, tape: Tape) -> State:
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            s = ibp_walk(layer, s, tape)
+        return s
+    if isinstance(module, nn.Linear):
+        tape.entries.append(None)
+        return ibp_linear(module, s)
+    if isinstance(module, nn.Conv2d):
+        tape.entries.append(s.center.shape[-2:])
+        return ibp_conv(module, s)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return ibp_batchnorm(module, s, tape)
+    if isinstance(module, nn.ReLU):
+        return ibp_relu(s, tape)
+    if isinstance(module, nn.Flatten):
+        if module.start_dim != 1 or module.end_dim != -1:
+            raise TypeError("only nn.Flatten() with start_dim=1, end_dim=-1 is supported")
+        return ibp_flatten(module, s, tape)
+    if isinstance(module, ResidualBlock):
+        return ibp_residual(module, s, tape)
+    raise TypeError(f"bound propagation does not support {type(module).__name__}")
+
+
+def ibp_spec_layer(layer: nn.Linear, s: State, C: Tensor) -> tuple[Tensor, Tensor]:
+    """The last linear layer with C folded in: bounds of C·(W z + b) over z ∈ center ± radius."""
+    W = C @ layer.weight  # (B, S, in)
+    b = C @ layer.bias if layer.bias is not None else 0
+    center = torch.einsum("bsi,bi->bs", W, s.center) + b
+    radius = torch.einsum("bsi,bi->bs", W.abs(), s.radius)
+    return center - radius, center + radius
+
+
+# ---- the full forward pass -------------------------------------------------------------------------
+@dataclass
+class Propagation:
+    clean_logits: Tensor | None  # f(x) of the clean batch, when one was carried
+    lower: Tensor  # IBP lower bound of C·f (or of f without C)
+    upper: Tensor
+    tape: Tape
+    last_input: State  # the interval entering the last linear layer (for mixing bounds)
+
+    @property
+    def relu_bounds(self) -> list[tuple[Tensor, Tensor]]:
+        return self.tape.relu_bounds
+
+
+def split_last_linear(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    if not isinstance(model, nn.Sequential) or not isinstance(model[-1], nn.Linear):
+        raise TypeError("the model must be an nn.Sequential ending with an nn.Linear (the spec is folded into it)")
+    return model[:-1], model[-1]
+
+
+def propagate(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
+              x: Tensor | None = None, update_bn_stats: bool = False) -> Propagation:
+    """IBP through `model`, carrying the clean batch `x` alongside when given (or when BN needs it)."""
+    if model.training and x is None and _has_bn(model):
+        x = (x_lower + x_upper) / 2
+    body, last = split_last_linear(model)
+    tape = Tape(update_bn_stats=update_bn_stats)
+    s = ibp_walk(body, State(x, (x_upper + x_lower) / 2, (x_upper - x_lower) / 2), tape)
+    clean_logits = None if s.clean is None else last(s.clean)
+    if C is None:
+        out = ibp_linear(last, s)
+        lower, upper = out.center - out.radius, out.center + out.radius
+    else:
+        lower, upper = ibp_spec_layer(last, s, C)
+    return Propagation(clean_logits, lower, upper, tape, s)
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
+               x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """IBP bounds of C·f(x') (or f(x')) for all x' in [x_lower, x_upper]. In train mode BN uses the
+    statistics of the clean batch x (default: the box center); running statistics are not touched."""
+    p = propagate(model, x_lower, x_upper, C, x)
+    return p.lower, p.upper
+
+
+# ---- CROWN-IBP: one backward linear pass -----------------------------------------------------------
+def relu_relaxation(lower: Tensor, upper: Tensor):
+    """Linear bounds a_l·z ≤ relu(z) ≤ a_u·z + b_u on [l, u]; adaptive lower slope (1 if u > −l)."""
+    active, inactive = lower >= 0, upper <= 0
+    unstable = ~(active | inactive)
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    up_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
+    up_bias = torch.where(unstable, -lower * up_slope, torch.zeros_like(upper))
+    low_slope = torch.where(unstable, (upper > -lower).to(upper.dtype), active.to(upper.dtype))
+    return low_slope, up_slope, up_bias
+
+
+def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor):
+    if layer.bias is not None:
+        bias = bias + A @ layer.bias
+    return A @ layer.weight, bias
+
+
+def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, in_hw):
+    B, S = A.shape[:2]
+    if layer.bias is not None:
+        bias = bias + torch.einsum("bschw,c->bs", A, layer.bias)
+    out_hw = A.shape[-2:]
+    out_pad = [in_hw[i] - ((out_hw[i] - 1) * layer.stride[i] - 2 * layer.padding[i]
+                           + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(2)]
+    A_in = F.conv_transpose2d(A.reshape(B * S, *A.shape[2:]), layer.weight, None, layer.stride,
+                              layer.padding, out_pad, layer.groups, layer.dilation)
+    return A_in.view(B, S, *A_in.shape[1:]), bias
+
+
+def _back_batchnorm(A: Tensor, bias: Tensor, scale: Tensor, shift: Tensor):
+    shape = (1, 1, -1) + (1,) * (A.dim() - 3)
+    bias = bias + (A * shift.view(shape)).flatten(2).sum(-1)
+    return A * scale.view(shape), bias
+
+
+def _back_relu(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor):
+    # Lower bound of A·relu(z): positive coefficients take the lower line, negative ones the upper line.
+    low_slope, up_slope, up_bias = (t.unsqueeze(1) for t in relu_relaxation(lower, upper))
+    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
+    bias = bias + (A_neg * up_bias).flatten(2).sum(-1)
+    return A_pos * low_slope + A_neg * up_slope, bias
+
+
+def linear_walk_back(module: nn.Module, A: Tensor, bias: Tensor, entries: list):
+    """Push the linear lower bound A·z_out + bias back to the module's input. Pops `entries` in reverse."""
+    if isinstance(module, nn.Sequential):
+        for layer in reversed(module):
+            A, bias = linear_walk_back(layer, A, bias, entries)
+        return A, bias
+    if isinstance(module, ResidualBlock):
+        # Backward order mirrors the forward record: the shortcut's entries were recorded last.
+        A_short, bias = linear_walk_back(module.shortcut, A, bias, entries)
+        A_main, bias = linear_walk_back(module.main, A, bias, entries)
+        return A_main + A_short, bias
+    entry = entries.pop()
+    if isinstance(module, nn.Linear):
+        return _back_linear(module, A, bias)
+    if isinstance(module, nn.Conv2d):
+        return _back_conv(module, A, bias, entry)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return _back_batchnorm(A, bias, *entry)
+    if isinstance(module, nn.ReLU):
+        return _back_relu(A, bias, *entry)
+    if isinstance(module, nn.Flatten):
+        return A.view(*A.shape[:2], *entry), bias
+    raise TypeError(f"bound propagation does not support {type(module).__name__}")
+
+
+def crown_lower(model: nn.Module, p: Propagation, C: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
+    """Lower bound of C·f over the box by one backward pass, using the IBP bounds recorded in `p`."""
+    body, last = split_last_linear(model)
+    A, bias = _back_linear(last, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype))
+    A, bias = linear_walk_back(body, A, bias, list(p.tape.entries))
+    center, radius = (x_upper + x_lower) / 2, (x_upper - x_lower) / 2
+    A, center, radius = A.flatten(2), center.flatten(1).unsqueeze(-1), radius.flatten(1).unsqueeze(-1)
+    return (A @ center).squeeze(-1) - (A.abs() @ radius).squeeze(-1) + bias
+
+
+def crown_ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
+                     x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CROWN-IBP bounds of C·f(x') (or f(x')) over the box: IBP for hidden layers, a backward linear pass
+    for the output. Lower and upper come from one pass over the stacked specification [C; −C]."""
+    p = propagate(model, x_lower, x_upper, None, x)
+    if C is None:
+        k = p.lower.shape[1]
+        C = torch.eye(k, device=x_lower.device, dtype=x_lower.dtype).expand(len(x_lower), k, k)
+    S = C.shape[1]
+    both = crown_lower(model, p, torch.cat([C, -C], dim=1), x_lower, x_upper)
+    return both[:, :S], -both[:, S:]
