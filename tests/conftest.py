@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    # Real data: $CERTTUNE_DATA if set, else the shared folder beside the checkout (see shared/data/README.md).
+    env = os.environ.get("CERTTUNE_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
