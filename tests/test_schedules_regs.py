@@ -1,0 +1,87 @@
+"""ε/λ schedules against the method.md formulas, and the warmup regularizers on hand-made bounds."""
+import math
+
+import pytest
+import torch
+
+from trainers.config import ScheduleConfig
+from trainers.regularizers import relu_balance_loss, std_loss, tightness_loss
+from trainers.schedules import EpsSchedule, first_target_epoch, last_reg_epoch, reg_weight
+
+L = 10  # batches per epoch
+
+
+def smoothed(start, length, eps=0.4, mid=0.25, beta=4.0):
+    return EpsSchedule.from_config(ScheduleConfig("smoothed", start, length, mid, beta), eps, L)
+
+
+def test_smoothed_schedule_matches_method_formula():
+    sched = smoothed(start=2, length=20)
+    s0, s1 = 10, 210
+    s_mid = s0 + math.floor(0.25 * (s1 - s0))
+    t = (s_mid - s0) ** 3
+    a = 0.4 / ((s1 - s_mid) * 4 * t + (s_mid - s0) * t)
+    assert sched(0) == 0 and sched(s0) == 0
+    assert sched(s0 + 7) == pytest.approx(a * 7 ** 4)
+    assert sched(s_mid) == pytest.approx(a * (s_mid - s0) ** 4)
+    assert sched(130) == pytest.approx(a * (s_mid - s0) ** 4 + (0.4 - a * (s_mid - s0) ** 4) * (130 - s_mid) / (s1 - s_mid))
+    assert sched(s1) == 0.4 and sched(10_000) == 0.4
+
+
+def test_smoothed_schedule_slope_is_continuous_at_mid_and_monotone():
+    sched = smoothed(start=1, length=40, mid=0.3, beta=3.0)
+    s_mid = math.floor(0.3 * 400)
+    left = sched(s_mid) - sched(s_mid - 1)
+    right = sched(s_mid + 1) - sched(s_mid)
+    assert right == pytest.approx(left, rel=0.02)
+    values = [sched(s) for s in range(0, 420)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_linear_schedule_and_zero_length_ramp():
+    lin = EpsSchedule.from_config(ScheduleConfig("linear", 3, 5), 0.1, L)
+    assert lin(20) == 0 and lin(45) == pytest.approx(0.05) and lin(70) == 0.1
+    jump = EpsSchedule.from_config(ScheduleConfig("smoothed", 3, 0), 0.1, L)
+    assert jump(19) == 0 and jump(20) == 0.1
+
+
+def test_reg_weight_and_epoch_ranges():
+    assert reg_weight(0.0, 0.4, 0.5) == 0.5
+    assert reg_weight(0.1, 0.4, 0.5) == pytest.approx(0.375)
+    assert reg_weight(0.4, 0.4, 0.5) == 0
+    assert reg_weight(0.1, 0.4, 0.5, decay=False) == 0.5
+    cfg = ScheduleConfig(start=2, length=80)
+    assert last_reg_epoch(cfg) == 81 and first_target_epoch(cfg) == 82
+
+
+def bounds(centers, widths):
+    c, w = torch.tensor([centers]), torch.tensor([widths])
+    return c - w / 2, c + w / 2
+
+
+def test_tightness_penalizes_only_layers_wider_than_input_over_tau():
+    tight = bounds([0.0, 1.0], [1.0, 1.0])  # mean width 1
+    loose = bounds([0.0, 1.0], [4.0, 4.0])  # mean width 4
+    assert tightness_loss([tight], torch.tensor(1.0), tau=0.5) == 0
+    # ReLU(0.5 − 1/4) over τ·m = 0.5·2
+    assert tightness_loss([tight, loose], torch.tensor(1.0), 0.5).item() == pytest.approx(0.25 / 1.0)
+
+
+def test_relu_balance_terms():
+    balanced = bounds([2.0, -2.0], [1.0, 1.0])  # one active (c=2), one inactive (c=−2): α = β = 1
+    assert relu_balance_loss([balanced], 0.5).item() == 0
+    skewed = bounds([4.0, -1.0, -1.0], [1.0, 1.0, 1.0])  # α = 4/2 = 2 → min(2, 1/2) = 0.5: no penalty
+    assert relu_balance_loss([skewed], 0.5).item() == 0
+    very = bounds([10.0, -1.0], [1.0, 1.0])  # α = 10 → 0.1; β = 1 → ReLU(0.5 − 0.1) = 0.4
+    assert relu_balance_loss([very], 0.5).item() == pytest.approx(0.4 / 0.5)
+    no_inactive = bounds([1.0, 2.0], [1.0, 1.0])  # skipped, but still counted in m
+    assert relu_balance_loss([no_inactive, very], 0.5).item() == pytest.approx(0.4 / (0.5 * 2))
+    no_active = bounds([-1.0, -3.0], [1.0, 1.0])  # constant maximum 2τ
+    assert relu_balance_loss([no_active], 0.5).item() == pytest.approx(1.0 / 0.5)
+
+
+def test_skipped_layer_gives_finite_gradients():
+    c = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    loss = relu_balance_loss([(c - 0.1, c + 0.1)], 0.5) + std_loss([(c - 0.1, c + 0.1)], 0.5)
+    loss.backward()
+    assert torch.isfinite(c.grad).all()

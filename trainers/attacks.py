@@ -1,0 +1,39 @@
+"""PGD (L∞) on the box [lower, upper] in the model's input space: the empirical check on certificates."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, lower: Tensor, upper: Tensor, steps: int = 20,
+               restarts: int = 1, step_size: float = 0.25, generator: torch.Generator | None = None) -> Tensor:
+    """Return a bool mask of examples PGD misclassifies somewhere in the box (any restart).
+
+    Each step moves every coordinate by `step_size` × the box's half-width, then projects onto the box;
+    the first restart starts from x, later ones from uniform random points.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    was_training = model.training
+    model.eval()
+    alpha = step_size * (upper - lower) / 2
+    broken = model_predicts_wrong(model, x, y)
+    for r in range(restarts):
+        # Noise is drawn on the CPU from our own generator: evaluation must not consume the training RNG.
+        noise = torch.rand(x.shape, generator=generator).to(x.device)
+        start = x if r == 0 else lower + (upper - lower) * noise
+        x_adv = start.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+                grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = torch.max(torch.min(x_adv.detach() + alpha * grad.sign(), upper), lower)
+            broken |= model_predicts_wrong(model, x_adv, y)
+    model.train(was_training)
+    return broken
+
+
+@torch.no_grad()
+def model_predicts_wrong(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return model(x).argmax(1) != y

@@ -1,0 +1,238 @@
+"""The training loop: certified training per method.md §2, one checkpoint per epoch, exact resume.
+
+    Trainer(cfg, data_dir, out_dir).fit(on_epoch=callback)
+
+Each step: build the L∞ box at the scheduled ε; one walk through the model gives the clean logits (BN uses
+the clean batch's statistics) and the IBP bounds of the margins; the loss is the robust CE of the margin
+lower bounds (or clean CE while ε = 0), plus λ·regularizers during warmup.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .bounds import crown_lower, margin_spec, propagate
+from .config import TrainConfig
+from .data import load_splits, make_loader
+from .evaluate import InputBox, evaluate
+from .init import apply_init
+from .models import build_model
+from .regularizers import warmup_regularizer
+from .schedules import EpsSchedule, first_target_epoch, last_reg_epoch, reg_weight
+
+
+class DivergedError(RuntimeError):
+    """The loss or the bounds became NaN/inf; the run cannot continue."""
+
+
+def robust_ce(margin_lower: Tensor) -> Tensor:
+    """CE of the worst-case logits: mean over the batch of log(1 + Σ_i exp(−m_i))."""
+    zeros = torch.zeros(len(margin_lower), 1, device=margin_lower.device, dtype=margin_lower.dtype)
+    logits = torch.cat([zeros, -margin_lower], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_dir=None, out_dir=None, device: str | None = "cpu",
+                 progress: bool = False):
+        self.cfg = cfg.resolve()
+        self.device = pick_device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        # Certificates need full fp32 matmuls: TF32 would round the bounds.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+        torch.manual_seed(self.cfg.seed)
+        self.splits = load_splits(self.cfg.dataset, data_dir, self.cfg.data, self.cfg.seed)
+        self.box = InputBox.for_stats(self.splits.mean, self.splits.std, self.device)
+        self.num_classes = self.splits.num_classes
+        self.model = build_model(self.cfg.model, self.cfg.dataset, bn=self.cfg.bn)
+        apply_init(self.model, self.cfg.init)
+        self.model.to(self.device)
+        self.train_loader = make_loader(self.splits.train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed)
+        self.val_loader = make_loader(self.splits.val, self.cfg.eval.batch_size, shuffle=False)
+        self.optimizer = self._make_optimizer()
+        self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=self.cfg.lr_milestones, gamma=self.cfg.lr_decay)
+        self.eps_schedule = EpsSchedule.from_config(self.cfg.schedule, self.cfg.eps, len(self.train_loader))
+        self.epoch = 0  # epochs completed
+        self.step = 0  # global batch index
+        self.best_ibp_err = math.inf
+
+    def _make_optimizer(self):
+        params = self.model.parameters()
+        if self.cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def loss_terms(self, x01: Tensor, y: Tensor, eps_sched: float, reg_on: bool) -> dict[str, Tensor]:
+        """Loss of one (sub-)batch at the scheduled ε. Returns the total and its parts."""
+        cfg = self.cfg
+        eps_train = eps_sched * cfg.train_eps_mul
+        if eps_train == 0 and not reg_on:  # plain clean training: no bounds needed
+            logits = self.model(self.box.normalize(x01))
+            loss = F.cross_entropy(logits, y)
+            return {"loss": loss, "loss_robust": loss.detach(), "loss_reg": torch.zeros(()), "logits": logits}
+        # While ε = 0 the regularizers still need bounds: they use a tiny ε (method.md §1c).
+        x, lower, upper = self.box.box(x01, eps_train if eps_train > 0 else cfg.reg.min_eps)
+        C = margin_spec(y, self.num_classes)
+        p = propagate(self.model, lower, upper, C, x=x, update_bn_stats=True)
+        if eps_train > 0:
+            margin = p.lower
+            mix = 1 - eps_sched / cfg.eps  # CROWN-IBP's weight shrinks as ε grows
+            if cfg.bound == "crown-ibp" and mix >= 1e-5:
+                margin = mix * crown_lower(self.model, p, C, lower, upper) + (1 - mix) * margin
+            data_loss = robust_ce(margin)
+        else:
+            data_loss = F.cross_entropy(p.clean_logits, y)
+        reg = torch.zeros((), device=x.device)
+        if reg_on:
+            lam = reg_weight(eps_sched, cfg.eps, cfg.reg.lambda0, cfg.reg.decay)
+            reg = lam * warmup_regularizer(p.relu_bounds, (upper - lower).mean(), cfg.reg)
+        return {"loss": data_loss + reg, "loss_robust": data_loss.detach(), "loss_reg": reg.detach(),
+                "logits": p.clean_logits}
+
+    def train_step(self, x01: Tensor, y: Tensor, reg_on: bool) -> dict[str, float]:
+        cfg = self.cfg
+        eps_sched = self.eps_schedule(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "loss_robust": 0.0, "loss_reg": 0.0}
+        for xs, ys in zip(x01.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)):
+            terms = self.loss_terms(xs, ys, eps_sched, reg_on)
+            if not torch.isfinite(terms["loss"]):
+                raise DivergedError(f"loss became {terms['loss'].item()} at epoch {self.epoch + 1}, "
+                                    f"step {self.step}, eps {eps_sched:.6g}")
+            (terms["loss"] / cfg.grad_accum).backward()
+            for k in totals:
+                totals[k] += float(terms[k].detach()) / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return totals | {"eps": eps_sched}
+
+    # ---- one epoch ------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        epoch = self.epoch + 1
+        reg_on = self.cfg.uses_reg and epoch <= last_reg_epoch(self.cfg.schedule)
+        self.model.train()
+        # The shuffle order depends only on (seed, epoch), so a resumed run sees the same batches.
+        self.train_loader.generator.manual_seed(self.cfg.seed * 100_003 + epoch)
+        sums, n, eps = {"loss": 0.0, "loss_robust": 0.0, "loss_reg": 0.0}, 0, 0.0
+        batches = self.train_loader
+        if self.progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False)
+        start = time.perf_counter()
+        for x01, y in batches:
+            out = self.train_step(x01.to(self.device, non_blocking=True), y.to(self.device), reg_on)
+            for k in sums:
+                sums[k] += out[k] * len(y)
+            n += len(y)
+            eps = out["eps"]
+        elapsed = time.perf_counter() - start
+        self.lr_scheduler.step()
+        self.epoch = epoch
+        return {k: v / n for k, v in sums.items()} | {"eps": eps, "time_epoch_s": elapsed,
+                                                     "samples_per_s": n / elapsed}
+
+    def validate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        metrics = evaluate(self.model, self.val_loader, self.cfg.eps, self.box, self.num_classes,
+                           e.metrics, e.pgd_steps, e.pgd_restarts, e.pgd_step_size, self.device)
+        metrics.pop("n")
+        return metrics
+
+    # ---- the run --------------------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[[dict, Path | None], None] | None = None) -> dict:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.to_yaml(self.out_dir / "config.yaml")
+            if (self.out_dir / "last.pt").exists():
+                self.load_checkpoint(self.out_dir / "last.pt")
+        metrics = {}
+        while self.epoch < self.cfg.epochs:
+            train = self.train_epoch()
+            val = self.validate()
+            at_target = self.epoch >= first_target_epoch(self.cfg.schedule)
+            metrics = {"epoch": self.epoch, "epochs": self.cfg.epochs, "eps": train["eps"],
+                       "eps_target": self.cfg.eps, "at_target": at_target,
+                       "lr": self.optimizer.param_groups[0]["lr"]} | train | val
+            self._check_finite(metrics)
+            improved = at_target and metrics["ibp_err"] < self.best_ibp_err
+            if improved:
+                self.best_ibp_err = metrics["ibp_err"]
+            metrics["best_ibp_err"] = self.best_ibp_err if math.isfinite(self.best_ibp_err) else None
+            if self.out_dir is not None:
+                self._write_epoch(metrics, improved)
+            if on_epoch is not None:
+                on_epoch(metrics, self.out_dir)
+        return metrics
+
+    def _check_finite(self, metrics: dict) -> None:
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise DivergedError(f"non-finite {', '.join(bad)} at epoch {metrics['epoch']}")
+
+    def _write_epoch(self, metrics: dict, improved: bool) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        state = self.state_dict()
+        atomic_save(state, self.out_dir / "last.pt")
+        if improved:
+            atomic_save(state, self.out_dir / "best.pt")
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
+                "best_ibp_err": self.best_ibp_err, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "num_classes": self.num_classes, "mean": self.splits.mean, "std": self.splits.std}
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["config"] != self.cfg.to_dict():
+            raise ValueError(f"{path} was written by a different config; use a fresh --out directory")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.epoch, self.step, self.best_ibp_err = state["epoch"], state["step"], state["best_ibp_err"]
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines of epochs after the checkpoint (written just before a crash)."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= self.epoch]
+            path.write_text("".join(l + "\n" for l in lines))
