@@ -82,6 +82,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # global batch index
         self.best_ibp_err = math.inf
+        self.train_seconds = 0.0  # wall time of all epochs so far (training and validation), kept on resume
 
     def _make_optimizer(self):
         params = self.model.parameters()
@@ -178,12 +179,15 @@ class Trainer:
                 self.load_checkpoint(self.out_dir / "last.pt")
         metrics = {}
         while self.epoch < self.cfg.epochs:
+            start = time.perf_counter()
             train = self.train_epoch()
             val = self.validate()
+            self.train_seconds += time.perf_counter() - start
             at_target = self.epoch >= first_target_epoch(self.cfg.schedule)
             metrics = {"epoch": self.epoch, "epochs": self.cfg.epochs, "eps": train["eps"],
                        "eps_target": self.cfg.eps, "at_target": at_target,
-                       "lr": self.optimizer.param_groups[0]["lr"]} | train | val
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "train_seconds": self.train_seconds} | train | val
             self._check_finite(metrics)
             improved = at_target and metrics["ibp_err"] < self.best_ibp_err
             if improved:
@@ -211,7 +215,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
-                "best_ibp_err": self.best_ibp_err, "model": self.model.state_dict(),
+                "best_ibp_err": self.best_ibp_err, "train_seconds": self.train_seconds, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -225,6 +229,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.epoch, self.step, self.best_ibp_err = state["epoch"], state["step"], state["best_ibp_err"]
+        self.train_seconds = state["train_seconds"]
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])

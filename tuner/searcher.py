@@ -1,0 +1,99 @@
+"""Ray's OptunaSearch with honest bookkeeping of how each trial ended.
+
+Stock OptunaSearch (Ray 2.60, Optuna 5.0) tells Optuna COMPLETE with the short-budget value for a trial
+the scheduler stopped early, so TPE learns from partial budgets as if they were final; and a NaN final
+metric makes `tell` raise, which Ray only logs, leaving the Optuna trial RUNNING forever.
+"""
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from tuner.schedulers import TargetEpochCounter, is_finite
+
+FAIL_REASON = "fail_reason"  # Optuna user attr on FAIL trials; a trainable may also report it as a result key
+RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attr linking each Optuna trial to its Ray trial (results, exports)
+
+
+class HonestOptunaSearch(OptunaSearch):
+    """OptunaSearch (same arguments) that tells Optuna how each trial really ended.
+
+    When a trial ends, the first matching row decides what Optuna is told:
+      the trial raised                                FAIL     (user attr `fail_reason`)
+      an objective is missing, NaN or inf             FAIL     (user attr `fail_reason`)
+      last result has `epoch < epochs`                PRUNED   (stopped early: Optuna keeps its last
+                                                                intermediate value and step)
+      otherwise                                       COMPLETE with the final value (list if multi-objective)
+
+    Intermediate values (single objective only; Optuna cannot store them for several objectives): the
+    objective at every epoch at target ε, with step = epochs at target, the unit of WarmupAwareASHA's rungs.
+    Ramp epochs are not reported, so a PRUNED trial is ranked by TPE on its budget at target and its value.
+
+    All state lives in instance attributes, which Ray's save/restore pickle, so it survives Tuner.restore.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._progress = TargetEpochCounter()
+        # Last step reported per trial: Ray passes a trial's last result again (its "done" duplicate,
+        # then on_trial_complete), and Optuna warns on a repeated step.
+        self._last_step: dict[str, int] = {}
+
+    @property
+    def study(self) -> optuna.Study | None:
+        """The Optuna study (None until the search space is known), for exports and inspection."""
+        return self._ot_study
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Replaces the stock method, which reports every result with step = training_iteration.
+        if isinstance(self.metric, list) or trial_id in self._completed_trials:
+            return  # Optuna has no multi-objective report; a finished Optuna trial takes no reports
+        step = self._progress.update(trial_id, result)
+        value = result.get(self.metric)
+        if step is None or step <= self._last_step.get(trial_id, 0) or not is_finite(value):
+            return  # still ramping, already reported, or not a value Optuna can rank (FAIL follows)
+        self._ot_trials[trial_id].report(float(value), step)
+        self._last_step[trial_id] = step
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)  # stock: warn and ignore
+        if result:
+            # Ray does not pass the result on which the scheduler stopped a trial to on_trial_result;
+            # report it here so a PRUNED trial's last step is where it really stopped.
+            self.on_trial_result(trial_id, result)
+        state, value, reason = self._verdict(result, error)
+        ot_trial = self._ot_trials[trial_id]
+        # User attrs go in before tell: a finished Optuna trial is read-only.
+        ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        if reason:
+            ot_trial.set_user_attr(FAIL_REASON, reason)
+        # No try/except: the stock one turns a failed tell into a log line and a RUNNING zombie; our
+        # values are checked above, so a failure here is a bug to see.
+        self._ot_study.tell(ot_trial, value, state=state)
+        self._completed_trials.add(trial_id)
+        self._progress.forget(trial_id)
+        self._last_step.pop(trial_id, None)
+
+    def _verdict(self, result: dict | None, error: bool) -> tuple[TrialState, float | list | None, str | None]:
+        """(state, value(s) for tell, fail reason) from the trial's last result."""
+        if error:
+            return TrialState.FAIL, None, "the trial raised an error (see error.txt in its Ray trial directory)"
+        if not result:
+            return TrialState.PRUNED, None, None  # removed before it reported anything (e.g. experiment stopped)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(m) for m in metrics]
+        bad = [f"{m}={v!r}" for m, v in zip(metrics, values) if not is_finite(v)]
+        if bad:
+            # A trainable may report its own reason (e.g. which bound diverged); else name the bad values.
+            reason = result.get(FAIL_REASON) or f"not finite at epoch {result.get('epoch')}: " + ", ".join(bad)
+            return TrialState.FAIL, None, str(reason)
+        if "epoch" not in result or "epochs" not in result:
+            return TrialState.FAIL, None, ("last result lacks 'epoch'/'epochs', so a finished trial cannot be "
+                                           "told from an early-stopped one")
+        if result["epoch"] < result["epochs"]:
+            return TrialState.PRUNED, None, None  # Optuna forbids values with PRUNED; it uses the last report
+        values = [float(v) for v in values]
+        return TrialState.COMPLETE, values if isinstance(self.metric, list) else values[0], None
+
