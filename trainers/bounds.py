@@ -73,9 +73,7 @@ def bn_affine(layer: nn.modules.batchnorm._BatchNorm, clean: Tensor | None, upda
     if layer.training or layer.running_mean is None:
         if clean is None:
             raise ValueError("BatchNorm in train mode needs the clean batch to take its statistics from")
-        dims = [0] + list(range(2, clean.dim()))
-        mean = clean.mean(dims)
-        var = clean.var(dims, unbiased=False)
+        var, mean = torch.var_mean(clean, [0] + list(range(2, clean.dim())), unbiased=False)
         if update_stats and layer.running_mean is not None:
             _update_running_stats(layer, mean, var, clean.numel() // clean.shape[1])
     else:
@@ -106,17 +104,18 @@ def ibp_batchnorm(layer, s: State, tape: Tape) -> State:
     scale, shift = bn_affine(layer, s.clean, tape.update_bn_stats)
     tape.entries.append((scale, shift))
     a, b = _per_channel(scale, s.center), _per_channel(shift, s.center)
-    clean = None if s.clean is None else s.clean * a + b
-    return State(clean, s.center * a + b, s.radius * a.abs())
+    clean = None if s.clean is None else torch.addcmul(b, s.clean, a)
+    return State(clean, torch.addcmul(b, s.center, a), s.radius * a.abs())
 
 
 def ibp_relu(s: State, tape: Tape) -> State:
     lower, upper = s.center - s.radius, s.center + s.radius
     tape.relu_bounds.append((lower, upper))
     tape.entries.append((lower, upper))
-    lo, up = lower.clamp(min=0), upper.clamp(min=0)
-    clean = None if s.clean is None else s.clean.clamp(min=0)
-    return State(clean, (up + lo) / 2, (up - lo) / 2)
+    lo, up = torch.relu(lower), torch.relu(upper)
+    clean = None if s.clean is None else torch.relu(s.clean)
+    center = (up + lo) * 0.5
+    return State(clean, center, up - center)  # radius (up − lo)/2 = up − center, one pass fewer
 
 
 def ibp_flatten(layer: nn.Flatten, s: State, tape: Tape) -> State:

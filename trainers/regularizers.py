@@ -11,7 +11,7 @@ from torch import Tensor
 
 def tightness_loss(relu_bounds: list[tuple[Tensor, Tensor]], input_width: Tensor, tau: float) -> Tensor:
     """Penalize layers whose mean bound width exceeds the input's by more than 1/τ (Eq. 7)."""
-    terms = [torch.relu(tau - input_width / (u - l).mean().clamp(min=1e-12)) for l, u in relu_bounds]
+    terms = [torch.relu(tau - input_width / (u.mean() - l.mean()).clamp(min=1e-12)) for l, u in relu_bounds]
     return torch.stack(terms).sum() / (tau * len(relu_bounds))
 
 
@@ -23,12 +23,19 @@ def relu_balance_loss(relu_bounds: list[tuple[Tensor, Tensor]], tau: float) -> T
     """
     total = 0.0
     for l, u in relu_bounds:
-        c = (u + l) / 2
-        active, inactive = (l > 0).to(c.dtype), (u < 0).to(c.dtype)
-        has_inactive = inactive.sum() > 0
-        alpha = (active * c).sum() / torch.where(has_inactive, -(inactive * c).sum(), torch.ones_like(c.sum()))
-        dev2 = (c - c.mean()) ** 2
-        beta = (active * dev2).sum() / (inactive * dev2).sum().clamp(min=1e-12)
+        active, inactive = l > 0, u < 0
+        # s = 2·center: α and β are ratios, so the factor 2 cancels. Sums over a mask use the expansion
+        # Σ_M (s − μ)² = Σ_M s² − 2μ Σ_M s + n_M μ², which needs one pass per sum instead of three.
+        s = (l + u).flatten()
+        mu = s.mean()
+        s_act, s_inact = torch.where(active.flatten(), s, 0.0), torch.where(inactive.flatten(), s, 0.0)
+        sum_act, sum_inact = s_act.sum(), s_inact.sum()
+        n_act, n_inact = active.sum(), inactive.sum()
+        var_act = s_act @ s_act - 2 * mu * sum_act + n_act * mu * mu
+        var_inact = s_inact @ s_inact - 2 * mu * sum_inact + n_inact * mu * mu
+        has_inactive = n_inact > 0
+        alpha = sum_act / torch.where(has_inactive, -sum_inact, torch.ones_like(sum_inact))
+        beta = var_act / var_inact.clamp(min=1e-12)
         term = _balance(alpha, tau) + _balance(beta, tau)
         total = total + torch.where(has_inactive, term, torch.zeros_like(term))
     return total / (tau * len(relu_bounds))

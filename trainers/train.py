@@ -55,6 +55,33 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def certified_loss(model, box: InputBox, cfg: TrainConfig, num_classes: int, x01: Tensor, y: Tensor,
+                   eps_sched: float, reg_on: bool) -> dict[str, Tensor]:
+    """Loss of one (sub-)batch at the scheduled ε (method.md §2). Returns the total and its parts."""
+    eps_train = eps_sched * cfg.train_eps_mul
+    if eps_train == 0 and not reg_on:  # plain clean training: no bounds needed
+        logits = model(box.normalize(x01))
+        loss = F.cross_entropy(logits, y)
+        return {"loss": loss, "loss_robust": loss.detach(), "loss_reg": torch.zeros(())}
+    # While ε = 0 the regularizers still need bounds: they use a tiny ε (method.md §1c).
+    x, lower, upper = box.box(x01, eps_train if eps_train > 0 else cfg.reg.min_eps)
+    C = margin_spec(y, num_classes)
+    p = propagate(model, lower, upper, C, x=x, update_bn_stats=True)
+    if eps_train > 0:
+        margin = p.lower
+        mix = 1 - eps_sched / cfg.eps  # CROWN-IBP's weight shrinks as ε grows
+        if cfg.bound == "crown-ibp" and mix >= 1e-5:
+            margin = mix * crown_lower(model, p, C, lower, upper) + (1 - mix) * margin
+        data_loss = robust_ce(margin)
+    else:
+        data_loss = F.cross_entropy(p.clean_logits, y)
+    reg = torch.zeros((), device=x.device)
+    if reg_on:
+        lam = reg_weight(eps_sched, cfg.eps, cfg.reg.lambda0, cfg.reg.decay)
+        reg = lam * warmup_regularizer(p.relu_bounds, (upper - lower).mean(), cfg.reg)
+    return {"loss": data_loss + reg, "loss_robust": data_loss.detach(), "loss_reg": reg.detach()}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir=None, out_dir=None, device: str | None = "cpu",
                  progress: bool = False):
@@ -93,31 +120,7 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
     def loss_terms(self, x01: Tensor, y: Tensor, eps_sched: float, reg_on: bool) -> dict[str, Tensor]:
-        """Loss of one (sub-)batch at the scheduled ε. Returns the total and its parts."""
-        cfg = self.cfg
-        eps_train = eps_sched * cfg.train_eps_mul
-        if eps_train == 0 and not reg_on:  # plain clean training: no bounds needed
-            logits = self.model(self.box.normalize(x01))
-            loss = F.cross_entropy(logits, y)
-            return {"loss": loss, "loss_robust": loss.detach(), "loss_reg": torch.zeros(()), "logits": logits}
-        # While ε = 0 the regularizers still need bounds: they use a tiny ε (method.md §1c).
-        x, lower, upper = self.box.box(x01, eps_train if eps_train > 0 else cfg.reg.min_eps)
-        C = margin_spec(y, self.num_classes)
-        p = propagate(self.model, lower, upper, C, x=x, update_bn_stats=True)
-        if eps_train > 0:
-            margin = p.lower
-            mix = 1 - eps_sched / cfg.eps  # CROWN-IBP's weight shrinks as ε grows
-            if cfg.bound == "crown-ibp" and mix >= 1e-5:
-                margin = mix * crown_lower(self.model, p, C, lower, upper) + (1 - mix) * margin
-            data_loss = robust_ce(margin)
-        else:
-            data_loss = F.cross_entropy(p.clean_logits, y)
-        reg = torch.zeros((), device=x.device)
-        if reg_on:
-            lam = reg_weight(eps_sched, cfg.eps, cfg.reg.lambda0, cfg.reg.decay)
-            reg = lam * warmup_regularizer(p.relu_bounds, (upper - lower).mean(), cfg.reg)
-        return {"loss": data_loss + reg, "loss_robust": data_loss.detach(), "loss_reg": reg.detach(),
-                "logits": p.clean_logits}
+        return certified_loss(self.model, self.box, self.cfg, self.num_classes, x01, y, eps_sched, reg_on)
 
     def train_step(self, x01: Tensor, y: Tensor, reg_on: bool) -> dict[str, float]:
         cfg = self.cfg

@@ -1,0 +1,111 @@
+"""Cost of one certified training step relative to one natural step of the same model and batch.
+
+    python -m bench.step_cost --json [--device cpu|cuda] [--repeats N]
+
+Each method's step (forward bounds, loss, backward, optimizer step) runs through the trainer's own
+`certified_loss`, interleaved with natural steps (clean forward, CE, backward, step) in the same process,
+so the ratio is measured side by side on whatever load the machine has. The median of per-round times is
+taken. CROWN-IBP is timed during its ramp (mixing weight 0.5), where its backward pass runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from trainers.config import TrainConfig
+from trainers.data import NORMALIZATION
+from trainers.evaluate import InputBox
+from trainers.init import apply_init
+from trainers.models import DATASET_SHAPES, build_model
+from trainers.train import certified_loss
+
+SETTINGS = [  # (model, dataset, batch, eps)
+    ("cnn7", "cifar10", 32, 8 / 255),
+    ("cnn_small", "mnist", 128, 0.1),
+]
+METHODS = ["vanilla", "fast", "crown-ibp"]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model, optimizer, step_loss):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = step_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+    return step
+
+
+def time_round(step, device, steps):
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round):
+    c, h, w, k = DATASET_SHAPES[dataset]
+    gen = torch.Generator().manual_seed(0)
+    x01 = torch.rand(batch, c, h, w, generator=gen).to(device)
+    y = torch.randint(0, k, (batch,), generator=gen).to(device)
+    box = InputBox.for_stats(*NORMALIZATION[dataset], device)
+    rows = []
+    for method in METHODS:
+        cfg = TrainConfig.from_dict({"dataset": dataset, "model": model_name, "method": method, "eps": eps,
+                                     "epochs": 10, "schedule": {"start": 1, "length": 5},
+                                     "lr_milestones": []}).resolve()
+        torch.manual_seed(0)
+        model = build_model(model_name, dataset).to(device).train()
+        apply_init(model, cfg.init)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        natural = make_step(model, optimizer, lambda: F.cross_entropy(model(box.normalize(x01)), y))
+        # Mid-ramp: ε at half the target, regularizers on for `fast`, CROWN-IBP mixed in for `crown-ibp`.
+        certified = make_step(model, optimizer, lambda: certified_loss(
+            model, box, cfg, k, x01, y, eps / 2, reg_on=cfg.uses_reg)["loss"])
+        for fn in (natural, certified):
+            time_round(fn, device, 2)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        nat_times, cert_times = [], []
+        for _ in range(repeats):
+            nat_times.append(time_round(natural, device, steps_per_round))
+            cert_times.append(time_round(certified, device, steps_per_round))
+        nat, cert = statistics.median(nat_times), statistics.median(cert_times)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        rows.append({"model": model_name, "dataset": dataset, "method": method, "batch": batch,
+                     "device": str(device), "step_s": round(cert, 5), "natural_step_s": round(nat, 5),
+                     "ratio": round(cert / nat, 3), "peak_mem_mb": None if peak is None else round(peak, 1)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for scripts)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds per method")
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    results = []
+    for model_name, dataset, batch, eps in SETTINGS:
+        results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps)
+    print(json.dumps({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                     indent=None))
+
+
+if __name__ == "__main__":
+    main()
