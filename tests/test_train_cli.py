@@ -160,3 +160,18 @@ def test_config_round_trip_and_method_presets():
     assert TrainConfig.from_dict(fast.to_dict()) == fast
     with pytest.raises(ConfigError, match="grad_accum"):
         TrainConfig.from_dict({"batch_size": 10, "grad_accum": 3}).resolve()
+
+
+def test_gradient_accumulation_equals_the_full_batch_step_without_bn(data_dir, tmp_path):
+    """Without BN the loss is a mean over examples, so two half-batches accumulate the full-batch gradient."""
+    params = []
+    for accum in (1, 2):
+        cfg = small_config(bn="none", optimizer="sgd", grad_accum=accum, grad_clip=0.0,
+                           **{"data.subset": 64, "reg.relu": False})
+        trainer = Trainer(cfg, data_dir, None)
+        x01, y = next(iter(trainer.train_loader))
+        trainer.step = trainer.eps_schedule.s1  # at the target ε: the robust loss
+        trainer.train_step(x01, y, reg_on=True)
+        params.append([p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -187,7 +187,7 @@ def split_last_linear(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 def propagate(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
               x: Tensor | None = None, update_bn_stats: bool = False) -> Propagation:
     """IBP through `model`, carrying the clean batch `x` alongside when given (or when BN needs it)."""
-    if model.training and x is None and _has_bn(model):
+    if model.training and x is None and has_batchnorm(model):
         x = (x_lower + x_upper) / 2
     body, last = split_last_linear(model)
     tape = Tape(update_bn_stats=update_bn_stats)
@@ -201,7 +201,7 @@ def propagate(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | No
     return Propagation(clean_logits, lower, upper, tape, s)
 
 
-def _has_bn(model: nn.Module) -> bool:
+def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bounds import crown_lower, margin_spec, propagate
+from .bounds import crown_lower, has_batchnorm, margin_spec, propagate
 from .config import TrainConfig
 from .data import load_splits, make_loader
 from .evaluate import InputBox, evaluate
@@ -66,7 +66,9 @@ def certified_loss(model, box: InputBox, cfg: TrainConfig, num_classes: int, x01
     # While ε = 0 the regularizers still need bounds: they use a tiny ε (method.md §1c).
     x, lower, upper = box.box(x01, eps_train if eps_train > 0 else cfg.reg.min_eps)
     C = margin_spec(y, num_classes)
-    p = propagate(model, lower, upper, C, x=x, update_bn_stats=True)
+    # The clean batch rides along only where something uses it: BN statistics, or the clean loss at ε = 0.
+    carry_clean = eps_train == 0 or has_batchnorm(model)
+    p = propagate(model, lower, upper, C, x=x if carry_clean else None, update_bn_stats=True)
     if eps_train > 0:
         margin = p.lower
         mix = 1 - eps_sched / cfg.eps  # CROWN-IBP's weight shrinks as ε grows
