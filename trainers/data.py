@@ -189,8 +189,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int | No
                 drop_last: bool = False) -> DataLoader:
     """A single-process loader whose order depends only on `loader.generator`.
 
-    The trainer checkpoints `loader.generator.get_state()` between epochs and restores it with `set_state`.
-    A generator is given even without shuffling so that iterating never draws from torch's global RNG
+    The trainer reseeds `loader.generator` from (seed, epoch) at the start of every epoch, so a resumed run
+    sees the same order without saving loader state. A generator is given even without shuffling so that iterating never draws from torch's global RNG
     (DataLoader draws a worker base seed per epoch). `seed=None` uses `torch.initial_seed()`.
     """
     generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
