@@ -245,16 +245,15 @@ def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, in_hw):
 
 def _back_batchnorm(A: Tensor, bias: Tensor, scale: Tensor, shift: Tensor):
     shape = (1, 1, -1) + (1,) * (A.dim() - 3)
-    bias = bias + (A * shift.view(shape)).flatten(2).sum(-1)
+    bias = bias + torch.einsum("bsc...,c->bs", A, shift)
     return A * scale.view(shape), bias
 
 
 def _back_relu(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor):
     # Lower bound of A·relu(z): positive coefficients take the lower line, negative ones the upper line.
-    low_slope, up_slope, up_bias = (t.unsqueeze(1) for t in relu_relaxation(lower, upper))
-    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
-    bias = bias + (A_neg * up_bias).flatten(2).sum(-1)
-    return A_pos * low_slope + A_neg * up_slope, bias
+    low_slope, up_slope, up_bias = relu_relaxation(lower, upper)
+    bias = bias + torch.einsum("bsn,bn->bs", A.clamp(max=0).flatten(2), up_bias.flatten(1))
+    return A * torch.where(A < 0, up_slope.unsqueeze(1), low_slope.unsqueeze(1)), bias
 
 
 def linear_walk_back(module: nn.Module, A: Tensor, bias: Tensor, entries: list):
