@@ -1,0 +1,144 @@
+"""`certtune resume` after the driver of a search is killed (SIGKILL to its whole process group).
+
+The search runs in a subprocess on a real local Ray instance with real MNIST trials. It is killed once the
+experiment state it saved shows a finished trial and a running one with a checkpoint; `certtune resume`
+then finishes it. Every trial is accounted for, the finished ones are not rerun, the running one continues
+from its checkpoint, and the Optuna study (saved with the experiment) ends with every trial COMPLETE.
+W&B (offline) ends with each trial's whole history in its newest run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuner.wandb_offline import find_offline_runs, read_offline_run
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 6
+TRIALS = ["eps=0.02", "data.subset=1024", "data.val_size=200", f"epochs={EPOCHS}"]
+NUM_SAMPLES = 4
+
+
+def child_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "RAY_")) and k not in ("NETRC", "CERTTUNE_STORAGE")}
+    env.update(HOME=str(tmp / "home"), PYTHONPATH=str(REPO), WANDB_SILENT="true")
+    return env
+
+
+def saved_trials(exp: Path) -> dict[str, dict]:
+    """{trial_id: {"status", "last_result", "checkpoint_epoch"}} from the newest experiment state the driver
+    saved. `checkpoint_epoch` is the epoch of the checkpoint Ray registered (None: none yet), which can lag the
+    last result: Ray records a result, then registers its checkpoint in a later step of its event loop."""
+    files = sorted(exp.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except (ValueError, OSError):  # being rewritten right now
+        return {}
+    out = {}
+    for trial_json, meta_json in state["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        manager = pickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))  # Ray pickles it as hex
+        latest = manager.latest_checkpoint_result
+        out[trial["trial_id"]] = {"status": trial["status"], "last_result": meta.get("last_result") or {},
+                                  "checkpoint_epoch": latest.metrics.get("epoch") if latest else None}
+    return out
+
+
+def result_lines(exp: Path, trial_id: str) -> list[str]:
+    path = exp / f"trial_{trial_id}" / "result.json"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def wait_for_finished_and_running(proc, exp: Path, timeout: float = 240) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        trials = saved_trials(exp)
+        finished = [t for t in trials.values() if t["status"] == "TERMINATED"]
+        # A checkpoint registered and two epochs or more to go, so it is still mid-run when the kill lands.
+        running = [t for t in trials.values()
+                   if t["status"] == "RUNNING" and 1 <= (t["checkpoint_epoch"] or 0) <= EPOCHS - 2]
+        if finished and running:
+            return trials
+        time.sleep(0.2)
+    raise AssertionError("no saved state with a finished and a running trial")
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
+    from optuna.trial import TrialState
+
+    from tuner.search import load_study
+
+    storage, name = tmp_path / "results", "interrupted"
+    exp = storage / name
+    env = child_env(tmp_path)
+    args = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", name,
+            "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
+            "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir),
+            "--wandb-project", "certtune-resume"]
+    log = open(tmp_path / "search.log", "w")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        at_kill = wait_for_finished_and_running(proc, exp)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group, at once
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    # The saved state the resume starts from (the driver can no longer change it).
+    at_kill = saved_trials(exp) or at_kill
+    finished = {t for t, s in at_kill.items() if s["status"] == "TERMINATED"}
+    # A trial whose last epoch was reported but not yet marked TERMINATED resumes and ends at once.
+    done = finished | {t for t, s in at_kill.items() if s["last_result"].get("epoch") == EPOCHS}
+    running = {t: s["checkpoint_epoch"] for t, s in at_kill.items()
+               if s["status"] == "RUNNING" and 1 <= (s["checkpoint_epoch"] or 0) < EPOCHS}
+    assert finished and running
+    before = {t: result_lines(exp, t) for t in done}
+
+    resumed = subprocess.run([sys.executable, "-m", "tuner.cli", "resume", name, "--storage", str(storage)],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    (tmp_path / "resume.log").write_text(resumed.stdout + resumed.stderr)  # kept for a failure's post-mortem
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    final = saved_trials(exp)
+    assert len(final) == NUM_SAMPLES and all(s["status"] == "TERMINATED" for s in final.values()), final
+    for trial_id in final:
+        rows = [json.loads(line) for line in result_lines(exp, trial_id)]
+        assert rows[-1]["epoch"] == rows[-1]["epochs"] == EPOCHS, trial_id  # every trial ran to its last epoch
+        assert [r["epoch"] for r in rows].count(1) == 1, trial_id  # none started over from scratch
+    for trial_id in done:
+        assert result_lines(exp, trial_id) == before[trial_id]  # finished trials were not touched
+    for trial_id, checkpoint_epoch in running.items():
+        rows = [json.loads(line) for line in result_lines(exp, trial_id)]
+        pids = [r["pid"] for r in rows]
+        assert len(set(pids)) == 2, pids  # the same trial, continued by a new process from its checkpoint
+        assert sorted({r["epoch"] for r in rows}) == list(range(1, EPOCHS + 1))
+        resumed_rows = [r for r in rows if r["pid"] == pids[-1]]
+        assert resumed_rows[0]["epoch"] == checkpoint_epoch + 1  # right after its checkpoint
+    study = load_study(exp)
+    assert len(study.trials) == NUM_SAMPLES
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [t.state for t in study.trials]
+    assert {t.user_attrs["ray_trial_id"] for t in study.trials} == set(final)
+    assert f"search {name}: {NUM_SAMPLES} trials ({NUM_SAMPLES} finished)" in resumed.stdout
+    # W&B (offline): each trial's newest run holds its whole history, the epochs before the kill included
+    # (replayed from result.json into the resumed trial's new run, which keeps the trial's run id).
+    newest = {}
+    for run_dir in find_offline_runs(exp):  # sorted: offline-run-<timestamp>-<id>
+        newest[run_dir.name.rsplit("-", 1)[1]] = run_dir
+    assert sorted(newest) == sorted(final)
+    for trial_id, run_dir in newest.items():
+        run = read_offline_run(run_dir)
+        rows = {r["epoch"]: r for r in map(json.loads, result_lines(exp, trial_id))}  # a replayed epoch: latest
+        expected = [(e, rows[e]["ibp_err"]) for e in range(1, EPOCHS + 1)]
+        assert [(h["epoch"], h["ibp_err"]) for h in run.history] == expected
+        assert run.group == name and run.exit_code == 0

@@ -1,0 +1,140 @@
+"""One search trial: the sampled params → a TrainConfig → the same `Trainer.fit` as `certtune train`.
+
+Ray calls the trainable with the trial's config (exactly the sampled params, dotted names). The trial
+- rebuilds the search space from the search record (space file contents + the search's base overrides) and
+  turns the point into a TrainConfig with `space.to_train_config`, as `certtune export` does;
+- trains in a node-local run directory and reports every epoch's metrics with a checkpoint holding the
+  trainer's own `last.pt` (plus `metrics.jsonl`, `config.yaml`), so Ray can copy it to the storage;
+- on a restart (a retry after a failure, a lost node, or `certtune resume`) copies `last.pt` from
+  `tune.get_checkpoint()` into a clean run directory, and `Trainer.fit()` resumes from it exactly;
+- ends a diverged run (DivergedError: loss or bounds NaN/inf) with a last result carrying `diverged` (the
+  reason) and NaN objectives, then returns: divergence is deterministic, so it is not retried, and the
+  searcher records FAIL with that reason. A sampled point the config rejects ends the same way at once
+  (`fail_reason` = "invalid config: ...").
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from ray import tune
+
+from trainers.config import ConfigError
+from trainers.schedules import first_target_epoch
+from trainers.train import DivergedError, Trainer
+from tuner.searcher import FAIL_REASON  # a result key the searcher stores as the Optuna trial's fail reason
+from tuner.spaces import SpaceError
+
+CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml")
+RUN_FILES = CHECKPOINT_FILES + ("best.pt",)
+DIVERGED = "diverged"  # result key: the reason a trial diverged
+
+
+def make_trainable(record) -> Callable[[dict], None]:
+    """The Ray function trainable of a search, closed over its SearchRecord (see tuner/search.py)."""
+
+    def certtune_trial(config: dict) -> None:
+        run_trial(config, record)
+
+    return certtune_trial
+
+
+def run_trial(config: dict, record) -> None:
+    space = record.build_space()
+    try:
+        cfg = space.to_train_config({k: v for k, v in config.items() if k in space.params})
+    except (SpaceError, ConfigError) as e:
+        # A sampled combination the config rejects fails the same way on every retry: end it now.
+        tune.report({FAIL_REASON: f"invalid config: {e}", **{m: math.nan for m in {"ibp_err", *record.objective}}})
+        return
+    cpus, gpus = record.resources_per_trial["cpu"], record.resources_per_trial.get("gpu", 0)
+    torch.set_num_threads(max(1, int(cpus)))  # as many threads as the CPUs Ray reserved, not the node's
+    out_dir = run_dir()
+    epochs_done = restore_run(tune.get_checkpoint(), out_dir)
+    trainer = Trainer(cfg, record.data_dir, out_dir, device="cuda" if gpus > 0 else "cpu")
+
+    def report_epoch(metrics: dict, run: Path) -> None:
+        nonlocal epochs_done
+        epochs_done = metrics["epoch"]
+        report_with_checkpoint(metrics, run)
+
+    try:
+        trainer.fit(on_epoch=report_epoch)
+    except DivergedError as e:
+        tune.report(diverged_result(cfg, epochs_done + 1, str(e), record.objective, trainer.train_seconds))
+
+
+def run_dir() -> Path:
+    """Node-local: Ray's working directory of this trial (it chdirs there unless RAY_CHDIR_TO_TRIAL_DIR=0)."""
+    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR") == "0":
+        return Path(tempfile.gettempdir()) / "certtune_trials" / tune.get_context().get_trial_id() / "run"
+    return Path.cwd() / "run"
+
+
+def restore_run(checkpoint, out_dir: Path) -> int:
+    """Make `out_dir` hold exactly the checkpoint's files (or nothing); the epochs it has completed.
+
+    A file left over from an earlier attempt may be newer than what Ray recorded; the checkpoint is what
+    the reported results agree with, so it always wins.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    if checkpoint is None:
+        return 0
+    try:
+        with checkpoint.as_directory() as ckpt:
+            for name in CHECKPOINT_FILES:
+                if (Path(ckpt) / name).exists():
+                    shutil.copy2(Path(ckpt) / name, out_dir / name)
+    except OSError as e:
+        # Ray deletes the previous checkpoint when a new one registers and snapshots the experiment just
+        # after; a driver killed in between restores a path that is gone. Start over rather than fail.
+        print(f"certtune: checkpoint {checkpoint.path} unreadable ({e}); the trial restarts from epoch 1",
+              flush=True)
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        return 0
+    if not (out_dir / "last.pt").exists():
+        return 0
+    metrics = out_dir / "metrics.jsonl"
+    return sum(1 for line in metrics.read_text().splitlines() if line) if metrics.exists() else 0
+
+
+def report_with_checkpoint(metrics: dict, out_dir: Path) -> None:
+    """tune.report the epoch's metrics with a checkpoint of the run directory's resume files.
+
+    Ray copies the checkpoint directory to the storage during report, so it is staged in a temporary
+    directory (hard links where possible) and removed afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix=".checkpoint-", dir=out_dir.parent) as staging:
+        for name in CHECKPOINT_FILES:
+            if (out_dir / name).exists():
+                link_or_copy(out_dir / name, Path(staging) / name)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    # metrics.jsonl is appended in place later, so only files the trainer replaces atomically are linked.
+    if src.suffix == ".pt":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def diverged_result(cfg, epoch: int, reason: str, objective: list[str], train_seconds: float) -> dict:
+    """The last result of a diverged trial: the epoch it diverged in, the reason, NaN objectives."""
+    result = {"epoch": epoch, "epochs": cfg.epochs, "eps_target": cfg.eps,
+              "at_target": epoch >= first_target_epoch(cfg.schedule), "train_seconds": train_seconds,
+              DIVERGED: reason, FAIL_REASON: f"diverged: {reason}"}
+    for name in {"ibp_err", *objective}:
+        result[name] = math.nan
+    return result
