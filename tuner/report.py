@@ -1,0 +1,79 @@
+"""`certtune report NAME`: a terminal summary of a search, finished or still running.
+
+Reads the experiment as `certtune export` does (tuner/export.py), writes nothing. Shows how many trials are
+running, finished, stopped and failed, then a table of the top trials: finished ones ranked by their final
+objective(s), then running, early-stopped (their values are truncated, marked *), failed and pending ones.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tuner.export import STATUSES, Search, TrialRecord, load_search
+
+TOP = 10
+ROW_ORDER = ("finished", "running", "stopped", "failed", "pending")
+MAX_REASONS = 5
+
+
+def report_search(name: str, storage: str | None) -> str:
+    """The report text of search `name`; ExportError if there is no such search."""
+    return format_report(load_search(name, storage))
+
+
+def format_report(search: Search, top: int = TOP) -> str:
+    counts = search.counts()
+    record = search.record
+    objectives = ", ".join(f"{o} ({m})" for o, m in zip(search.objectives, search.modes))
+    lines = [f"search {search.name}: {len(search.trials)} trials of {record.num_samples} planned; "
+             + ", ".join(f"{counts[s]} {s}" for s in STATUSES),
+             f"objective: {objectives}; scheduler: {record.scheduler}; experiment: {search.location}", ""]
+    rows = ordered_trials(search)
+    lines += table(*trial_rows(search, rows[:top]))
+    if len(rows) > top:
+        lines.append(f"... {len(rows) - top} more trials (all of them: `certtune export {search.name}` → trials.csv)")
+    if counts["stopped"]:
+        lines.append("* stopped early by the scheduler: the value is from its last epoch, not a final one")
+    failed = [t for t in search.trials if t.status == "failed"]
+    for t in failed[:MAX_REASONS]:
+        lines.append(f"failed {t.trial_id}: {t.diverged and 'diverged: ' + t.diverged or t.error or 'unknown'}")
+    if len(failed) > MAX_REASONS:
+        lines.append(f"... {len(failed) - MAX_REASONS} more failed trials (reasons in trials.csv)")
+    return "\n".join(lines)
+
+
+def ordered_trials(search: Search) -> list[TrialRecord]:
+    """Finished trials ranked by objective(s), then the others by status, each group by objective."""
+    return [t for status in ROW_ORDER for t in search.ranked(status)]
+
+
+def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], list[list[str]]]:
+    shown = list(search.objectives) + (["clean_err"] if "clean_err" not in search.objectives else [])
+    header = ["rank", "trial_id", "status", *shown, "epochs", "params"]
+    rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
+    names = search.searched_names()
+    rows = []
+    for t in trials:
+        mark = "*" if t.status == "stopped" else ""
+        epoch, epochs = t.last.get("epoch"), t.last.get("epochs")
+        rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status,
+                     *[fmt(t.last.get(m)) + (mark if m in search.objectives and m in t.last else "") for m in shown],
+                     f"{fmt(epoch)}/{fmt(epochs)}" if epoch is not None else "-",
+                     " ".join(f"{n}={fmt(t.params[n])}" for n in names if n in t.params)])
+    return header, rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell; the last (params) column is left ragged."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in [header, *rows]]
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
