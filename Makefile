@@ -14,7 +14,13 @@ install: .venv/.installed
 test: install
 	$(PY) -m pytest tests
 
+# A real search on real MNIST with the local defaults (local Ray, TPE, warmup-aware ASHA): 12 small trials.
+DEMO := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
-	.venv/bin/certtune train configs/mnist_small.yaml --data-dir $(DATA) --out runs/demo
+	.venv/bin/certtune search search_spaces/mnist_tiny.yaml --name $(DEMO) --num-samples 12 --max-concurrent 2 \
+	    --resources-per-trial cpu=1 --data-dir $(DATA) --storage $(CURDIR)/runs/search
+	.venv/bin/certtune report $(DEMO) --storage $(CURDIR)/runs/search
+	.venv/bin/certtune export $(DEMO) --storage $(CURDIR)/runs/search --out runs/$(DEMO)-export
+	@echo "best config: runs/$(DEMO)-export/best.yaml  (rerun: .venv/bin/certtune train runs/$(DEMO)-export/best.yaml --data-dir $(DATA))"
 
 .PHONY: install test demo
