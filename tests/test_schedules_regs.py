@@ -85,3 +85,31 @@ def test_skipped_layer_gives_finite_gradients():
     loss = relu_balance_loss([(c - 0.1, c + 0.1)], 0.5) + std_loss([(c - 0.1, c + 0.1)], 0.5)
     loss.backward()
     assert torch.isfinite(c.grad).all()
+
+
+def test_relu_moments_gradient_matches_autograd():
+    from trainers.regularizers import ReluMoments
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    r = torch.rand(3, 5, 4, generator=gen, dtype=torch.float64)
+    lower, upper = (c - r).requires_grad_(), (c + r).requires_grad_()
+    assert torch.autograd.gradcheck(ReluMoments.apply, (lower, upper))
+    s = (lower + upper).detach()
+    a, i = lower.detach() > 0, upper.detach() < 0
+    expected = [s[a].sum(), (s[a] ** 2).sum(), s[i].sum(), (s[i] ** 2).sum(), lower.sum(), upper.sum(),
+                a.sum(), i.sum()]
+    torch.testing.assert_close(ReluMoments.apply(lower, upper), torch.stack(expected).detach().to(s.dtype))
+
+
+def test_warmup_regularizer_equals_its_parts():
+    from trainers.config import RegConfig
+    from trainers.regularizers import warmup_regularizer
+    gen = torch.Generator().manual_seed(1)
+    bounds_ = []
+    for shape in [(4, 6, 3, 3), (4, 10)]:
+        c, r = torch.randn(shape, generator=gen), torch.rand(shape, generator=gen)
+        bounds_.append((c - r, c + r))
+    width = torch.tensor(0.3)
+    cfg = RegConfig(tightness=True, relu=True, std=True, tau=0.5)
+    expected = tightness_loss(bounds_, width, 0.5) + relu_balance_loss(bounds_, 0.5) + std_loss(bounds_, 0.5)
+    torch.testing.assert_close(warmup_regularizer(bounds_, width, cfg), expected)

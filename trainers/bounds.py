@@ -215,13 +215,16 @@ def ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | N
 
 # ---- CROWN-IBP: one backward linear pass -----------------------------------------------------------
 def relu_relaxation(lower: Tensor, upper: Tensor):
-    """Linear bounds a_l·z ≤ relu(z) ≤ a_u·z + b_u on [l, u]; adaptive lower slope (1 if u > −l)."""
-    active, inactive = lower >= 0, upper <= 0
-    unstable = ~(active | inactive)
-    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    up_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
-    up_bias = torch.where(unstable, -lower * up_slope, torch.zeros_like(upper))
-    low_slope = torch.where(unstable, (upper > -lower).to(upper.dtype), active.to(upper.dtype))
+    """Linear bounds a_l·z ≤ relu(z) ≤ a_u·z + b_u on [l, u]; adaptive lower slope (1 if u > −l).
+
+    Written with clamps instead of masks: with u⁺ = max(u, 0) and l⁻ = min(l, 0) the upper slope
+    u⁺/(u⁺ − l⁻) is 1 for active, 0 for inactive and u/(u − l) for unstable neurons, and the lower slope
+    [u⁺ + l⁻ > 0] is 1, 0 and [u > −l] respectively (torch.where costs several passes on the CPU).
+    """
+    up, low = upper.clamp(min=0), lower.clamp(max=0)
+    up_slope = up / (up - low).clamp(min=1e-12)
+    up_bias = -low * up_slope
+    low_slope = torch.gt(up + low, 0, out=torch.empty_like(up))
     return low_slope, up_slope, up_bias
 
 
@@ -250,10 +253,12 @@ def _back_batchnorm(A: Tensor, bias: Tensor, scale: Tensor, shift: Tensor):
 
 
 def _back_relu(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor):
-    # Lower bound of A·relu(z): positive coefficients take the lower line, negative ones the upper line.
+    # Lower bound of A·relu(z): positive coefficients take the lower line, negative ones the upper line:
+    # A·a_l + min(A, 0)·(a_u − a_l), and the upper line's intercept for the negative part.
     low_slope, up_slope, up_bias = relu_relaxation(lower, upper)
-    bias = bias + torch.einsum("bsn,bn->bs", A.clamp(max=0).flatten(2), up_bias.flatten(1))
-    return A * torch.where(A < 0, up_slope.unsqueeze(1), low_slope.unsqueeze(1)), bias
+    A_neg = A.clamp(max=0)
+    bias = bias + torch.einsum("bsn,bn->bs", A_neg.flatten(2), up_bias.flatten(1))
+    return torch.addcmul(A * low_slope.unsqueeze(1), A_neg, (up_slope - low_slope).unsqueeze(1)), bias
 
 
 def linear_walk_back(module: nn.Module, A: Tensor, bias: Tensor, entries: list):
