@@ -180,11 +180,12 @@ def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(
 
 
 def test_no_trial_diverged_or_failed_and_no_api_key_is_needed(searched):
-    from tuner.search import trial_status
+    from tuner.export import trial_status
 
     for d in trial_dirs(searched["exp"]):
         rows = result_rows(d)
-        assert trial_status(rows[-1], error=(d / "error.txt").exists()) in ("finished", "stopped")
+        ray_status = "ERROR" if (d / "error.txt").exists() else "TERMINATED"
+        assert trial_status(ray_status, rows[-1], ["ibp_err"])[0] in ("finished", "stopped")
         assert len({r["pid"] for r in rows}) == 1  # never retried
 
 

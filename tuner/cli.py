@@ -12,8 +12,12 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
+from trainers.config import ConfigError
+
+
+class UsageError(ConfigError):
+    """Bad input from the user: reported as one line, exit code 2 (a ConfigError, so it is recognised
+    even when this module runs as __main__ and is imported a second time as tuner.cli)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -394,8 +394,11 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     callback = wandb_callback(record.wandb_project, record.name)
     return tune.Tuner(
         tune.with_resources(trainable or make_trainable(record), dict(record.resources_per_trial)),
+        # reuse_actors: a finished trial's worker process runs the next trial instead of a new process
+        # being started (seconds per trial, measured in bench/search_overhead.py).
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=record.num_samples,
-                                    max_concurrent_trials=record.max_concurrent, trial_dirname_creator=trial_dirname),
+                                    max_concurrent_trials=record.max_concurrent, trial_dirname_creator=trial_dirname,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=record.name, storage_path=storage, verbose=1,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
@@ -457,26 +460,21 @@ def load_study(experiment_dir: str | Path):
     return load_searcher_state(experiment_dir)["_ot_study"]
 
 
-def trial_status(metrics: dict | None, error: bool) -> str:
-    """finished | stopped | failed, from a trial's last result (the contract's vocabulary)."""
-    if error or not metrics or metrics.get("diverged"):
-        return "failed"
-    if "epoch" not in metrics or "epochs" not in metrics:
-        return "failed"
-    return "finished" if metrics["epoch"] >= metrics["epochs"] else "stopped"
-
-
 def is_complete(results, record: SearchRecord) -> bool:
     """Every trial of the search has ended (an interrupted Tuner.fit returns with some still open)."""
     return results.num_terminated + results.num_errors >= record.num_samples
 
 
 def summarize(results, record: SearchRecord, storage: str) -> str:
+    from tuner.export import trial_status
+
     counts: dict[str, int] = {}
     best = None
     key = record.objective[0]
     for r in results:
-        status = trial_status(r.metrics, r.error is not None)
+        # The one status rule (tuner/export.py), so `search`'s summary and `report` agree.
+        status, _ = trial_status("ERROR" if r.error is not None else "TERMINATED", r.metrics or {},
+                                 record.objective)
         counts[status] = counts.get(status, 0) + 1
         value = (r.metrics or {}).get(key)
         if status == "finished" and isinstance(value, (int, float)) and math.isfinite(value):
