@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from trainers.config import ConfigError, TrainConfig
 from trainers.schedules import first_target_epoch
-from tuner.spaces import SearchSpace, SpaceError, load_space
+from tuner.spaces import SearchSpace, SpaceError, load_space, parse_space_yaml
 
 RECORD_FILE = "certtune_search.json"
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
@@ -108,9 +107,8 @@ def space_with_overrides(raw: dict, overrides: dict[str, Any], source: str) -> S
 def read_space_file(path: str) -> tuple[str, dict]:
     """Validate a space file (bare names look in search_spaces/) and return (absolute path, parsed YAML)."""
     space = load_space(path)
-    from tuner.spaces import _Loader  # the loader that reads 1e-4 as a float, as load_space does
     resolved = Path(space.source).resolve()
-    return str(resolved), yaml.load(resolved.read_text(), Loader=_Loader)
+    return str(resolved), parse_space_yaml(resolved.read_text())
 
 
 # ---- parsing and checking the command line ---------------------------------------------------------

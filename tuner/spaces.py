@@ -464,6 +464,11 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def parse_space_yaml(text: str):
+    """YAML as space files are read: safe loading, and `1e-4` (no dot) is a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file. A bare name (`cifar10_eps8`) is looked up in search_spaces/."""
     path = Path(path)
@@ -473,7 +478,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(str(path), "file", "search space file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = parse_space_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise SpaceError(str(path), "file", f"not valid YAML: {e}") from None
     return _Builder(str(path)).build(raw, path.stem)
