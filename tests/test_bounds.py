@@ -275,3 +275,27 @@ def test_relu_relaxation_lines_touch_relu_at_the_interval_ends():
     assert (low_slope * grid <= grid.clamp(min=0) + 1e-6).all()
     assert (up_slope * grid + up_bias >= grid.clamp(min=0) - 1e-6).all()
     assert low_slope.tolist() == [0.0, 1.0, 1.0, 0.0]  # adaptive: 1 where u > −l
+
+
+def test_backward_relu_step_is_valid_pointwise_and_uses_the_whole_relaxation():
+    """A·relu(z) ≥ A'·z + b' for every z in [l, u], with A', b' equal to an independent computation:
+    positive coefficients take the lower line, negative ones the upper line and its intercept."""
+    from trainers.bounds import _back_relu
+    gen = torch.Generator().manual_seed(7)
+    B, S, N = 3, 4, 50
+    center, radius = torch.randn(B, N, generator=gen), torch.rand(B, N, generator=gen)
+    lower, upper = center - radius, center + radius
+    A = torch.randn(B, S, N, generator=gen)
+    A_new, bias = _back_relu(A, torch.zeros(B, S), lower, upper)
+    unstable = (lower < 0) & (upper > 0)
+    up_slope = torch.where(unstable, upper / (upper - lower), (lower >= 0).float())
+    up_bias = torch.where(unstable, -lower * up_slope, torch.zeros_like(lower))
+    low_slope = torch.where(unstable, (upper > -lower).float(), (lower >= 0).float())
+    expected_A = torch.where(A >= 0, A * low_slope.unsqueeze(1), A * up_slope.unsqueeze(1))
+    expected_bias = (A.clamp(max=0) * up_bias.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(A_new, expected_A)
+    torch.testing.assert_close(bias, expected_bias)
+    for _ in range(200):
+        z = lower + (upper - lower) * torch.rand(B, N, generator=gen)
+        value = torch.einsum("bsn,bn->bs", A, z.clamp(min=0))
+        assert (value >= torch.einsum("bsn,bn->bs", A_new, z) + bias - 1e-5).all()
