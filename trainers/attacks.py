@@ -17,19 +17,21 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, lower: Tensor, upper: Ten
     was_training = model.training
     model.eval()
     alpha = step_size * (upper - lower) / 2
-    broken = model_predicts_wrong(model, x, y)
+    broken = torch.zeros_like(y, dtype=torch.bool)
     for r in range(restarts):
         # Noise is drawn on the CPU from our own generator: evaluation must not consume the training RNG.
-        noise = torch.rand(x.shape, generator=generator).to(x.device)
-        start = x if r == 0 else lower + (upper - lower) * noise
-        x_adv = start.clone()
+        if r == 0:
+            x_adv = x.clone()
+        else:
+            x_adv = lower + (upper - lower) * torch.rand(x.shape, generator=generator).to(x.device)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-                grad, = torch.autograd.grad(loss, x_adv)
+                logits = model(x_adv)
+                grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x_adv)
+            broken |= logits.detach().argmax(1) != y  # this iterate, checked with the logits already computed
             x_adv = torch.max(torch.min(x_adv.detach() + alpha * grad.sign(), upper), lower)
-            broken |= model_predicts_wrong(model, x_adv, y)
+        broken |= model_predicts_wrong(model, x_adv, y)  # the last iterate
     model.train(was_training)
     return broken
 
