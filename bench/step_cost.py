@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.config import TrainConfig
+from trainers.cpu_memory import keep_freed_memory
 from trainers.data import NORMALIZATION
 from trainers.evaluate import InputBox
 from trainers.init import apply_init
@@ -55,7 +57,7 @@ def time_round(step, device, steps):
     return (time.perf_counter() - start) / steps
 
 
-def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round):
+def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s):
     c, h, w, k = DATASET_SHAPES[dataset]
     gen = torch.Generator().manual_seed(0)
     x01 = torch.rand(batch, c, h, w, generator=gen).to(device)
@@ -76,16 +78,19 @@ def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_ro
             model, box, cfg, k, x01, y, eps / 2, reg_on=cfg.uses_reg)["loss"])
         for fn in (natural, certified):
             time_round(fn, device, 2)  # warm-up
+        # Enough natural steps per round to span `min_round_s`: 3 steps of cnn_small are ~30 ms, where
+        # the scheduler's noise on a shared machine is as large as the step.
+        steps = max(steps_per_round, math.ceil(min_round_s / time_round(natural, device, 2)))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         nat_times, cert_times = [], []
         for _ in range(repeats):
-            nat_times.append(time_round(natural, device, steps_per_round))
-            cert_times.append(time_round(certified, device, steps_per_round))
+            nat_times.append(time_round(natural, device, steps))
+            cert_times.append(time_round(certified, device, steps))
         nat, cert = statistics.median(nat_times), statistics.median(cert_times)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         rows.append({"model": model_name, "dataset": dataset, "method": method, "batch": batch,
-                     "device": str(device), "step_s": round(cert, 5), "natural_step_s": round(nat, 5),
+                     "device": str(device), "steps_per_round": steps, "step_s": round(cert, 5), "natural_step_s": round(nat, 5),
                      "ratio": round(cert / nat, 3), "peak_mem_mb": None if peak is None else round(peak, 1)})
     return rows
 
@@ -95,15 +100,24 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object (always on; kept for scripts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds per method")
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--steps", type=int, default=3, help="steps per round, at least")
+    parser.add_argument("--min-round-s", type=float, default=0.3,
+                        help="more steps per round until a round of natural steps takes this long")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: glibc keeps freed memory, as the trainer sets it on the CPU (default); "
+                             "default: glibc's own settings, for comparison")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and args.malloc == "keep":
+        keep_freed_memory()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = []
     for model_name, dataset, batch, eps in SETTINGS:
-        results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps)
-    print(json.dumps({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads()},
+        results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps,
+                                 args.min_round_s)
+    print(json.dumps({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "malloc": args.malloc},
                      indent=None))
 
 

@@ -90,15 +90,51 @@ def test_skipped_layer_gives_finite_gradients():
 def test_relu_moments_gradient_matches_autograd():
     from trainers.regularizers import ReluMoments
     gen = torch.Generator().manual_seed(0)
-    c = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
-    r = torch.rand(3, 5, 4, generator=gen, dtype=torch.float64)
-    lower, upper = (c - r).requires_grad_(), (c + r).requires_grad_()
-    assert torch.autograd.gradcheck(ReluMoments.apply, (lower, upper))
-    s = (lower + upper).detach()
-    a, i = lower.detach() > 0, upper.detach() < 0
-    expected = [s[a].sum(), (s[a] ** 2).sum(), s[i].sum(), (s[i] ** 2).sum(), lower.sum(), upper.sum(),
+    c = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    r = torch.rand(3, 5, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    lower, upper = (c - r).detach(), (c + r).detach()
+    assert torch.autograd.gradcheck(lambda c_, r_: ReluMoments.apply(c_, r_, lower, upper), (c, r))
+    a, i = lower > 0, upper < 0
+    cd = c.detach()
+    expected = [cd[a].sum(), (cd[a] ** 2).sum(), cd[i].sum(), (cd[i] ** 2).sum(), cd.sum(), r.detach().sum(),
                 a.sum(), i.sum()]
-    torch.testing.assert_close(ReluMoments.apply(lower, upper), torch.stack(expected).detach().to(s.dtype))
+    torch.testing.assert_close(ReluMoments.apply(c, r, lower, upper), torch.stack(expected).detach().to(cd.dtype))
+
+
+def reference_regularizers(bounds_, input_width, tau):
+    """Eq. 7 and 8 written directly from the paper with boolean indexing and plain autograd."""
+    tight, relu = [], []
+    for lower, upper in bounds_:
+        tight.append(torch.relu(tau - input_width / (upper - lower).mean()))
+        s = lower + upper
+        act, inact = lower > 0, upper < 0
+        if inact.any():
+            alpha = s[act].sum() / -s[inact].sum()
+            beta = ((s[act] - s.mean()) ** 2).sum() / ((s[inact] - s.mean()) ** 2).sum()
+            relu.append(sum(torch.relu(tau - torch.minimum(v, 1 / v)) for v in (alpha, beta)))
+        else:
+            relu.append(torch.zeros(()))
+    m = len(bounds_)
+    return torch.stack(tight).sum() / (tau * m), torch.stack(relu).sum() / (tau * m)
+
+
+def test_regularizers_match_the_paper_formulas_in_value_and_gradient():
+    from trainers.regularizers import ReluInput, layer_terms
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 4, 3, 3), (6, 12), (6, 5)]
+    centers = [(torch.randn(s, generator=gen, dtype=torch.float64) + 0.3).requires_grad_() for s in shapes]
+    radii = [(torch.rand(s, generator=gen, dtype=torch.float64) * 2).requires_grad_() for s in shapes]
+    width, tau = torch.tensor(0.7, dtype=torch.float64), 0.8
+    ours = layer_terms([ReluInput(c - r, c + r, c, r) for c, r in zip(centers, radii)], width, tau)
+    ours = [t.sum() / (tau * len(shapes)) for t in ours]
+    ref = reference_regularizers([(c - r, c + r) for c, r in zip(centers, radii)], width, tau)
+    assert ref[0].item() > 0 and ref[1].item() > 0  # both terms active, so the gradients below mean something
+    for mine, theirs in zip(ours, ref):
+        torch.testing.assert_close(mine, theirs)
+        g_mine = torch.autograd.grad(mine, centers + radii, retain_graph=True, allow_unused=True)
+        g_ref = torch.autograd.grad(theirs, centers + radii, retain_graph=True, allow_unused=True)
+        for a, b in zip(g_mine, g_ref):
+            torch.testing.assert_close(torch.zeros(()) if a is None else a, torch.zeros(()) if b is None else b)
 
 
 def test_warmup_regularizer_equals_its_parts():

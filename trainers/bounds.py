@@ -18,6 +18,7 @@ margins directly, which is tighter than differencing logit bounds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,21 @@ class State:
     radius: Tensor
 
 
+class ReluInput(NamedTuple):
+    """The interval entering one ReLU in both forms: the bounds for the masks, center/radius for the sums."""
+
+    lower: Tensor
+    upper: Tensor
+    center: Tensor
+    radius: Tensor
+
+
 @dataclass
 class Tape:
     """What the backward pass needs, recorded in forward order (one entry per leaf module)."""
 
     entries: list = field(default_factory=list)
-    relu_bounds: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # every ReLU's (l, u)
+    relu_inputs: list[ReluInput] = field(default_factory=list)  # every ReLU's input interval
     update_bn_stats: bool = False
 
 
@@ -73,7 +83,12 @@ def bn_affine(layer: nn.modules.batchnorm._BatchNorm, clean: Tensor | None, upda
     if layer.training or layer.running_mean is None:
         if clean is None:
             raise ValueError("BatchNorm in train mode needs the clean batch to take its statistics from")
-        var, mean = torch.var_mean(clean, [0] + list(range(2, clean.dim())), unbiased=False)
+        # E[z²] − E[z]²: two plain reductions, 3× faster than var_mean with its backward on the CPU. The
+        # statistics only choose the affine map (one map for clean, center and radius), so their rounding
+        # cannot make a bound unsound; certificates use eval mode (running statistics) anyway.
+        dims = [0] + list(range(2, clean.dim()))
+        mean = clean.mean(dims)
+        var = ((clean * clean).mean(dims) - mean * mean).clamp(min=0)
         if update_stats and layer.running_mean is not None:
             _update_running_stats(layer, mean, var, clean.numel() // clean.shape[1])
     else:
@@ -108,13 +123,49 @@ def ibp_batchnorm(layer, s: State, tape: Tape) -> State:
     return State(clean, torch.addcmul(b, s.center, a), s.radius * a.abs())
 
 
+def ibp_affine_batchnorm(layer: nn.Conv2d | nn.Linear, bn, s: State, tape: Tape) -> State:
+    """A conv/linear layer followed by BN, as one affine map: BN's per-channel scale a and shift b (from
+    the clean batch's statistics) fold into the weights, W' = a·W and b' = a·bias + b, so the center and
+    radius take one pass each instead of two. Only where W is smaller than the layer's output (convs,
+    not a wide-input linear layer), else scaling W would cost more than it saves. The same map as
+    `ibp_conv`/`ibp_linear` then `ibp_batchnorm`, rounded differently."""
+    affine = _affine_op(layer)
+    tape.entries.append(s.center.shape[-2:] if isinstance(layer, nn.Conv2d) else None)
+    clean = None if s.clean is None else affine(s.clean, layer.weight, layer.bias)
+    scale, shift = bn_affine(bn, clean, tape.update_bn_stats)
+    tape.entries.append((scale, shift))
+    weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+    bias = shift if layer.bias is None else torch.addcmul(shift, layer.bias, scale)
+    if clean is not None:
+        clean = torch.addcmul(_per_channel(shift, clean), clean, _per_channel(scale, clean))
+    return State(clean, affine(s.center, weight, bias), affine(s.radius, weight.abs(), None))
+
+
+def _affine_op(layer: nn.Conv2d | nn.Linear):
+    if isinstance(layer, nn.Linear):
+        return F.linear
+    return lambda x, w, b: F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def folds_into_weights(layer: nn.Module, following: nn.Module | None, s: State) -> bool:
+    """Whether `ibp_affine_batchnorm` applies to `layer` followed by `following`, and pays."""
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not isinstance(following, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return False
+    if isinstance(layer, nn.Conv2d):  # output elements per example ≥ out_channels · (input pixels / stride²)
+        out_per_example = layer.out_channels * s.center.shape[-2] * s.center.shape[-1] // (
+            layer.stride[0] * layer.stride[1])
+    else:
+        out_per_example = layer.out_features
+    return layer.weight.numel() < len(s.center) * out_per_example
+
+
 def ibp_relu(s: State, tape: Tape) -> State:
     lower, upper = s.center - s.radius, s.center + s.radius
-    tape.relu_bounds.append((lower, upper))
+    tape.relu_inputs.append(ReluInput(lower, upper, s.center, s.radius))
     tape.entries.append((lower, upper))
     lo, up = torch.relu(lower), torch.relu(upper)
     clean = None if s.clean is None else torch.relu(s.clean)
-    center = (up + lo) * 0.5
+    center = torch.lerp(lo, up, 0.5)  # (lo + up)/2 in one pass
     return State(clean, center, up - center)  # radius (up − lo)/2 = up − center, one pass fewer
 
 
@@ -133,8 +184,14 @@ def ibp_residual(block: ResidualBlock, s: State, tape: Tape) -> State:
 
 def ibp_walk(module: nn.Module, s: State, tape: Tape) -> State:
     if isinstance(module, nn.Sequential):
-        for layer in module:
-            s = ibp_walk(layer, s, tape)
+        layers = list(module)
+        i = 0
+        while i < len(layers):
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            if folds_into_weights(layers[i], following, s):
+                s, i = ibp_affine_batchnorm(layers[i], following, s, tape), i + 2
+            else:
+                s, i = ibp_walk(layers[i], s, tape), i + 1
         return s
     if isinstance(module, nn.Linear):
         tape.entries.append(None)
@@ -174,8 +231,8 @@ class Propagation:
     last_input: State  # the interval entering the last linear layer (for mixing bounds)
 
     @property
-    def relu_bounds(self) -> list[tuple[Tensor, Tensor]]:
-        return self.tape.relu_bounds
+    def relu_inputs(self) -> list[ReluInput]:
+        return self.tape.relu_inputs
 
 
 def split_last_linear(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import pgd_attack
-from .bounds import crown_lower, margin_spec, propagate
+from .bounds import ReluInput, crown_lower, margin_spec, propagate
 
 
 @dataclass
@@ -32,13 +32,13 @@ class InputBox:
                 self.normalize((x01 + eps).clamp(0, 1)))
 
 
-def relu_state_stats(relu_bounds: list[tuple[Tensor, Tensor]], input_width: Tensor) -> dict[str, Tensor]:
+def relu_state_stats(relu_inputs: list[ReluInput], input_width: Tensor) -> dict[str, Tensor]:
     """Sums over neurons (for averaging across batches) of active/inactive/unstable counts, and the
     tightness Ê(Δ0)/Ê(Δi) averaged over ReLU layers (1 = as tight as the input box; smaller = looser)."""
-    active = sum((l > 0).sum() for l, u in relu_bounds)
-    inactive = sum((u < 0).sum() for l, u in relu_bounds)
-    total = sum(l.numel() for l, u in relu_bounds)
-    tightness = torch.stack([input_width / (u - l).mean().clamp(min=1e-12) for l, u in relu_bounds]).mean()
+    active = sum((b.lower > 0).sum() for b in relu_inputs)
+    inactive = sum((b.upper < 0).sum() for b in relu_inputs)
+    total = sum(b.lower.numel() for b in relu_inputs)
+    tightness = torch.stack([input_width / (2 * b.radius.mean()).clamp(min=1e-12) for b in relu_inputs]).mean()
     return {"active": active, "inactive": inactive, "total": total, "tightness": tightness}
 
 
@@ -76,7 +76,7 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
             if (broken & verified).any():
                 raise UnsoundCertificateError(
                     f"{(broken & verified).sum().item()} examples verified at eps={eps} were broken by PGD")
-        stats = relu_state_stats(p.relu_bounds, (upper - lower).mean())
+        stats = relu_state_stats(p.relu_inputs, (upper - lower).mean())
         for k in ("active", "inactive", "total"):
             sums[k] += float(stats[k])
         sums["tightness"] += stats["tightness"].item()

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .bounds import crown_lower, has_batchnorm, margin_spec, propagate
 from .config import TrainConfig
+from .cpu_memory import keep_freed_memory
 from .data import load_splits, make_loader
 from .evaluate import InputBox, evaluate
 from .init import apply_init
@@ -49,10 +50,13 @@ def atomic_save(obj, path: Path) -> None:
 
 def pick_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but no CUDA device is available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cpu":
+        keep_freed_memory()  # CPU steps are 25-30% faster without a page fault per fresh tensor
+    return device
 
 
 def certified_loss(model, box: InputBox, cfg: TrainConfig, num_classes: int, x01: Tensor, y: Tensor,
@@ -80,7 +84,7 @@ def certified_loss(model, box: InputBox, cfg: TrainConfig, num_classes: int, x01
     reg = torch.zeros((), device=x.device)
     if reg_on:
         lam = reg_weight(eps_sched, cfg.eps, cfg.reg.lambda0, cfg.reg.decay)
-        reg = lam * warmup_regularizer(p.relu_bounds, (upper - lower).mean(), cfg.reg)
+        reg = lam * warmup_regularizer(p.relu_inputs, (upper - lower).mean(), cfg.reg)
     return {"loss": data_loss + reg, "loss_robust": data_loss.detach(), "loss_reg": reg.detach()}
 
 
