@@ -31,6 +31,10 @@ def add_search_commands(sub) -> None:
                    help="log every trial to W&B (offline unless an API key is configured)")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $CERTTUNE_DATA, then ./data)")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
+    p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
+    p.add_argument("--max-trial-epochs", default=None,
+                   help="compute budget: stop the search once its trials have trained this many epochs in "
+                        "total (default: no budget; --num-samples trials)")
     p.set_defaults(run=cmd_search)
 
     p = sub.add_parser("resume", help="continue an interrupted search")
@@ -60,7 +64,7 @@ def cmd_search(args) -> int:
     record, storage = prepare_search(
         args.space, parse_overrides(args.overrides), args.name, args.num_samples, args.max_concurrent,
         args.resources_per_trial, args.scheduler, args.objective, args.storage, args.address,
-        args.wandb_project, args.data_dir, args.seed)
+        args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs)
     print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     results = run_search(record, storage)
     print(summarize(results, record, storage), flush=True)

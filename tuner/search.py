@@ -34,6 +34,7 @@ RECORD_FILE = "certtune_search.json"
 OBJECTIVES = {"ibp_err": "ibp", "clean_err": "clean", "crown_ibp_err": "crown-ibp", "pgd_err": "pgd",
               "train_seconds": None}
 SCHEDULERS = ("asha", "plain-asha", "none")
+SAMPLERS = ("tpe", "random")
 MAX_FAILURES = 3  # retries of a trial from its last checkpoint (a lost node, an OOM kill, ...)
 ADDRESS_TIMEOUT_S = 3.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -64,6 +65,8 @@ class SearchRecord:
     seed: int = 0
     wandb_project: str | None = None
     address: str | None = None
+    sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
+    max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
 
     def build_space(self) -> SearchSpace:
         return space_with_overrides(self.space, self.overrides, self.space_path)
@@ -285,8 +288,8 @@ def experiment_exists(storage: str, name: str) -> bool:
 # ---- preparing, running, resuming ----------------------------------------------------------------
 def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None, num_samples: Any,
                    max_concurrent: Any, resources: str, scheduler: str, objective: str, storage: str | None,
-                   address: str | None, wandb_project: str | None, data_dir: str | None, seed: Any
-                   ) -> tuple[SearchRecord, str]:
+                   address: str | None, wandb_project: str | None, data_dir: str | None, seed: Any,
+                   sampler: str = "tpe", max_trial_epochs: Any = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     Returns the record and the normalised storage; nothing has been started yet.
@@ -298,6 +301,8 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
     objectives, modes = parse_objective(objective, space)
     if scheduler not in SCHEDULERS:
         raise SearchError(f"--scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if sampler not in SAMPLERS:
+        raise SearchError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     from tuner.schedulers import make_scheduler
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space))  # validates
     record = SearchRecord(
@@ -307,7 +312,9 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
         max_concurrent=positive_int("--max-concurrent", max_concurrent),
         resources_per_trial=parse_resources(resources), data_dir=str(resolve_data_dir(data_dir).resolve()),
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project or None,
-        address=address or None)
+        address=address or None, sampler=sampler,
+        max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
+                                                                                    max_trial_epochs))
     if address is None:
         if not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
@@ -372,8 +379,10 @@ def trial_dirname(trial) -> str:
 def build_tuner(record: SearchRecord, storage: str, trainable=None):
     """The Tuner of a search. `trainable` replaces the real trial (tuner/trial.py) for benchmarks of the
     service itself; it gets the same resources, searcher, scheduler, checkpoints and callbacks."""
+    import optuna
     from ray import tune
 
+    from tuner.budget import TrialEpochBudget
     from tuner.schedulers import make_scheduler
     from tuner.searcher import HonestOptunaSearch
     from tuner.tracking import wandb_callback
@@ -382,11 +391,14 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     space = record.build_space()
     single = len(record.objective) == 1
     default = space.default_point()
-    # TPE with Optuna 5's defaults (multivariate for one objective), seeded; the space's defaults first.
+    # TPE with Optuna 5's defaults (multivariate for one objective), or random sampling; seeded; the
+    # space's defaults first. (Ray refuses a sampler together with its seed argument.)
+    sampler = optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
                                   mode=record.modes[0] if single else list(record.modes),
-                                  points_to_evaluate=[default] if default else None, seed=record.seed)
+                                  points_to_evaluate=[default] if default else None,
+                                  sampler=sampler, seed=None if sampler else record.seed)
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))
     callback = wandb_callback(record.wandb_project, record.name)
@@ -399,6 +411,8 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=record.name, storage_path=storage, verbose=1,
+            stop=None if record.max_trial_epochs is None else TrialEpochBudget(
+                record.max_trial_epochs, None if is_uri(storage) else experiment_path(storage, record.name)),
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             # One checkpoint per trial is kept; with num_to_keep set, Ray also snapshots the experiment state
             # after every trial checkpoint, so a restored experiment points at a checkpoint that exists.
@@ -458,8 +472,16 @@ def load_study(experiment_dir: str | Path):
     return load_searcher_state(experiment_dir)["_ot_study"]
 
 
+def trial_epochs_spent(results) -> int:
+    """Σ over trials of the last epoch each reported: the search's compute in trial-epochs."""
+    return sum(int((r.metrics or {}).get("epoch") or 0) for r in results)
+
+
 def is_complete(results, record: SearchRecord) -> bool:
-    """Every trial of the search has ended (an interrupted Tuner.fit returns with some still open)."""
+    """Every trial of the search has ended, or its trial-epoch budget is spent (an interrupted Tuner.fit
+    returns with trials still open and budget left)."""
+    if record.max_trial_epochs is not None and trial_epochs_spent(results) >= record.max_trial_epochs:
+        return True
     return results.num_terminated + results.num_errors >= record.num_samples
 
 
@@ -478,8 +500,10 @@ def summarize(results, record: SearchRecord, storage: str) -> str:
         if status == "finished" and isinstance(value, (int, float)) and math.isfinite(value):
             if best is None or value < best[0]:
                 best = (value, r.config)
+    budget = "" if record.max_trial_epochs is None else f" of a budget of {record.max_trial_epochs}"
     lines = [f"search {record.name}: {len(results)} trials (" +
-             ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")",
+             ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), {trial_epochs_spent(results)} "
+             f"trial-epochs{budget}",
              f"experiment: {experiment_path(storage, record.name)}"]
     if best is not None:
         lines.append(f"best finished trial: {key}={best[0]:.6g} {json.dumps(best[1], sort_keys=True)}")
