@@ -94,7 +94,7 @@ def warm_bn(model, x):
             model(x + 0.1 * torch.randn_like(x))
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.normal_(1.0, 0.3)
+                m.weight.normal_(0.5, 0.8)  # some negative: BN can flip a channel's sign
                 m.bias.normal_(0.0, 0.3)
 
 
