@@ -14,7 +14,7 @@ from tuner.spaces import SPACES_DIR, Expr, ExprError, SpaceError, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ["mnist_eps0.4", "cifar10_eps8", "cifar10_eps2", "tinyimagenet_eps1", "mnist_tiny"]
+SHIPPED = ["mnist_eps0.4", "cifar10_eps8", "cifar10_eps2", "tinyimagenet_eps1", "mnist_tiny", "mnist_small_budget"]
 N_TRIALS = 200
 
 
