@@ -181,10 +181,12 @@ def pooled_importances(entries: list[dict], eps: float) -> dict[str, float]:
     from tuner.export import Search, TrialRecord, param_importances
     from tuner.spaces import load_space
 
+    # The same point can be trained by two arms (TPE's first 10 points are its seeded random draws, the
+    # paper's point starts every search): each distinct (point, result) counts once.
+    unique = {json.dumps([t["params"], t["val_ibp_err"]], sort_keys=True): t
+              for e in entries if e["eps"] == eps and e["arm"] in SEARCH_ARMS for t in e["finished"]}
     trials = [TrialRecord(trial_id=str(i), status="finished", params=t["params"],
-                          history=[{"ibp_err": t["val_ibp_err"]}])
-              for i, t in enumerate(t for e in entries if e["eps"] == eps and e["arm"] in SEARCH_ARMS
-                                    for t in e["finished"])]
+                          history=[{"ibp_err": t["val_ibp_err"]}]) for i, t in enumerate(unique.values())]
     if len(trials) < 4:
         return {}
     record = SimpleNamespace(objective=["ibp_err"], modes=["min"])  # all the importances read of a record
@@ -216,11 +218,27 @@ def plot(entries: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(rows: list[dict]) -> str:
+    def pct(ms):
+        return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}" if ms[1] > 0 else f"{100 * ms[0]:.1f}"
+    lines = ["| ε | arm | seeds | val IBP err % | test clean % | test IBP-verified % | test PGD % | trial-epochs "
+             "| trials | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['eps']} | {r['arm']} | {r['seeds']} | {pct(r['val_ibp_err'])} | "
+                     f"{pct(r['test_clean_err'])} | {pct(r['test_ibp_err'])} | {pct(r['test_pgd_err'])} | "
+                     f"{r['trial_epochs'][0]:.0f} | {r['trials'][0]:.1f} | {r['wall_s'][0]:.0f} |")
+    return "\n".join(lines)
+
+
 def cmd_report(args) -> None:
     entries = load_results()["entries"]
     rows = summary_rows(entries)
     importances = {str(eps): pooled_importances(entries, eps) for eps in sorted({e["eps"] for e in entries})}
     plot(entries, PLOT)
+    if args.markdown:
+        print(markdown(rows))
+        for eps, imp in importances.items():
+            print(f"\nε={eps} importances: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
     print(json.dumps({"rows": rows, "importances": importances, "plot": str(PLOT)}))
 
 
@@ -236,6 +254,7 @@ def main(argv=None):
     run.add_argument("--work", default=None, help="where searches and runs go (default: a new temporary folder)")
     run.set_defaults(run=cmd_run)
     report = sub.add_parser("report", help="summary table, importances and plot from " + str(RESULTS))
+    report.add_argument("--markdown", action="store_true", help="also print the table for docs/benchmarks.md")
     report.set_defaults(run=cmd_report)
     args = parser.parse_args(argv)
     args.run(args)

@@ -31,6 +31,7 @@ from tuner.spaces import SearchSpace
 
 EXPORT_DIR = "export"
 STATUSES = ("finished", "stopped", "failed", "running", "pending")
+NO_RESULT = "ended without reporting a result"
 # Final metrics in trials.csv, in this order (design.md names; those no trial reported are left out).
 METRICS = ("epoch", "epochs", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
@@ -123,7 +124,13 @@ def _load_local(name: str, path: Path, where: str) -> Search:
         raise ExportError(f"{where}: no certtune search there ({RECORD_FILE} not found); check the name and "
                           f"pass the --storage the search ran with")
     record = SearchRecord.from_json(record_file.read_text(), f"{where}/{RECORD_FILE}")
-    return Search(name, path, record, read_trials(path, record.objective), where)
+    trials = read_trials(path, record.objective)
+    spent = sum(int(t.last.get("epoch") or 0) for t in trials)
+    if record.max_trial_epochs is not None and spent >= record.max_trial_epochs:
+        for t in trials:  # started just as the budget ran out, stopped before its first epoch: not a failure
+            if t.status == "failed" and not t.history and t.error == NO_RESULT:
+                t.status, t.error = "stopped", None
+    return Search(name, path, record, trials, where)
 
 
 def download_experiment(uri: str, local: Path) -> Path:
@@ -245,7 +252,7 @@ def trial_status(ray_status: str | None, last: dict, objectives: list[str]) -> t
     done = has_epochs and last["epoch"] >= last["epochs"]
     if done or ray_status == "TERMINATED":
         if not last:
-            return "failed", "ended without reporting a result"
+            return "failed", NO_RESULT
         if not has_epochs:
             return "failed", "last result lacks 'epoch'/'epochs'"
         bad = [o for o in objectives if not _is_finite(last.get(o))]
