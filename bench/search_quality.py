@@ -122,12 +122,16 @@ def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
 
 
+def entry_key(e: dict) -> tuple:
+    """(eps, budget, arm, seed); a reference run has no budget (it is one 8-epoch run)."""
+    return e["eps"], e["budget"] if e["arm"] in SEARCH_ARMS else 0, ARMS.index(e["arm"]), e["seed"]
+
+
 def save_entry(entry: dict) -> None:
-    """Replace this (eps, arm, seed)'s entry and write the file atomically."""
+    """Replace this (eps, budget, arm, seed)'s entry and write the file atomically."""
     data = load_results()
-    key = (entry["eps"], entry["arm"], entry["seed"])
-    data["entries"] = [e for e in data["entries"] if (e["eps"], e["arm"], e["seed"]) != key] + [entry]
-    data["entries"].sort(key=lambda e: (e["eps"], ARMS.index(e["arm"]), e["seed"]))
+    data["entries"] = [e for e in data["entries"] if entry_key(e) != entry_key(entry)] + [entry]
+    data["entries"].sort(key=entry_key)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -145,7 +149,8 @@ def cmd_run(args) -> None:
                 out = run_search_arm(arm, args.eps, seed, args.budget, args.data_dir, work / "searches")
             else:
                 out = run_reference(arm, args.eps, seed, args.data_dir, work / "runs")
-            entry = {"eps": args.eps, "arm": arm, "seed": seed, "budget": args.budget, **out}
+            budget = args.budget if arm in SEARCH_ARMS else None
+            entry = {"eps": args.eps, "arm": arm, "seed": seed, "budget": budget, **out}
             save_entry(entry)
             print(json.dumps({k: entry[k] for k in ("eps", "arm", "seed", "val_ibp_err", "trial_epochs",
                                                     "wall_s", "trials", "test")}), flush=True)
@@ -158,21 +163,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary_rows(entries: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (ε, budget, arm), ε descending as in the docs."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in sorted(entries, key=lambda e: (-e["eps"],) + entry_key(e)[1:]):
+        groups.setdefault(entry_key(e)[:3], []).append(e)
     rows = []
-    for eps in sorted({e["eps"] for e in entries}, reverse=True):
-        for arm in ARMS:
-            group = [e for e in entries if e["eps"] == eps and e["arm"] == arm]
-            if not group:
-                continue
-            row = {"eps": eps, "arm": arm, "seeds": len(group)}
-            for key, get in (("val_ibp_err", lambda e: e["val_ibp_err"]),
-                             ("test_clean_err", lambda e: e["test"]["clean_err"]),
-                             ("test_ibp_err", lambda e: e["test"]["ibp_err"]),
-                             ("test_pgd_err", lambda e: e["test"]["pgd_err"]),
-                             ("trial_epochs", lambda e: e["trial_epochs"]), ("wall_s", lambda e: e["wall_s"]),
-                             ("trials", lambda e: e["trials"])):
-                row[key] = mean_std([float(get(e)) for e in group])
-            rows.append(row)
+    for (eps, budget, _), group in groups.items():
+        row = {"eps": eps, "arm": group[0]["arm"], "budget": budget or None, "seeds": len(group)}
+        for key, get in (("val_ibp_err", lambda e: e["val_ibp_err"]),
+                         ("test_clean_err", lambda e: e["test"]["clean_err"]),
+                         ("test_ibp_err", lambda e: e["test"]["ibp_err"]),
+                         ("test_pgd_err", lambda e: e["test"]["pgd_err"]),
+                         ("trial_epochs", lambda e: e["trial_epochs"]), ("wall_s", lambda e: e["wall_s"]),
+                         ("trials", lambda e: e["trials"])):
+            row[key] = mean_std([float(get(e)) for e in group])
+        rows.append(row)
     return rows
 
 
@@ -221,10 +226,10 @@ def plot(entries: list[dict], path: Path) -> None:
 def markdown(rows: list[dict]) -> str:
     def pct(ms):
         return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}" if ms[1] > 0 else f"{100 * ms[0]:.1f}"
-    lines = ["| ε | arm | seeds | val IBP err % | test clean % | test IBP-verified % | test PGD % | trial-epochs "
-             "| trials | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ε | arm | budget | seeds | val IBP err % | test clean % | test IBP-verified % | test PGD % "
+             "| trial-epochs | trials | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['eps']} | {r['arm']} | {r['seeds']} | {pct(r['val_ibp_err'])} | "
+        lines.append(f"| {r['eps']} | {r['arm']} | {r['budget'] or '–'} | {r['seeds']} | {pct(r['val_ibp_err'])} | "
                      f"{pct(r['test_clean_err'])} | {pct(r['test_ibp_err'])} | {pct(r['test_pgd_err'])} | "
                      f"{r['trial_epochs'][0]:.0f} | {r['trials'][0]:.1f} | {r['wall_s'][0]:.0f} |")
     return "\n".join(lines)

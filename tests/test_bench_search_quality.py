@@ -19,10 +19,10 @@ def test_best_so_far_counts_every_epoch_and_only_finished_trials_can_be_best():
 
 def test_summary_rows_average_over_seeds_per_eps_and_arm():
     def entry(arm, seed, val, test):
-        return {"eps": 0.1, "arm": arm, "seed": seed, "val_ibp_err": val, "trial_epochs": 64, "wall_s": 10.0,
+        return {"eps": 0.1, "arm": arm, "seed": seed, "budget": 64, "val_ibp_err": val, "trial_epochs": 64, "wall_s": 10.0,
                 "trials": 8, "test": {"clean_err": 0.0, "ibp_err": test, "pgd_err": 0.0}}
     rows = summary_rows([entry("tpe", 0, 0.2, 0.3), entry("tpe", 1, 0.4, 0.5), entry("paper", 0, 0.6, 0.7)])
-    assert [r["arm"] for r in rows] == ["paper", "tpe"]
+    assert [(r["arm"], r["budget"]) for r in rows] == [("paper", None), ("tpe", 64)]
     tpe = rows[1]
     assert tpe["seeds"] == 2 and abs(tpe["val_ibp_err"][0] - 0.3) < 1e-12
     assert abs(tpe["test_ibp_err"][0] - 0.4) < 1e-12 and abs(tpe["test_ibp_err"][1] - 0.1414213562) < 1e-9
