@@ -15,6 +15,8 @@ trained `--budget` epochs in all (`--max-trial-epochs`):
   plain-asha   TPE with Ray's stock ASHA (rungs count epochs from the start, ramp included)
 Reference runs (one training run each, 8 trial-epochs): `paper` (the space's defaults: the paper's `fast`
 recipe), `vanilla` (IBP, default init, no regularizers) and `crown-ibp`, both with the paper's schedule.
+`paper-long` spends the search's whole budget on one run of the paper's recipe, its 70-epoch schedule scaled
+to `--budget` epochs: the alternative to searching with the same compute.
 
 Each (ε, arm, seed) is one entry of bench/results/search_quality.json, written as soon as it finishes, so
 arms can be run one command at a time and a rerun replaces only its own entries. A seed sets the sampler's
@@ -39,7 +41,15 @@ SEARCH_ARMS = {"random": ("random", "none"), "tpe": ("tpe", "none"), "tpe-asha":
 PLAIN = {"init": "default", "reg.tightness": False, "reg.relu": False}
 REFERENCE_ARMS = {"paper": {}, "vanilla": {"method": "vanilla", "bound": "ibp", **PLAIN},
                   "crown-ibp": {"method": "crown-ibp", "bound": "crown-ibp", **PLAIN}}
-ARMS = list(REFERENCE_ARMS) + list(SEARCH_ARMS)
+ARMS = list(REFERENCE_ARMS) + ["paper-long"] + list(SEARCH_ARMS)
+BUDGETED = set(SEARCH_ARMS) | {"paper-long"}  # arms that spend --budget trial-epochs
+
+
+def paper_recipe(epochs: int) -> dict:
+    """The paper's 70-epoch MNIST schedule scaled to `epochs`: ramp 20 from epoch 1, LR decays at 50 and 60."""
+    scale = epochs / 70
+    return {"epochs": epochs, "schedule.start": 1, "schedule.length": max(1, round(20 * scale)),
+            "lr_milestones": [round(50 * scale), round(60 * scale)]}
 
 
 def test_errors(checkpoint: Path, data_dir: str) -> dict:
@@ -50,17 +60,17 @@ def test_errors(checkpoint: Path, data_dir: str) -> dict:
     return {"n": out["n"], "clean_err": out["clean_err"], "ibp_err": out["ibp_err"], "pgd_err": out["pgd_err"]}
 
 
-def run_reference(arm: str, eps: float, seed: int, data_dir: str, work: Path) -> dict:
+def run_reference(arm: str, eps: float, seed: int, budget: int, data_dir: str, work: Path) -> dict:
     from trainers.train import Trainer
     from tuner.spaces import load_space
 
     space = load_space(SPACE)
-    cfg = space.to_train_config(space.default_point()).with_overrides({"eps": eps, "seed": seed,
-                                                                       **REFERENCE_ARMS[arm]})
+    changes = paper_recipe(budget) if arm == "paper-long" else REFERENCE_ARMS[arm]
+    cfg = space.to_train_config(space.default_point()).with_overrides({"eps": eps, "seed": seed, **changes})
     start = time.perf_counter()
     trainer = Trainer(cfg, data_dir, work / f"{arm}-eps{eps}-s{seed}")
     assert (trainer.cfg.bound, trainer.cfg.init, trainer.cfg.reg.relu) == (
-        ("ibp", "ibp", True) if arm == "paper" else (cfg.bound, "default", False)), trainer.cfg
+        ("ibp", "ibp", True) if arm.startswith("paper") else (cfg.bound, "default", False)), trainer.cfg
     history = []
     trainer.fit(on_epoch=lambda m, run: history.append(m))
     wall = time.perf_counter() - start
@@ -124,7 +134,7 @@ def load_results() -> dict:
 
 def entry_key(e: dict) -> tuple:
     """(eps, budget, arm, seed); a reference run has no budget (it is one 8-epoch run)."""
-    return e["eps"], e["budget"] if e["arm"] in SEARCH_ARMS else 0, ARMS.index(e["arm"]), e["seed"]
+    return e["eps"], e["budget"] if e["arm"] in BUDGETED else 0, ARMS.index(e["arm"]), e["seed"]
 
 
 def save_entry(entry: dict) -> None:
@@ -148,8 +158,8 @@ def cmd_run(args) -> None:
                 connect_ray(None)
                 out = run_search_arm(arm, args.eps, seed, args.budget, args.data_dir, work / "searches")
             else:
-                out = run_reference(arm, args.eps, seed, args.data_dir, work / "runs")
-            budget = args.budget if arm in SEARCH_ARMS else None
+                out = run_reference(arm, args.eps, seed, args.budget, args.data_dir, work / "runs")
+            budget = args.budget if arm in BUDGETED else None
             entry = {"eps": args.eps, "arm": arm, "seed": seed, "budget": budget, **out}
             save_entry(entry)
             print(json.dumps({k: entry[k] for k in ("eps", "arm", "seed", "val_ibp_err", "trial_epochs",
@@ -200,26 +210,33 @@ def pooled_importances(entries: list[dict], eps: float) -> dict[str, float]:
 
 
 def plot(entries: list[dict], path: Path) -> None:
+    """One panel per (ε, budget): each search arm's best-so-far curve per seed, the paper's point (8 epochs)
+    as a dashed line and the paper's recipe run for the whole budget as a marker at the budget."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eps_values = sorted({e["eps"] for e in entries}, reverse=True)
-    fig, axes = plt.subplots(1, len(eps_values), figsize=(6 * len(eps_values), 4.2), squeeze=False)
-    for ax, eps in zip(axes[0], eps_values):
+    panels = sorted({(e["eps"], e["budget"]) for e in entries if e["arm"] in SEARCH_ARMS}, key=lambda p: (-p[0], p[1]))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, (eps, budget) in zip(axes[0], panels):
         for i, arm in enumerate(SEARCH_ARMS):
-            for j, e in enumerate(x for x in entries if x["eps"] == eps and x["arm"] == arm):
+            runs = [x for x in entries if (x["eps"], x["budget"], x["arm"]) == (eps, budget, arm)]
+            for j, e in enumerate(runs):
                 xs, ys = zip(*e["curve"]) if e["curve"] else ([], [])
-                ax.step(xs, [100 * y for y in ys], where="post", color=f"C{i}", alpha=0.8,
-                        label=arm if j == 0 else None)
+                ax.step(xs, [100 * y for y in ys], where="post", color=f"C{i}", alpha=0.75,
+                        label=f"{arm} ({len(runs)} seeds)" if j == 0 else None)
         papers = [e["val_ibp_err"] for e in entries if e["eps"] == eps and e["arm"] == "paper"]
         if papers:
-            ax.axhline(100 * sum(papers) / len(papers), color="k", ls="--", label="paper defaults (mean)")
-        ax.set(title=f"MNIST cnn_small, eps={eps}: best finished trial so far", xlabel="trial-epochs spent",
-               ylabel="validation IBP-verified error (%)")
-        ax.legend(fontsize=8)
+            ax.axhline(100 * sum(papers) / len(papers), color="k", ls="--", lw=1, label="paper's point, 8 epochs")
+        long = [e["val_ibp_err"] for e in entries if (e["eps"], e["budget"], e["arm"]) == (eps, budget, "paper-long")]
+        if long:
+            ax.plot([budget] * len(long), [100 * v for v in long], "k*", ms=10,
+                    label=f"paper's recipe, one {budget}-epoch run")
+        ax.set(title=f"MNIST cnn_small, ε={eps}, budget {budget} trial-epochs", xlabel="trial-epochs spent",
+               ylabel="best validation IBP-verified error (%)", xlim=(0, budget * 1.05))
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
