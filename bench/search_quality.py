@@ -16,7 +16,9 @@ trained `--budget` epochs in all (`--max-trial-epochs`):
 Reference runs (one training run each, 8 trial-epochs): `paper` (the space's defaults: the paper's `fast`
 recipe), `vanilla` (IBP, default init, no regularizers) and `crown-ibp`, both with the paper's schedule.
 `paper-long` spends the search's whole budget on one run of the paper's recipe, its 70-epoch schedule scaled
-to `--budget` epochs: the alternative to searching with the same compute.
+to `--budget` epochs: the alternative to searching with the same compute. `search-long` spends half the
+budget on a TPE + warmup-aware ASHA search and the rest on one run of the best trial's config with its
+schedule scaled to the epochs left (tune short, train long).
 
 Each (ε, arm, seed) is one entry of bench/results/search_quality.json, written as soon as it finishes, so
 arms can be run one command at a time and a rerun replaces only its own entries. A seed sets the sampler's
@@ -41,8 +43,8 @@ SEARCH_ARMS = {"random": ("random", "none"), "tpe": ("tpe", "none"), "tpe-asha":
 PLAIN = {"init": "default", "reg.tightness": False, "reg.relu": False}
 REFERENCE_ARMS = {"paper": {}, "vanilla": {"method": "vanilla", "bound": "ibp", **PLAIN},
                   "crown-ibp": {"method": "crown-ibp", "bound": "crown-ibp", **PLAIN}}
-ARMS = list(REFERENCE_ARMS) + ["paper-long"] + list(SEARCH_ARMS)
-BUDGETED = set(SEARCH_ARMS) | {"paper-long"}  # arms that spend --budget trial-epochs
+ARMS = list(REFERENCE_ARMS) + ["paper-long"] + list(SEARCH_ARMS) + ["search-long"]
+BUDGETED = set(SEARCH_ARMS) | {"paper-long", "search-long"}  # arms that spend --budget trial-epochs
 
 
 def paper_recipe(epochs: int) -> dict:
@@ -100,12 +102,13 @@ def best_so_far(search) -> list[list[float]]:
     return curve
 
 
-def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, storage: Path) -> dict:
+def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, storage: Path,
+                   name: str | None = None) -> dict:
     from tuner.export import load_search, param_importances
     from tuner.search import prepare_search, run_search, trial_epochs_spent
 
     sampler, scheduler = SEARCH_ARMS[arm]
-    name = f"{arm}-eps{eps}-s{seed}"
+    name = name or f"{arm}-eps{eps}-b{budget}-s{seed}"
     record, store = prepare_search(SPACE, {"eps": eps, "seed": seed}, name, 10_000, 2, "cpu=1", scheduler,
                                    "ibp_err", str(storage), None, None, data_dir, seed, sampler, budget)
     start = time.perf_counter()
@@ -126,6 +129,37 @@ def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, 
             "test": test_errors(checkpoints[-1] / "last.pt", data_dir), "curve": best_so_far(search),
             "best_params": best.params, "importances": importances,
             "finished": [{"params": t.params, "val_ibp_err": t.value("ibp_err")} for t in finished]}
+
+
+def scaled_to(cfg, epochs: int):
+    """The same recipe over `epochs`: warmup, ramp and LR milestones keep their fractions of the run."""
+    f = epochs / cfg.epochs
+    return cfg.with_overrides({"epochs": epochs, "schedule.start": 1 + round((cfg.schedule.start - 1) * f),
+                               "schedule.length": max(1, round(cfg.schedule.length * f)),
+                               "lr_milestones": [round(m * f) for m in cfg.lr_milestones]})
+
+
+def run_search_then_long(eps: float, seed: int, budget: int, data_dir: str, work: Path) -> dict:
+    """Half the budget on a TPE + warmup-aware ASHA search of 8-epoch trials, the rest on one run of the best
+    trial's config scaled to the epochs left: tune short, then train long."""
+    from trainers.train import Trainer
+    from tuner.spaces import load_space
+
+    found = run_search_arm("tpe-asha", eps, seed, budget // 2, data_dir, work / "searches",
+                           name=f"search-long-eps{eps}-b{budget}-s{seed}")
+    space = load_space(SPACE)
+    best = space.to_train_config(found["best_params"]).with_overrides({"eps": eps, "seed": seed})
+    cfg = scaled_to(best, budget - found["trial_epochs"])
+    start = time.perf_counter()
+    trainer = Trainer(cfg, data_dir, work / "runs" / f"search-long-eps{eps}-b{budget}-s{seed}")
+    history = []
+    trainer.fit(on_epoch=lambda m, run: history.append(m))
+    total = found["trial_epochs"] + cfg.epochs
+    return {**found, "val_ibp_err": history[-1]["ibp_err"], "search_val_ibp_err": found["val_ibp_err"],
+            "search_test": found["test"], "trial_epochs": total, "trials": found["trials"] + 1,
+            "wall_s": round(found["wall_s"] + time.perf_counter() - start, 1),
+            "test": test_errors(trainer.out_dir / "last.pt", data_dir),
+            "curve": found["curve"] + [[total, history[-1]["ibp_err"]]], "config": cfg.to_dict()}
 
 
 def load_results() -> dict:
@@ -157,6 +191,9 @@ def cmd_run(args) -> None:
             if arm in SEARCH_ARMS:
                 connect_ray(None)
                 out = run_search_arm(arm, args.eps, seed, args.budget, args.data_dir, work / "searches")
+            elif arm == "search-long":
+                connect_ray(None)
+                out = run_search_then_long(args.eps, seed, args.budget, args.data_dir, work)
             else:
                 out = run_reference(arm, args.eps, seed, args.budget, args.data_dir, work / "runs")
             budget = args.budget if arm in BUDGETED else None
@@ -232,6 +269,10 @@ def plot(entries: list[dict], path: Path) -> None:
         if long:
             ax.plot([budget] * len(long), [100 * v for v in long], "k*", ms=10,
                     label=f"paper's recipe, one {budget}-epoch run")
+        tuned = [e["val_ibp_err"] for e in entries if (e["eps"], e["budget"], e["arm"]) == (eps, budget, "search-long")]
+        if tuned:
+            ax.plot([budget] * len(tuned), [100 * v for v in tuned], "mP", ms=9,
+                    label="search half, then best config over the other half")
         ax.set(title=f"MNIST cnn_small, ε={eps}, budget {budget} trial-epochs", xlabel="trial-epochs spent",
                ylabel="best validation IBP-verified error (%)", xlim=(0, budget * 1.05))
         ax.legend(fontsize=7)
