@@ -131,14 +131,6 @@ def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, 
             "finished": [{"params": t.params, "val_ibp_err": t.value("ibp_err")} for t in finished]}
 
 
-def scaled_to(cfg, epochs: int):
-    """The same recipe over `epochs`: warmup, ramp and LR milestones keep their fractions of the run."""
-    f = epochs / cfg.epochs
-    return cfg.with_overrides({"epochs": epochs, "schedule.start": 1 + round((cfg.schedule.start - 1) * f),
-                               "schedule.length": max(1, round(cfg.schedule.length * f)),
-                               "lr_milestones": [round(m * f) for m in cfg.lr_milestones]})
-
-
 def run_search_then_long(eps: float, seed: int, budget: int, data_dir: str, work: Path) -> dict:
     """Half the budget on a TPE + warmup-aware ASHA search of 8-epoch trials, the rest on one run of the best
     trial's config scaled to the epochs left: tune short, then train long."""
@@ -149,7 +141,7 @@ def run_search_then_long(eps: float, seed: int, budget: int, data_dir: str, work
                            name=f"search-long-eps{eps}-b{budget}-s{seed}")
     space = load_space(SPACE)
     best = space.to_train_config(found["best_params"]).with_overrides({"eps": eps, "seed": seed})
-    cfg = scaled_to(best, budget - found["trial_epochs"])
+    cfg = best.scaled_to(budget - found["trial_epochs"])
     start = time.perf_counter()
     trainer = Trainer(cfg, data_dir, work / "runs" / f"search-long-eps{eps}-b{budget}-s{seed}")
     history = []

@@ -26,14 +26,3 @@ def test_summary_rows_average_over_seeds_per_eps_and_arm():
     tpe = rows[1]
     assert tpe["seeds"] == 2 and abs(tpe["val_ibp_err"][0] - 0.3) < 1e-12
     assert abs(tpe["test_ibp_err"][0] - 0.4) < 1e-12 and abs(tpe["test_ibp_err"][1] - 0.1414213562) < 1e-9
-
-
-def test_scaled_recipe_keeps_warmup_ramp_and_milestones_as_fractions_of_the_run():
-    from bench.search_quality import scaled_to
-    from trainers.config import TrainConfig
-
-    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "epochs": 8, "lr_milestones": [6, 7],
-                                 "schedule": {"start": 2, "length": 3}})
-    long = scaled_to(cfg, 32).resolve()
-    assert (long.epochs, long.schedule.start, long.schedule.length, long.lr_milestones) == (32, 5, 12, [24, 28])
-    assert scaled_to(cfg, 8).resolve() == cfg.resolve()

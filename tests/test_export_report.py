@@ -169,6 +169,25 @@ def test_best_is_the_best_finished_trial_and_its_yaml_trains_as_is(experiment):
         assert TrainConfig.from_yaml(path).to_dict() == experiment["by_lr"][lr][1].to_dict()
 
 
+def test_export_with_epochs_scales_the_best_recipe_and_keeps_best_yaml(experiment, tmp_path):
+    written = export_search(NAME, str(experiment["storage"]), tmp_path, top_k=1, epochs=30)
+    best = TrainConfig.from_yaml(written["best_yaml"])
+    scaled = TrainConfig.from_yaml(tmp_path / "best_30ep.yaml")
+    assert written["best_scaled_yaml"] == str(tmp_path / "best_30ep.yaml")
+    assert best.to_dict() == TrainConfig.from_yaml(experiment["single"]["best_yaml"]).to_dict()  # unchanged
+    f = 30 / best.epochs
+    assert scaled.epochs == 30 and scaled.schedule.length == max(1, round(best.schedule.length * f))
+    assert scaled.lr_milestones == [round(m * f) for m in best.lr_milestones]
+    assert scaled.schedule.start == 1 + round((best.schedule.start - 1) * f)
+    assert {k: v for k, v in scaled.to_dict().items() if k not in ("epochs", "schedule", "lr_milestones")} == \
+        {k: v for k, v in best.to_dict().items() if k not in ("epochs", "schedule", "lr_milestones")}
+    assert "scaled from" in (tmp_path / "best_30ep.yaml").read_text().splitlines()[2]
+    export_search(NAME, str(experiment["storage"]), tmp_path, top_k=1)  # without --epochs: no stale scaled file
+    assert not (tmp_path / "best_30ep.yaml").exists()
+    with pytest.raises(ExportError, match="--epochs"):
+        export_search(NAME, str(experiment["storage"]), tmp_path, epochs=0)
+
+
 def test_trials_csv_has_one_row_per_trial_with_status_params_and_final_metrics(experiment):
     rows = trials_csv(Path(experiment["single"]["out"]) / "trials.csv")
     assert len(rows) == len(ROLES)

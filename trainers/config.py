@@ -121,6 +121,16 @@ class TrainConfig:
             set_dotted(raw, key, value)
         return TrainConfig.from_dict(raw)
 
+    def scaled_to(self, epochs: int) -> "TrainConfig":
+        """The same recipe over `epochs`: the ε=0 warmup, the ramp and the LR milestones keep their fractions
+        of the run (tune on short runs, then train the winner long)."""
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs: must be an integer >= 1, got {epochs!r}")
+        f = epochs / self.epochs
+        return self.with_overrides({"epochs": epochs, "schedule.start": 1 + round((self.schedule.start - 1) * f),
+                                    "schedule.length": max(1, round(self.schedule.length * f)),
+                                    "lr_milestones": [round(m * f) for m in self.lr_milestones]})
+
     # ---- method presets -----------------------------------------------------------------------
     def resolve(self) -> "TrainConfig":
         """Fill the None ('auto') fields from `method` and validate. Idempotent."""

@@ -49,6 +49,9 @@ def add_search_commands(sub) -> None:
     p.add_argument("--storage", default=None, help="where it ran (default: as for search)")
     p.add_argument("--out", default=None, help="output folder (default: <storage>/<name>/export/)")
     p.add_argument("--top-k", default="5", help="how many of the best trials to export (default 5)")
+    p.add_argument("--epochs", default=None,
+                   help="also write best_<N>ep.yaml: the best recipe scaled to N epochs (warmup, ramp and LR "
+                        "milestones keep their fractions), to train the winner of short trials long")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("report", help="print a summary of a search")
@@ -86,7 +89,8 @@ def cmd_export(args) -> int:
     from tuner.search import positive_int
 
     out = Path(args.out) if args.out else None
-    summary = export_search(args.name, args.storage, out, positive_int("--top-k", args.top_k))
+    epochs = None if args.epochs is None else positive_int("--epochs", args.epochs)
+    summary = export_search(args.name, args.storage, out, positive_int("--top-k", args.top_k), epochs)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0
 

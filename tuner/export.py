@@ -284,11 +284,15 @@ def pareto_front(search: Search) -> list[TrialRecord]:
 
 
 # ---- export ------------------------------------------------------------------------------------------
-def export_search(name: str, storage: str | None, out: Path | None = None, top_k: int = 5) -> dict:
+def export_search(name: str, storage: str | None, out: Path | None = None, top_k: int = 5,
+                  epochs: int | None = None) -> dict:
     """Write best.yaml, top_k/rank<i>.yaml, trials.csv, pareto.csv (several objectives) and the plots into `out`
-    (default `<storage>/<name>/export/`). Returns the paths written and a summary of the best trial."""
+    (default `<storage>/<name>/export/`); with `epochs`, also best_<epochs>ep.yaml, the best recipe scaled to
+    that many epochs. Returns the paths written and a summary of the best trial."""
     if top_k < 1:
         raise ExportError(f"--top-k: must be an integer >= 1, got {top_k}")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise ExportError(f"--epochs: must be an integer >= 1, got {epochs!r}")
     if out is None and is_uri(normalize_storage(storage)):
         raise ExportError(f"search {name!r} is in remote storage {storage}; pass --out DIR")
     search = load_search(name, storage)
@@ -301,6 +305,10 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     out.mkdir(parents=True, exist_ok=True)
     best = ranked[0]
     written = {"best_yaml": write_config(search, space, best, 1, out / "best.yaml")}
+    for stale in out.glob("best_*ep.yaml"):  # from an earlier export with another --epochs
+        stale.unlink()
+    if epochs is not None:
+        written["best_scaled_yaml"] = write_config(search, space, best, 1, out / f"best_{epochs}ep.yaml", epochs)
     top_dir = out / "top_k"
     if top_dir.is_dir():
         shutil.rmtree(top_dir)  # a previous export's ranks would mix with these
@@ -326,15 +334,22 @@ def best_summary(search: Search, trial: TrialRecord) -> dict:
             "finished_trials": search.counts()["finished"], "trials": len(search.trials)}
 
 
-def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: int, path: Path) -> str:
-    """The trial's complete TrainConfig (space base + overrides + sampled + derived, resolved), as `train` reads it."""
+def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: int, path: Path,
+                 epochs: int | None = None) -> str:
+    """The trial's complete TrainConfig (space base + overrides + sampled + derived, resolved), as `train` reads
+    it; with `epochs`, the same recipe scaled to that many epochs (TrainConfig.scaled_to)."""
     point = {k: v for k, v in trial.params.items() if k in space.params}
-    space.to_train_config(point).to_yaml(path)
+    cfg = space.to_train_config(point)
+    (cfg if epochs is None else cfg.scaled_to(epochs).resolve()).to_yaml(path)
     values = ", ".join(f"{o}={trial.value(o):.6g}" for o in search.objectives)
+    run = (f"# reproduce: certtune train {path.name} --data-dir {search.record.data_dir}\n" if epochs is None else
+           f"# scaled from {cfg.epochs} to {epochs} epochs (warmup, ramp and LR milestones keep their fractions);"
+           f" the figures above are the {cfg.epochs}-epoch trial's\n"
+           f"# train: certtune train {path.name} --data-dir {search.record.data_dir}\n")
     header = (f"# certtune export of search '{search.name}': rank {rank} of "
               f"{search.counts()['finished']} trials that ran all epochs\n"
               f"# trial {trial.trial_id}: {values} (validation split, final epoch {trial.last.get('epoch')})\n"
-              f"# reproduce: certtune train {path.name} --data-dir {search.record.data_dir}\n")
+              + run)
     path.write_text(header + path.read_text())
     return str(path)
 
