@@ -189,6 +189,34 @@ def test_train_mode_clean_logits_match_forward_and_stats_update_only_when_asked(
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 4, 5), (7, 4)])
+def test_channel_moments_are_batchnorms_statistics_in_value_and_gradient(shape):
+    from trainers.bounds import ChannelMoments
+
+    gen = torch.Generator().manual_seed(5)
+    z64 = torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(ChannelMoments.apply, (z64,))
+    # fp32, a channel mean 10⁴ times its spread: E[z²] − E[z]² would lose the variance entirely here.
+    z = (torch.randn(*shape, generator=gen) + 1e4).requires_grad_()
+    var, mean = ChannelMoments.apply(z)
+    dims = [0] + list(range(2, len(shape)))
+    exact_var, exact_mean = torch.var_mean(z.detach().double(), dims, unbiased=False)
+    torch.testing.assert_close(var.double(), exact_var, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-6, atol=0)
+    # Through BN's normalization, the same output and gradient as PyTorch's own batch norm.
+    z = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 3).requires_grad_()
+    weights = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    var, mean = ChannelMoments.apply(z)
+    per_channel = (1, -1) + (1,) * (len(shape) - 2)
+    normalized = (z - mean.view(per_channel)) * torch.rsqrt(var + 1e-5).view(per_channel)
+    (grad,) = torch.autograd.grad((normalized * weights).sum(), z)
+    z_ref = z.detach().clone().requires_grad_()
+    reference = F.batch_norm(z_ref, None, None, training=True, eps=1e-5)
+    (grad_ref,) = torch.autograd.grad((reference * weights).sum(), z_ref)
+    torch.testing.assert_close(normalized, reference)
+    torch.testing.assert_close(grad, grad_ref)
+
+
 def test_unsupported_layer_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
     x = torch.rand(2, 1, 28, 28)
