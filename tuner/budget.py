@@ -7,9 +7,8 @@ end as early-stopped, so they are never exported as best). The trial whose resul
 asked to stop through Ray's normal path, but Ray ends the experiment's running trials without telling the
 searcher (Ray 2.60), so those Optuna trials may stay RUNNING in the final study: never COMPLETE, so never
 learnt from as finished; Ray's records and `certtune export` show them as stopped early. A retried trial's
-replayed epochs are not
-counted twice. On `certtune resume` the count starts from the results already in the experiment
-directory, so an interrupted search does not get its budget again.
+replayed epochs are not counted twice. On `certtune resume` the count starts from the results already in the
+experiment directory, so an interrupted search does not get its budget again.
 """
 from __future__ import annotations
 
