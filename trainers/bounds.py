@@ -77,26 +77,6 @@ def ibp_conv(layer: nn.Conv2d, s: State) -> State:
     return State(clean, conv(s.center, layer.weight, layer.bias), conv(s.radius, layer.weight.abs(), None))
 
 
-def bn_affine(layer: nn.modules.batchnorm._BatchNorm, clean: Tensor | None, update_stats: bool):
-    """BN as a per-channel map z ↦ scale·z + shift. Train mode: the clean batch's mean and biased variance;
-    eval mode: the running statistics. The perturbed intervals never enter the statistics."""
-    if layer.training or layer.running_mean is None:
-        if clean is None:
-            raise ValueError("BatchNorm in train mode needs the clean batch to take its statistics from")
-        var, mean = ChannelMoments.apply(clean)
-        if update_stats and layer.running_mean is not None:
-            _update_running_stats(layer, mean, var, clean.numel() // clean.shape[1])
-    else:
-        mean, var = layer.running_mean, layer.running_var
-    scale = torch.rsqrt(var + layer.eps)
-    if layer.weight is not None:
-        scale = scale * layer.weight
-    shift = -mean * scale
-    if layer.bias is not None:
-        shift = shift + layer.bias
-    return scale, shift
-
-
 class ChannelMoments(torch.autograd.Function):
     """Per-channel mean and biased variance of a batch (channels on dim 1), as BN takes them in train mode.
 
@@ -120,6 +100,26 @@ class ChannelMoments(torch.autograd.Function):
         grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.view(mean.shape)
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.view(mean.shape)
         return torch.addcmul(grad_mean / n, z - mean, grad_var * (2 / n))
+
+
+def bn_affine(layer: nn.modules.batchnorm._BatchNorm, clean: Tensor | None, update_stats: bool):
+    """BN as a per-channel map z ↦ scale·z + shift. Train mode: the clean batch's mean and biased variance;
+    eval mode: the running statistics. The perturbed intervals never enter the statistics."""
+    if layer.training or layer.running_mean is None:
+        if clean is None:
+            raise ValueError("BatchNorm in train mode needs the clean batch to take its statistics from")
+        var, mean = ChannelMoments.apply(clean)
+        if update_stats and layer.running_mean is not None:
+            _update_running_stats(layer, mean, var, clean.numel() // clean.shape[1])
+    else:
+        mean, var = layer.running_mean, layer.running_var
+    scale = torch.rsqrt(var + layer.eps)
+    if layer.weight is not None:
+        scale = scale * layer.weight
+    shift = -mean * scale
+    if layer.bias is not None:
+        shift = shift + layer.bias
+    return scale, shift
 
 
 @torch.no_grad()
