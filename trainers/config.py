@@ -7,11 +7,16 @@ its own. The resolved config is what gets written next to a run and what a searc
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import ConfigError, shown
+from .safe_yaml import parse_yaml, read_yaml_file
 
 METHODS = ("vanilla", "crown-ibp", "fast")
 DATASETS = ("mnist", "cifar10", "tinyimagenet")
@@ -21,10 +26,12 @@ INITS = ("ibp", "default", "kaiming", "orthogonal")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("smoothed", "linear")
 EVAL_METRICS = ("clean", "ibp", "crown-ibp", "pgd")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run. The message names the field and what is allowed."""
+# Sizes past which a value is a typo or an attack, not a plan: refused before anything runs.
+MAX_INT = 10**12
+MAX_LIST = 1000
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_STEPS = 100_000
 
 
 @dataclass
@@ -100,10 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml_file(path, "config file")
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
         return cls.from_dict(raw or {})
@@ -112,7 +116,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write atomically (temporary file, then rename): a crash never leaves half a config."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
         """Apply dotted `key: value` overrides (e.g. {"schedule.length": 10}) and re-validate."""
@@ -170,7 +178,9 @@ class TrainConfig:
         if self.eps > 1:
             raise ConfigError(f"eps: must be at most 1 (raw pixel scale), got {self.eps}")
         _positive_int("epochs", self.epochs)
+        _at_most("epochs", self.epochs, MAX_EPOCHS)
         _positive_int("batch_size", self.batch_size)
+        _at_most("batch_size", self.batch_size, MAX_BATCH)
         _positive("lr", self.lr)
         _positive_int("grad_accum", self.grad_accum)
         if self.batch_size % self.grad_accum:
@@ -181,7 +191,7 @@ class TrainConfig:
         _in_open_closed("lr_decay", self.lr_decay, 0, 1)
         for m in self.lr_milestones:
             if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise ConfigError(f"lr_milestones: each must be an epoch number >= 1, got {m!r}")
+                raise ConfigError(f"lr_milestones: each must be an epoch number >= 1, got {shown(m)}")
         s = self.schedule
         _positive_int("schedule.start", s.start)
         _nonneg_int("schedule.length", s.length)
@@ -202,20 +212,26 @@ class TrainConfig:
         _positive_int("data.val_size", self.data.val_size)
         _nonneg_int("data.test_subset", self.data.test_subset)
         _positive_int("eval.batch_size", self.eval.batch_size)
+        _at_most("eval.batch_size", self.eval.batch_size, MAX_BATCH)
         _nonneg_int("eval.pgd_steps", self.eval.pgd_steps)
+        _at_most("eval.pgd_steps", self.eval.pgd_steps, MAX_STEPS)
         _positive_int("eval.pgd_restarts", self.eval.pgd_restarts)
+        _at_most("eval.pgd_restarts", self.eval.pgd_restarts, MAX_STEPS)
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
         _positive("eval.pgd_step_size", self.eval.pgd_step_size)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
 def _build(cls, raw: dict[str, Any], prefix: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(raw)}")
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; allowed: {', '.join(sorted(known))}")
+            name = key if isinstance(key, str) and len(key) <= 80 else shown(key)
+            raise ConfigError(f"unknown config key '{prefix}{name}'; allowed: {', '.join(sorted(known))}")
         f = known[key]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if is_dataclass(default):
@@ -234,24 +250,30 @@ def _coerce(name: str, value: Any, default: Any, type_name: str) -> Any:
         raise ConfigError(f"{name}: must not be null")
     if isinstance(default, list) or str(type_name).startswith("list"):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{name}: expected a list, got {shown(value)}")
+        if len(value) > MAX_LIST:
+            raise ConfigError(f"{name}: at most {MAX_LIST} entries, got {len(value)}")
         return list(value)
     t = str(type_name)
     if t.startswith("bool"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+            raise ConfigError(f"{name}: expected true/false, got {shown(value)}")
         return value
     if t.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+            raise ConfigError(f"{name}: expected an integer, got {shown(value)}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{name}: {shown(value)} is out of range (at most {MAX_INT:.0e} in size)")
         return value
     if t.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{name}: expected a number, got {shown(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
         return float(value)
     if t.startswith("str"):
         if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
+            raise ConfigError(f"{name}: expected a string, got {shown(value)}")
         return value
     return value
 
@@ -269,19 +291,20 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings from the command line; values are parsed as YAML (so 0.1, true, [50,60])."""
+    """`KEY=VALUE` strings from the command line; values are parsed as YAML by the config reader (so 0.1,
+    1e-3, true, [50,60])."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected KEY=VALUE")
         key, text = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        out[key.strip()] = parse_yaml(text, f"override '{item}'") if text.strip() else None
     return out
 
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        raise ConfigError(f"{name}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{name}: unknown value {shown(value)}; allowed: {', '.join(allowed)}")
 
 
 def _positive(name, value):
@@ -302,6 +325,11 @@ def _positive_int(name, value):
 def _nonneg_int(name, value):
     if not value >= 0:
         raise ConfigError(f"{name}: must be an integer >= 0, got {value}")
+
+
+def _at_most(name, value, high):
+    if value > high:
+        raise ConfigError(f"{name}: at most {high}, got {value}")
 
 
 def _in_open_closed(name, value, low, high):

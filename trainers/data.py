@@ -20,6 +20,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+import zipfile
 from typing import Callable
 
 import numpy as np
@@ -219,17 +220,26 @@ def read_npz(path: Path, dataset: str) -> _Raw:
     """uint8 images (N, H, W, C) or (N, H, W) and integer labels under NPZ_KEYS; other keys are ignored."""
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read {path} as .npz: {e}") from e
     with z:
         for key in NPZ_KEYS:
             if key not in z.files:
                 raise DataError(f"{path}: missing key '{key}' (expected keys: {', '.join(NPZ_KEYS)})")
-        train_x = _npz_images(z["train_data"], dataset, path, "train_data")
-        test_x = _npz_images(z["test_data"], dataset, path, "test_data")
-        train_y = _npz_labels(z["train_targets"], len(train_x), dataset, path, "train_targets")
-        test_y = _npz_labels(z["test_targets"], len(test_x), dataset, path, "test_targets")
+        arrays = {key: _npz_array(z, key, path) for key in NPZ_KEYS}
+        train_x = _npz_images(arrays["train_data"], dataset, path, "train_data")
+        test_x = _npz_images(arrays["test_data"], dataset, path, "test_data")
+        train_y = _npz_labels(arrays["train_targets"], len(train_x), dataset, path, "train_targets")
+        test_y = _npz_labels(arrays["test_targets"], len(test_x), dataset, path, "test_targets")
     return _Raw(train_x, train_y, test_x, test_y, source=str(path))
+
+
+def _npz_array(z, key: str, path: Path) -> np.ndarray:
+    """One array of the archive; object arrays (pickles) are refused by allow_pickle=False, never loaded."""
+    try:
+        return z[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot read '{key}': {' '.join(str(e).split())}") from None
 
 
 def _npz_images(arr: np.ndarray, dataset: str, path: Path, key: str) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,13 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bounds import crown_lower, has_batchnorm, margin_spec, propagate
-from .config import TrainConfig
+from .checkpoint import CheckpointError, load_weights, save_checkpoint
+from .config import ConfigError, TrainConfig
 from .cpu_memory import keep_freed_memory
 from .data import load_splits, make_loader
 from .evaluate import InputBox, evaluate
 from .init import apply_init
 from .models import build_model
 from .regularizers import warmup_regularizer
+from .run_dir import RunDir
 from .schedules import EpsSchedule, first_target_epoch, last_reg_epoch, reg_weight
 
 
@@ -41,18 +44,20 @@ def robust_ce(margin_lower: Tensor) -> Tensor:
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 def pick_device(name: str | None) -> torch.device:
+    """cpu, cuda, cuda:N or auto (cuda when there is one); anything else is a ConfigError before any work."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: cuda requested but no CUDA device is available")
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        raise ConfigError(f"--device: unknown device {name!r}; allowed: cpu, cuda, cuda:N, auto")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device: {name} requested but no CUDA device is available")
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     device = torch.device(name)
     if device.type == "cpu":
         keep_freed_memory()  # CPU steps are 25-30% faster without a page fault per fresh tensor
@@ -180,12 +185,18 @@ class Trainer:
         return metrics
 
     # ---- the run --------------------------------------------------------------------------------
-    def fit(self, on_epoch: Callable[[dict, Path | None], None] | None = None) -> dict:
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.to_yaml(self.out_dir / "config.yaml")
-            if (self.out_dir / "last.pt").exists():
-                self.load_checkpoint(self.out_dir / "last.pt")
+    def fit(self, on_epoch: Callable[[dict, Path | None], None] | None = None, restart: bool = False) -> dict:
+        """Train to the last epoch, resuming from `out_dir/last.pt` when it holds this config's run
+        (`restart`: set an old run aside and start over). See run_dir.py for what a start checks."""
+        if self.out_dir is None:
+            return self._fit(on_epoch)
+        with RunDir.open(self.out_dir, self.cfg.to_dict(), restart, self.device) as run:
+            if run.resume_state is not None:
+                self.load_state(run.resume_state, run.path / "last.pt")
+            self.cfg.to_yaml(self.out_dir / "config.yaml")  # only now: every check above has passed
+            return self._fit(on_epoch)
+
+    def _fit(self, on_epoch) -> dict:
         metrics = {}
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
@@ -217,9 +228,9 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         state = self.state_dict()
-        atomic_save(state, self.out_dir / "last.pt")
+        save_checkpoint(state, self.out_dir / "last.pt")
         if improved:
-            atomic_save(state, self.out_dir / "best.pt")
+            save_checkpoint(state, self.out_dir / "best.pt")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -230,23 +241,36 @@ class Trainer:
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "num_classes": self.num_classes, "mean": self.splits.mean, "std": self.splits.std}
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != self.cfg.to_dict():
-            raise ValueError(f"{path} was written by a different config; use a fresh --out directory")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.epoch, self.step, self.best_ibp_err = state["epoch"], state["step"], state["best_ibp_err"]
-        self.train_seconds = state["train_seconds"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+    def load_state(self, state: dict, path: Path) -> None:
+        """Continue from a checkpoint's state (read safely by checkpoint.load_checkpoint; same config)."""
+        load_weights(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.best_ibp_err, self.train_seconds = float(state["best_ibp_err"]), float(state["train_seconds"])
+            torch.set_rng_state(state["rng_cpu"])
+            if state.get("rng_cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{path}: its training state is not certtune's: {' '.join(str(e).split())[:200]}"
+                                  ) from None
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines of epochs after the checkpoint (written just before a crash)."""
+        """Drop metric lines of epochs after the checkpoint (written just before a crash), and a torn last line."""
         path = self.out_dir / "metrics.jsonl"
         if path.exists():
-            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= self.epoch]
-            path.write_text("".join(l + "\n" for l in lines))
+            lines = [line for line in path.read_text(errors="replace").splitlines() if _epoch_of(line) <= self.epoch]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, path)
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics line; a torn or foreign line counts as after every checkpoint (dropped)."""
+    try:
+        epoch = json.loads(line)["epoch"]
+        return epoch if isinstance(epoch, int) else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -35,26 +35,31 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except Exception as exc:  # noqa: BLE001 - only user-input errors are turned into one line
         if is_user_error(exc):
-            print(f"certtune: error: {exc}", file=sys.stderr)
+            print(f"certtune: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
 
 
 def is_user_error(exc: Exception) -> bool:
-    from trainers.config import ConfigError
-    from trainers.data import DataError
-    user_errors = (ConfigError, DataError, UsageError, FileNotFoundError)
-    try:
-        from tuner.spaces import SpaceError
-        user_errors += (SpaceError,)
-    except ImportError:
-        pass
+    user_errors = (ConfigError, UsageError, FileNotFoundError)
+    # A DataError or SpaceError can only come from a module already imported (and importing the data
+    # module would pull in torch just to print a config typo).
+    for module, name in (("trainers.data", "DataError"), ("tuner.spaces", "SpaceError")):
+        if module in sys.modules:
+            user_errors += (getattr(sys.modules[module], name),)
     return isinstance(exc, user_errors)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (the usage text stays behind --help), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"certtune: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certtune", description="Certified-training search and training.")
-    sub = parser.add_subparsers()
+    parser = OneLineParser(prog="certtune", description="Certified-training search and training.")
+    sub = parser.add_subparsers(parser_class=OneLineParser)
 
     p = sub.add_parser("train", help="train one configuration")
     p.add_argument("config", help="YAML training config")
@@ -63,13 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in an --out that holds another run (its files move to --out/replaced-<time>/)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("verify", help="evaluate a checkpoint's certified errors")
     p.add_argument("checkpoint")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--eps", type=float, default=None, help="default: the checkpoint's target eps")
+    p.add_argument("--eps", type=float, default=None, help="in (0, 1]; default: the checkpoint's target eps")
     p.add_argument("--methods", default="ibp,crown-ibp,pgd", help="comma list of ibp, crown-ibp, pgd")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_verify)
@@ -85,10 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from trainers.config import TrainConfig, parse_overrides
-    from trainers.train import Trainer
 
     cfg = TrainConfig.from_yaml(args.config).with_overrides(parse_overrides(args.overrides)).resolve()
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    from trainers.train import Trainer  # torch loads only once the config is known to be good
+
     trainer = Trainer(cfg, data_dir=args.data_dir, out_dir=out, device=args.device,
                       progress=not args.no_progress and sys.stderr.isatty())
 
@@ -96,7 +106,7 @@ def cmd_train(args) -> int:
         keys = ("epoch", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "time_epoch_s")
         print(json.dumps({k: _round(metrics[k]) for k in keys if k in metrics}), flush=True)
 
-    trainer.fit(on_epoch=show)
+    trainer.fit(on_epoch=show, restart=args.restart)
     print(f"run directory: {out}", flush=True)
     return 0
 
@@ -104,13 +114,7 @@ def cmd_train(args) -> int:
 def cmd_verify(args) -> int:
     from trainers.verify import verify_checkpoint
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    allowed = {"ibp", "crown-ibp", "pgd"}
-    if not set(methods) <= allowed:
-        raise UsageError(f"--methods: unknown {sorted(set(methods) - allowed)}; allowed: ibp, crown-ibp, pgd")
-    if args.eps is not None and not args.eps > 0:
-        raise UsageError(f"--eps: must be > 0, got {args.eps}")
-    result = verify_checkpoint(args.checkpoint, args.data_dir, args.split, args.eps, methods, args.device)
+    result = verify_checkpoint(args.checkpoint, args.data_dir, args.split, args.eps, args.methods, args.device)
     print(json.dumps(result))
     return 0
 

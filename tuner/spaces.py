@@ -57,9 +57,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from trainers.config import ConfigError, TrainConfig
+from trainers.errors import shown
+from trainers.safe_yaml import parse_yaml, read_yaml_file
 
 SECTIONS = ("description", "base", "params", "derived", "defaults")
 TYPES = ("uniform", "loguniform", "int", "categorical")
@@ -92,6 +92,9 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
             ast.Eq: operator.eq, ast.NotEq: operator.ne}
 MAX_EXPONENT = 64  # keeps `**` from building astronomically large numbers
+MAX_INT_BITS = 256  # and products of such numbers
+MAX_LIST_ITEMS = 1000  # `[x] * n` and list concatenation
+MAX_EXPR_CHARS = 2000
 
 
 class ExprError(ValueError):
@@ -118,10 +121,12 @@ class Expr:
 
     @classmethod
     def parse(cls, text: str) -> "Expr":
+        if len(text) > MAX_EXPR_CHARS:
+            raise ExprError(f"expression of {len(text)} characters is too long (at most {MAX_EXPR_CHARS})")
         try:
             tree = ast.parse(text.strip(), mode="eval")
-        except SyntaxError as e:
-            raise ExprError(f"cannot parse {text!r}: {e.msg}") from None
+        except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
+            raise ExprError(f"cannot parse {shown(text)}: {getattr(e, 'msg', None) or type(e).__name__}") from None
         names: set[str] = set()
         _check(tree.body, names)
         return cls(text, tree, names)
@@ -182,9 +187,10 @@ def _eval(node: ast.AST, env: dict[str, Any]) -> Any:
         left, right = _eval(node.left, env), _eval(node.right, env)
         if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
             raise ExprError(f"exponent {right} too large (at most {MAX_EXPONENT})")
-        return _BINOPS[type(node.op)](left, right)
+        _check_list_size(node.op, left, right)
+        return _bounded(_BINOPS[type(node.op)](left, right))
     if isinstance(node, ast.UnaryOp):
-        return _UNARY[type(node.op)](_eval(node.operand, env))
+        return _bounded(_UNARY[type(node.op)](_eval(node.operand, env)))
     if isinstance(node, ast.Compare):
         left = _eval(node.left, env)
         for op, sub in zip(node.ops, node.comparators):
@@ -198,8 +204,30 @@ def _eval(node: ast.AST, env: dict[str, Any]) -> Any:
     if isinstance(node, ast.List):
         return [_eval(sub, env) for sub in node.elts]
     if isinstance(node, ast.Call):
-        return FUNCTIONS[node.func.id](*[_eval(sub, env) for sub in node.args])
+        return _bounded(FUNCTIONS[node.func.id](*[_eval(sub, env) for sub in node.args]))
     raise ExprError(f"'{ast.unparse(node)}' is not allowed")  # unreachable after _check
+
+
+def _check_list_size(op: ast.operator, left: Any, right: Any) -> None:
+    """`[1] * 10**12` would build the list before anything could look at it: check its size first."""
+    if isinstance(op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+        items, times = (left, right) if isinstance(left, list) else (right, left)
+        size = len(items) * times if isinstance(times, int) else 0
+    elif isinstance(op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+        size = len(left) + len(right)
+    else:
+        return
+    if size > MAX_LIST_ITEMS:
+        raise ExprError(f"a list of {size} items is too long (at most {MAX_LIST_ITEMS})")
+
+
+def _bounded(value: Any) -> Any:
+    """Numbers stay small enough to compute with: no huge ints, no inf/NaN."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        raise ExprError(f"number too large ({value.bit_length()} bits; at most {MAX_INT_BITS})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ExprError(f"result is {value}, not a finite number")
+    return value
 
 
 # ---- params -----------------------------------------------------------------------------------
@@ -252,7 +280,9 @@ class Param:
         low, high = (b.evaluate(env) if isinstance(b, Expr) else b for b in (self.low, self.high))
         for side, v in (("low", low), ("high", high)):
             if not _is_number(v):
-                raise ExprError(f"{side} must be a number, got {v!r}")
+                raise ExprError(f"{side} must be a number, got {shown(v)}")
+            if not math.isfinite(v):
+                raise ExprError(f"{side} must be a finite number, got {v}")
         if self.type == "int":
             low, high = math.ceil(low - 1e-9), math.floor(high + 1e-9)
             high = low + (high - low) // (self.step or 1) * (self.step or 1)
@@ -454,19 +484,13 @@ def _compact(point: dict[str, Any]) -> str:
 
 
 # ---- loading and validation -------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` (no dot) as a float, as YAML 1.2 does."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def parse_space_yaml(text: str):
-    """YAML as space files are read: safe loading, and `1e-4` (no dot) is a float."""
-    return yaml.load(text, Loader=_Loader)
+def parse_space_yaml(text: str, source: str = "search space"):
+    """YAML as space files are read: the one config reader (trainers/safe_yaml.py: safe loading, `1e-4` is a
+    float, a duplicated key is an error). A problem is a SpaceError naming `source`."""
+    try:
+        return parse_yaml(text, source)
+    except ConfigError as e:
+        raise SpaceError(source, "file", str(e).removeprefix(f"{source}: ")) from None
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -478,9 +502,9 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(str(path), "file", "search space file not found")
     try:
-        raw = parse_space_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(str(path), "file", f"not valid YAML: {e}") from None
+        raw = read_yaml_file(path, "search space file")
+    except ConfigError as e:
+        raise SpaceError(str(path), "file", str(e).removeprefix(f"{path}: ")) from None
     return _Builder(str(path)).build(raw, path.stem)
 
 
@@ -554,7 +578,7 @@ class _Builder:
             raise self.fail(where, f"log must be true or false, got {p.log!r}")
         p.step = spec.get("step")
         if p.step is not None:
-            if not _is_number(p.step) or p.step <= 0 or (kind == "int" and not isinstance(p.step, int)):
+            if not _is_number(p.step) or not 0 < p.step < math.inf or (kind == "int" and not isinstance(p.step, int)):
                 raise self.fail(where, f"step must be a positive {'integer' if kind == 'int' else 'number'}, "
                                        f"got {p.step!r}")
             if p.log and p.step != 1:

@@ -1,0 +1,331 @@
+"""Hostile and careless input through the real CLI (issue 9): every case is a subprocess of `certtune` that
+must exit 2 with one line on stderr naming the problem, print no traceback, change no file, and run no code
+hidden in a file it was handed. docs/reliability.md lists the promises these tests hold."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from trainers.config import TrainConfig, parse_overrides
+from trainers.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.1, "epochs": 2, "batch_size": 64,
+        "lr": 1e-3, "lr_milestones": [2], "schedule": {"start": 1, "length": 1},
+        "data": {"subset": 128, "val_size": 64, "test_subset": 64},
+        "eval": {"metrics": ["clean", "ibp"], "batch_size": 64, "pgd_steps": 2}}
+
+
+class RunsShell:
+    """A pickle that runs a shell command when unpickled: what a hostile .pt on shared storage would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def certtune(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "tuner.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with a hash of its bytes: 'no file changed' is snapshot equality. The run's
+    lock file (empty or a pid, created by whoever opens the run) is not part of the run."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("certtune: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert len(lines[0]) < 600, lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A real one-epoch run (config, metrics, last.pt, best.pt) to copy and tamper with."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(TrainConfig.from_dict(TINY), data_dir, out).fit()
+    return out
+
+
+@pytest.fixture
+def config_file(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+# ---- 1. no code runs when a file is loaded ----------------------------------------------------------
+def test_verify_refuses_a_checkpoint_that_would_run_code(tmp_path, trained, data_dir):
+    marker = tmp_path / "pwned"
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["config"]["note"] = RunsShell(marker)
+    torch.save(state, tmp_path / "evil.pt")
+    before = snapshot(tmp_path)
+    assert_refused(certtune("verify", tmp_path / "evil.pt", "--data-dir", data_dir), "evil.pt", "refused",
+                   "system", "could run code")
+    assert not marker.exists() and snapshot(tmp_path) == before
+
+
+def test_train_refuses_to_resume_from_a_checkpoint_that_would_run_code(tmp_path, trained, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        (run / name).write_bytes((trained / name).read_bytes())
+    marker = tmp_path / "pwned"
+    torch.save({"config": TrainConfig.from_dict(TINY).resolve().to_dict(), "model": RunsShell(marker)},
+               run / "last.pt")
+    before = snapshot(run)
+    assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run),
+                   "last.pt", "refused", "--restart")
+    assert not marker.exists() and snapshot(run) == before
+
+
+def test_certtune_checkpoints_load_weights_only(trained):
+    state = torch.load(trained / "last.pt", weights_only=True)  # the strict loader accepts our own files
+    assert {"config", "model", "optimizer", "lr_scheduler", "rng_cpu"} <= set(state)
+
+
+# ---- 2. valid input accepted --------------------------------------------------------------------------
+def test_readme_override_lr_1e_3_is_a_float(tmp_path, data_dir):
+    assert parse_overrides(["lr=1e-3", "reg.lambda0=5E-1"]) == {"lr": 0.001, "reg.lambda0": 0.5}
+    # README's command, sized down with more overrides of the same kind.
+    proc = certtune("train", REPO / "configs/mnist_small.yaml", "--data-dir", data_dir, "--out", tmp_path / "small",
+                    "schedule.length=2", "lr=1e-3", "epochs=2", "lr_milestones=[2]", "data.subset=128",
+                    "data.val_size=64", "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TrainConfig.from_yaml(tmp_path / "small" / "config.yaml").lr == 0.001
+
+
+# ---- 3. one line, exit 2, never a traceback ---------------------------------------------------------------
+@pytest.mark.parametrize("text, fragment", [
+    ("dataset: mnist\nmodel: [cnn_small\n", "not valid YAML"),
+    ("dataset: mnist\ndataset: cifar10\n", "duplicate key 'dataset'"),
+    ("a: &x [1, 2]\nlr_milestones: *x\n", "aliases"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("lr: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+])
+def test_malformed_config_files(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert_refused(certtune("train", path, "--out", tmp_path / "run"), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_utf8_config_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: cnn_small  # café\n".encode("latin-1"))
+    assert_refused(certtune("train", path, "--out", tmp_path / "run"), "not a UTF-8 text file")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lr=.inf", "lr: must be a finite number"),
+    ("lr=.nan", "lr: must be a finite number"),
+    ("reg.lambda0=.inf", "reg.lambda0: must be a finite number"),
+    ("train_eps_mul=.inf", "train_eps_mul: must be a finite number"),
+    ("epochs=1e22", "epochs: expected an integer"),
+    ("epochs=10000000000000000000000", "epochs"),
+    ("epochs=1000000", "epochs: at most"),
+    ("batch_size=100000000", "batch_size: at most"),
+    ("seed=-1", "seed"),
+    ("lr_milestones=[1, [2]]", "lr_milestones"),
+    ("lr=[", "not valid YAML"),
+])
+def test_infinite_or_absurd_values_are_refused_before_compute(tmp_path, config_file, override, fragment):
+    assert_refused(certtune("train", config_file, override, "--out", tmp_path / "run"), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, fragment", [("foo", "unknown device 'foo'"), ("cuda:x", "unknown device")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]))
+def test_bad_device(tmp_path, config_file, data_dir, device, fragment):
+    assert_refused(certtune("train", config_file, "--data-dir", data_dir, "--out", tmp_path / "run",
+                            "--device", device), "--device", fragment)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_out_pointing_at_a_file(tmp_path, config_file, data_dir):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me\n")
+    assert_refused(certtune("train", config_file, "--data-dir", data_dir, "--out", target), "not a directory")
+    assert target.read_text() == "keep me\n"
+
+
+def test_npz_holding_objects_is_refused(tmp_path, config_file, data_dir):
+    marker = tmp_path / "pwned"
+    images = np.empty(4, dtype=object)
+    images[:] = [RunsShell(marker)] * 4
+    np.savez(tmp_path / "evil.npz", train_data=images, train_targets=np.zeros(4, np.int64),
+             test_data=images, test_targets=np.zeros(4, np.int64))
+    assert_refused(certtune("train", config_file, f"data.npz={tmp_path / 'evil.npz'}", "--data-dir", data_dir,
+                            "--out", tmp_path / "run"), "evil.npz", "train_data")
+    assert not marker.exists()
+
+
+def _bad_checkpoints(tmp_path: Path, trained: Path) -> dict[str, tuple[Path, str]]:
+    good = (trained / "best.pt").read_bytes()
+    cases = {"empty": (b"", "is empty"),
+             "truncated": (good[: len(good) // 2], "truncated or corrupt"),
+             "random": (np.random.default_rng(0).bytes(4096), "truncated or corrupt"),
+             "text": (b"not a checkpoint\n", "truncated or corrupt")}
+    out = {}
+    for name, (data, fragment) in cases.items():
+        (tmp_path / f"{name}.pt").write_bytes(data)
+        out[name] = (tmp_path / f"{name}.pt", fragment)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    out["foreign"] = (tmp_path / "foreign.pt", "not a certtune checkpoint (missing config, model)")
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["config"]["model"] = "cnn7"  # the weights are cnn_small's
+    torch.save(state, tmp_path / "other_arch.pt")
+    out["other_arch"] = (tmp_path / "other_arch.pt", "weights do not fit this model")
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["config"]["lr"] = "fast"
+    torch.save(state, tmp_path / "bad_config.pt")
+    out["bad_config"] = (tmp_path / "bad_config.pt", "its config is not valid")
+    return out
+
+
+def test_verify_bad_checkpoints(tmp_path, trained, data_dir):
+    for name, (path, fragment) in _bad_checkpoints(tmp_path, trained).items():
+        assert_refused(certtune("verify", path, "--data-dir", data_dir), path.name, fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--methods", ","], "--methods: name at least one"),
+    (["--methods", "ibp,bogus"], "--methods: unknown 'bogus'"),
+    (["--eps", "2"], "--eps: must be in (0, 1]"),
+    (["--eps", "-0.1"], "--eps: must be in (0, 1]"),
+    (["--eps", "nan"], "--eps: must be in (0, 1]"),
+    (["--eps", "abc"], "--eps"),
+    (["--split", "train"], "--split"),
+])
+def test_verify_bad_flags(tmp_path, trained, data_dir, args, fragment):
+    assert_refused(certtune("verify", trained / "best.pt", "--data-dir", data_dir, *args), fragment)
+
+
+# ---- 4. a failed start leaves the run as it was ------------------------------------------------------------
+def copy_run(trained: Path, to: Path) -> Path:
+    to.mkdir()
+    for p in trained.iterdir():
+        if p.is_file():
+            (to / p.name).write_bytes(p.read_bytes())
+    return to
+
+
+def test_a_different_config_is_refused_and_nothing_changes(tmp_path, trained, data_dir):
+    run = copy_run(trained, tmp_path / "run")
+    before = snapshot(run)
+    assert_refused(certtune("train", trained / "config.yaml", "lr=2e-3", "--data-dir", data_dir, "--out", run),
+                   "different config", "lr: 0.001 there, 0.002 now", "--restart")
+    assert snapshot(run) == before  # config.yaml was not rewritten before the check
+
+
+def test_truncated_last_checkpoint_says_how_to_go_on(tmp_path, trained, data_dir):
+    run = copy_run(trained, tmp_path / "run")
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 3])  # as a disk that filled would leave it
+    before = snapshot(run)
+    assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run),
+                   "last.pt", "truncated or corrupt", "--restart")
+    assert snapshot(run) == before
+    # The documented way on: --restart sets the old files aside (nothing lost) and trains from scratch.
+    proc = certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run, "--restart",
+                    "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and (aside[0] / "last.pt").read_bytes() == data[: len(data) // 3]
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_second_writer_on_one_run_directory_is_refused(tmp_path, trained, data_dir):
+    run = copy_run(trained, tmp_path / "run")
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:  # this test process plays the first `certtune train`, holding the run's lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        before = snapshot(run)
+        assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run),
+                       "in use by another certtune process", f"pid {os.getpid()}")
+        assert snapshot(run) == before
+    finally:
+        os.close(fd)
+
+
+def test_two_real_train_processes_on_one_out(tmp_path, config_file, data_dir):
+    """Two real `certtune train` processes started together: exactly one trains, the other gets one line."""
+    run = tmp_path / "run"
+    args = ["train", config_file, "--data-dir", data_dir, "--out", run, "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")} | {"PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tuner.cli", *map(str, args)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "in use by another certtune process" in refused and "Traceback" not in refused
+    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # one writer's lines, not interleaved
+
+
+# ---- 5. search-space expressions are bounded --------------------------------------------------------------
+SPACE = {"base": TINY,
+         "params": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+
+
+def write_space(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load(yaml.safe_dump(SPACE))
+    edit(raw)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda r: r["params"]["lr"].update(high=float("inf")), "high must be a finite number"),
+    (lambda r: r["params"]["lr"].update(low=float("nan")), "low must be a finite number"),
+    (lambda r: r.update(derived={"_x": "max([1]*100000000)"}), "too long"),
+    (lambda r: r.update(derived={"lr_milestones": "[1]*10**12"}), "too long"),
+    (lambda r: r.update(derived={"_x": "((10**64)**64)**64"}), "number too large"),
+    (lambda r: r["params"].update(epochs={"type": "int", "low": 1, "high": "1e308*10"}), "finite"),
+])
+def test_bad_space_expressions_are_refused_quickly(tmp_path, edit, fragment):
+    path = write_space(tmp_path, edit)
+    start = time.monotonic()
+    assert_refused(certtune("search", path, "--storage", tmp_path / "results", timeout=60), fragment)
+    assert time.monotonic() - start < 60 and not (tmp_path / "results").exists()
+
+
+def test_a_duplicated_param_is_an_error_not_last_wins(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(SPACE, sort_keys=False)
+                    + "  lr: {type: uniform, low: 0.001, high: 0.002}\n")  # a second `lr:` under params
+    assert_refused(certtune("search", path, "--storage", tmp_path / "results"), "duplicate key 'lr'")
+
+
+def test_non_utf8_space_file(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(yaml.safe_dump(SPACE).encode() + "# é\n".encode("latin-1"))
+    assert_refused(certtune("search", path, "--storage", tmp_path / "results"), "not a UTF-8 text file")

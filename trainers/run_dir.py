@@ -1,0 +1,138 @@
+"""A run directory (`--out`): one writer at a time, and a start that checks everything before it writes.
+
+    with RunDir.open(out, cfg.to_dict(), restart=False) as run:
+        state = run.resume_state   # the last checkpoint's contents, or None for a fresh run
+        ...
+
+Opening takes an exclusive lock (`flock` on `<out>/.lock`, released when the process ends, however it ends),
+so a second `certtune train` on the same directory stops with one line instead of interleaving its
+metrics with the first. Then it checks, in this order and before writing anything: the path is a
+directory; a `config.yaml` or `last.pt` already there was written by this same config; `last.pt` is
+readable. Only then is `config.yaml` written. A failed start leaves the directory as it was.
+
+`restart=True` starts over: the old run's files move to `<out>/replaced-<UTC time>/`, so nothing is lost.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .errors import ConfigError, shown
+from .safe_yaml import read_yaml_file
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+LOCK_FILE = ".lock"
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked; nothing in it was changed."""
+
+
+class RunDir:
+    def __init__(self, path: Path, lock_fd: int, resume_state: dict | None):
+        self.path, self._lock_fd, self.resume_state = path, lock_fd, resume_state
+
+    @classmethod
+    def open(cls, path: str | Path, config: dict, restart: bool = False, device="cpu") -> "RunDir":
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"--out: {path} exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"--out: cannot use {path}: {e.strerror or e}") from None
+        try:
+            _lock(fd, path)
+            if restart:
+                _set_aside(path)
+            state = _check_existing(path, config, device)
+            return cls(path, fd, state)
+        except BaseException:
+            os.close(fd)  # closing the descriptor releases the lock
+            raise
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise RunDirError(f"--out: {path} is in use by another certtune process (pid {owner}); "
+                          "wait for it to finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def _check_existing(path: Path, config: dict, device) -> dict | None:
+    """The existing run must be this config's; return its last checkpoint's state (None: fresh start)."""
+    hint = "use a fresh --out, or --restart to set the old run aside and start over"
+    saved = path / "config.yaml"
+    if saved.exists():
+        try:
+            old = read_yaml_file(saved)
+        except ConfigError as e:
+            raise RunDirError(f"{e}; {hint}") from None
+        _same_config(old, config, str(saved), hint)
+    last = path / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        state = load_checkpoint(last, device, for_training=True)
+    except CheckpointError as e:
+        raise RunDirError(f"{e}; the run cannot resume from it: --restart sets it aside and starts over "
+                          "(best.pt, if any, is kept there)") from None
+    _same_config(state["config"], config, str(last), hint)
+    return state
+
+
+def _same_config(old, new: dict, where: str, hint: str) -> None:
+    if old == new:
+        return
+    key, a, b = first_difference(old, new)
+    raise RunDirError(f"{where} was written by a different config ({key}: {shown(a)} there, {shown(b)} now); {hint}")
+
+
+def first_difference(old, new, prefix: str = "") -> tuple[str, object, object]:
+    """The first dotted key where two config trees differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(new) + [k for k in old if k not in new]:
+            if old.get(key, _MISSING) != new.get(key, _MISSING):
+                return first_difference(old.get(key, _MISSING), new.get(key, _MISSING), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "config", old, new
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_MISSING = _Missing()
+
+
+def _set_aside(path: Path) -> None:
+    present = [name for name in RUN_FILES if (path / name).exists()]
+    if not present:
+        return
+    stamp = time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    aside, n = path / stamp, 1
+    while aside.exists():
+        aside, n = path / f"{stamp}-{n}", n + 1
+    aside.mkdir()
+    for name in present:
+        shutil.move(str(path / name), str(aside / name))

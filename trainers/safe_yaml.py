@@ -1,0 +1,72 @@
+"""The one YAML reader for everything a user hands us: training configs, `KEY=VALUE` overrides, search spaces.
+
+Safe loading only (plain scalars, lists and mappings; no tags that build objects), with three changes:
+- `1e-3` (no dot) is a float, as in YAML 1.2; YAML 1.1 would read it as a string.
+- a key repeated in one mapping is an error, not last-wins (a duplicated param would silently vanish);
+- aliases (`*name`) are refused: a few nested aliases expand to billions of nodes once anything walks or
+  prints the tree, and no config needs them.
+Every problem (missing file, not UTF-8, malformed YAML) is one ConfigError line naming the source.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
+                                                        key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax problem is one ConfigError line naming `source` and the position."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {_one_line(e)}") from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_yaml(text, str(path))
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e)
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
