@@ -3,9 +3,10 @@
 A head (`ray start --head`, with the dashboard that serves the Jobs API) and one worker node run on
 loopback, each with 1 CPU, its own short temp dir and free ports. The search is submitted as users do
 (`ray job submit --working-dir . -- certtune search ...`, no --address: the job's RAY_ADDRESS names the
-cluster); two concurrent trials of 1 CPU then need both nodes. Storage is a directory both nodes see
+cluster); two concurrent trials of 1 CPU then run one on each node. Storage is a directory both nodes see
 (this filesystem, standing in for NFS or s3://). Afterwards, as from a laptop: the job's logs (`ray job
-logs` and JobSubmissionClient), `certtune report` and `certtune export` on the same storage.
+logs` and JobSubmissionClient), `certtune report` and `certtune export` on the same storage; then
+`certtune resume` as a second job.
 Teardown kills exactly this cluster's processes (tests/raycluster.py), never `ray stop`.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from raycluster import RAY, free_ports, kill_node, node_port_flags
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "jobs"
-NUM_SAMPLES = 4
+NUM_SAMPLES = 2
 EPOCHS = 4
 JOB_ID = "certtune-jobs-test"
 
@@ -84,8 +85,10 @@ def test_search_submitted_as_a_ray_job_runs_on_the_cluster(cluster, tmp_path, da
     assert f"search {NAME}: experiment in {storage}/{NAME}" in logs
     assert "Trial status:" in logs
     assert f"search {NAME}: {NUM_SAMPLES} trials ({NUM_SAMPLES} finished), {NUM_SAMPLES * EPOCHS} trial-epochs" in logs
+    assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
     cli_logs = cluster["ray"]("job", "logs", JOB_ID, "--address", cluster["jobs"]).stdout
     assert f"search {NAME}: {NUM_SAMPLES} trials ({NUM_SAMPLES} finished)" in cli_logs
+    assert f"Job '{JOB_ID}' succeeded" in cluster["ray"]("job", "status", JOB_ID, "--address", cluster["jobs"]).stdout
 
     # The job joined the cluster (RAY_ADDRESS) instead of starting a Ray of its own: trials ran on both nodes.
     exp = storage / NAME
@@ -114,3 +117,13 @@ def test_search_submitted_as_a_ray_job_runs_on_the_cluster(cluster, tmp_path, da
     assert (out / "best.yaml").is_file() and len(list((out / "top_k").glob("rank*.yaml"))) == NUM_SAMPLES
     table = (out / "trials.csv").read_text().splitlines()
     assert len(table) == NUM_SAMPLES + 1
+
+    # `certtune resume` submitted as a job joins the cluster the same way (nothing is left to run here).
+    resumed = subprocess.run(
+        [*RAY, "job", "submit", "--address", cluster["jobs"], "--submission-id", f"{JOB_ID}-resume",
+         "--working-dir", ".", "--", "certtune", "resume", NAME, "--storage", str(storage)],
+        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
+    logs = client.get_job_logs(f"{JOB_ID}-resume")
+    assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
+    assert f"search {NAME}: {NUM_SAMPLES} trials ({NUM_SAMPLES} finished)" in logs
