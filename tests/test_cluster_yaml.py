@@ -140,6 +140,14 @@ def test_header_and_doc_show_the_same_workflow():
         ["ray", "up"], ["ray", "dashboard"], ["ray", "job", "submit"], ["ray", "job", "logs"], ["ray", "down"]]
 
 
+def test_readme_shows_commands_of_the_workflow():
+    text = (CLUSTER_YAML.parent / "README.md").read_text()
+    section = text[text.index("**On a Ray cluster**"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    commands = joined_lines([line.strip() for line in block[:block.index("```")].splitlines()])
+    assert len(commands) >= 3 and all(c in yaml_workflow() for c in commands), commands
+
+
 def test_every_workflow_command_parses():
     import tomllib
 
