@@ -130,3 +130,22 @@ def test_a_local_search_records_no_address(tmp_path, data_dir):
                                      str(tmp_path / "results"), None, None, str(data_dir), 0)
     assert record.address is None
     assert json.loads((tmp_path / "results" / "loc" / "certtune_search.json").read_text())["address"] is None
+
+
+def test_a_search_in_a_job_asks_the_cluster_for_gpus_not_this_machine(monkeypatch, tmp_path, data_dir):
+    # The failure: under `ray job submit` the driver runs on the head, which may have no GPU; a search
+    # asking for more GPUs than the driver's machine has must go to the cluster, not be refused.
+    import torch
+
+    from tuner.search import SearchError, prepare_search
+
+    gpus = torch.cuda.device_count() + 1  # more than this machine has
+    args = ("mnist_tiny", {"epochs": 4}, None, 1, 1, f"cpu=1,gpu={gpus}", "none", "ibp_err")
+    with pytest.raises(SearchError, match="this machine has"):
+        prepare_search(*args, str(tmp_path / "local"), None, None, str(data_dir), 0)
+    with socket.socket() as head:  # stands in for the cluster's GCS port (only a TCP connect is made)
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{head.getsockname()[1]}")
+        record, _ = prepare_search(*args, str(tmp_path / "job"), None, None, str(data_dir), 0)
+    assert record.resources_per_trial["gpu"] == gpus and record.address == "auto"
