@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,48 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
+from raycluster import RAY, free_port, kill_node, pids_of_node
 
 from tuner.wandb_offline import find_offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 TRIALS = ["eps=0.02", "data.subset=1024", "data.val_size=200", "epochs=6"]
 NUM_SAMPLES = 4
 EPOCHS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def pids_of_node(temp_dir: str) -> list[int]:
-    """Every process whose command line names this node's temp dir (its raylet, log monitor, ...) and
-    their descendants (the node's worker processes, retitled by Ray)."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    found = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and temp_dir in command_line(int(p.name))]
-    todo, seen = list(found), set(found)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return sorted(seen)
 
 
 @pytest.fixture
@@ -93,7 +58,7 @@ def cluster(tmp_path):
             "--disable-usage-stats")
         yield {"address": address, "env": env, "start_worker": start_worker, "ray": ray}
     finally:
-        ray("stop", "--force", check=False)
+        kill_node(str(temp))  # this cluster's processes only; `ray stop` would stop every Ray on the machine
         shutil.rmtree(temp, ignore_errors=True)
 
 

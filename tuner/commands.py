@@ -26,7 +26,8 @@ def add_search_commands(sub) -> None:
     p.add_argument("--storage", default=None,
                    help="results folder or cloud URI (default: $CERTTUNE_STORAGE, then ./certtune_results)")
     p.add_argument("--address", default=None,
-                   help="join a Ray cluster: auto or HOST:PORT (default: start a local Ray instance)")
+                   help="join a Ray cluster: HOST:PORT, auto, or local (default: the cluster in $RAY_ADDRESS, "
+                        "as in a `ray job submit` job; else a local Ray instance)")
     p.add_argument("--wandb-project", default=None,
                    help="log every trial to W&B (offline unless an API key is configured)")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $CERTTUNE_DATA, then ./data)")
@@ -41,7 +42,8 @@ def add_search_commands(sub) -> None:
     p.add_argument("name", help="the search's --name")
     p.add_argument("--storage", default=None, help="where it runs (default: as for search)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: the search's own --address; 'local' for a local instance)")
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else the search's own --address; "
+                        "'local' for a local instance)")
     p.set_defaults(run=cmd_resume)
 
     p = sub.add_parser("export", help="export a search: best config, top-k, trials table, Pareto front")

@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import re
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from trainers.config import ConfigError, TrainConfig
 from trainers.schedules import first_target_epoch
+from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.spaces import SearchSpace, SpaceError, load_space, parse_space_yaml
 
 RECORD_FILE = "certtune_search.json"
@@ -36,7 +36,6 @@ OBJECTIVES = {"ibp_err": "ibp", "clean_err": "clean", "crown_ibp_err": "crown-ib
 SCHEDULERS = ("asha", "plain-asha", "none")
 SAMPLERS = ("tpe", "random")
 MAX_FAILURES = 3  # retries of a trial from its last checkpoint (a lost node, an OOM kill, ...)
-ADDRESS_TIMEOUT_S = 3.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Ray's deprecation notices and per-checkpoint snapshot warnings are noise for our usage.
@@ -192,33 +191,6 @@ def max_epochs_at_target(space: SearchSpace) -> int:
     return best
 
 
-def check_address(address: str) -> str:
-    """The `host:port` a search would join; one clear error if nothing listens there (a few seconds)."""
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address
-        try:
-            resolved = canonicalize_bootstrap_address("auto")
-        except (ConnectionError, ValueError) as e:
-            raise SearchError(f"--address auto: no running Ray cluster found on this machine "
-                              f"({first_line(e)}); start one with `ray start --head` or pass HOST:PORT") from None
-        if resolved is None:
-            raise SearchError("--address auto: no running Ray cluster found on this machine; "
-                              "start one with `ray start --head` or pass HOST:PORT")
-        target = resolved
-    else:
-        target = address.removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise SearchError(f"--address: expected auto or HOST:PORT (e.g. 10.0.0.5:6379), got {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise SearchError(f"--address {address}: cannot reach a Ray cluster at {host}:{port} ({reason}); "
-                          f"is `ray start --head` running there?") from None
-    return address
-
-
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -312,15 +284,13 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
         max_concurrent=positive_int("--max-concurrent", max_concurrent),
         resources_per_trial=parse_resources(resources), data_dir=str(resolve_data_dir(data_dir).resolve()),
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project or None,
-        address=address or None, sampler=sampler,
+        address=recorded_address(address), sampler=sampler,
         max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
                                                                                     max_trial_epochs))
-    if address is None:
+    if check_address(address) is None:  # a fresh local instance (tuner/cluster.py: --address, RAY_ADDRESS)
         if not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
         check_fits(record.resources_per_trial, local_resources())
-    else:
-        check_address(address)
     storage = normalize_storage(storage)
     if experiment_exists(storage, record.name):
         raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
@@ -337,18 +307,20 @@ def seed_value(seed: Any) -> int:
 
 
 def connect_ray(address: str | None) -> None:
-    """A local Ray instance (no address) sized to this machine, or join the cluster at `address`."""
+    """Join the cluster that `address` (a --address value, `RAY_ADDRESS` when None or `auto`) names, or start
+    a fresh local Ray instance sized to this machine (tuner/cluster.py has the rules)."""
     import ray
 
     if ray.is_initialized():
         return
-    if address is None:
+    joined = resolve_address(address)
+    if joined is None:
         ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
         return
     try:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=joined, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ... for a bad cluster
-        raise SearchError(f"--address {address}: could not join the Ray cluster ({first_line(e)})") from None
+        raise SearchError(f"Ray address {joined}: could not join the Ray cluster ({first_line(e)})") from None
 
 
 def local_cpus() -> int:
@@ -440,13 +412,8 @@ def resume_search(name: str, storage: str | None, address: str | None):
     if not tune.Tuner.can_restore(path):
         raise SearchError(f"search {name!r} in {storage} has no Ray experiment state to resume "
                           f"(it stopped before its first trial); start it again with `certtune search`")
-    if address == "local":
-        address = None
-    elif address is None:
-        address = record.address
-    if address is not None:
-        check_address(address)
-    else:
+    address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
+    if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
     record.build_space()  # the space must still be valid with this version of certtune
     connect_ray(address)
