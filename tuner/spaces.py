@@ -79,7 +79,8 @@ class SpaceError(ValueError):
 
     def __init__(self, source: str, where: str, problem: str):
         self.source, self.where, self.problem = source, where, problem
-        super().__init__(" ".join(f"{source}: {where}: {problem}".split()))
+        text = " ".join(f"{source}: {where}: {problem}".split())
+        super().__init__(text if len(text) <= 500 else text[:497] + "...")  # one line, even for hostile names
 
     def __reduce__(self):  # Ray ships exceptions between processes
         return SpaceError, (self.source, self.where, self.problem)
@@ -137,14 +138,14 @@ class Expr:
         except ExprError:
             raise
         except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
-            raise ExprError(f"{self.text!r}: {e}") from None
+            raise ExprError(f"{shown(self.text)}: {e}") from None
 
 
 def _check(node: ast.AST, names: set[str]) -> None:
     """Reject every construct outside the small arithmetic language, and collect the names read."""
     if isinstance(node, ast.Constant):
         if not isinstance(node.value, (int, float)):  # bool is an int
-            raise ExprError(f"only numbers are allowed as constants, got {node.value!r}")
+            raise ExprError(f"only numbers are allowed as constants, got {shown(node.value)}")
     elif isinstance(node, (ast.Name, ast.Attribute)):
         name = _dotted(node)
         if name is None or not isinstance(node.ctx, ast.Load):
@@ -310,14 +311,14 @@ class Param:
         """Why `value` is not in this param's domain at this point, or None when it is."""
         if self.type == "categorical":
             return None if any(_same(value, c) for c in self.choices) else \
-                f"{value!r} is not one of the choices {self.choices}"
+                f"{shown(value)} is not one of the choices {self.choices}"
         if not _is_number(value) or (self.type == "int" and not isinstance(value, int)):
-            return f"expected {'an integer' if self.type == 'int' else 'a number'}, got {value!r}"
+            return f"expected {'an integer' if self.type == 'int' else 'a number'}, got {shown(value)}"
         low, high = self.bounds(env)
         if not low <= value <= high:
-            return f"{value!r} is outside [{low}, {high}]"
+            return f"{shown(value)} is outside [{low}, {high}]"
         if self.type == "int" and (value - low) % (self.step or 1):
-            return f"{value!r} is not on the grid low {low} + k * step {self.step}"
+            return f"{shown(value)} is not on the grid low {low} + k * step {self.step}"
         return None
 
 
@@ -480,7 +481,7 @@ class SearchSpace:
 
 
 def _compact(point: dict[str, Any]) -> str:
-    return "(" + ", ".join(f"{k}={v!r}" for k, v in point.items()) + ")"
+    return "(" + ", ".join(f"{k}={shown(v)}" for k, v in point.items()) + ")"
 
 
 # ---- loading and validation -------------------------------------------------------------------
@@ -555,7 +556,7 @@ class _Builder:
             raise self.fail(where, f"expected a mapping with 'type' (one of {', '.join(TYPES)})")
         kind = spec["type"]
         if kind not in TYPES:
-            raise self.fail(where, f"unknown type {kind!r}; allowed: {', '.join(TYPES)}")
+            raise self.fail(where, f"unknown type {shown(kind)}; allowed: {', '.join(TYPES)}")
         for key in spec:
             if key not in PARAM_KEYS[kind]:
                 raise self.fail(where, f"unknown key '{key}' for type {kind}; allowed: "
@@ -575,12 +576,12 @@ class _Builder:
             setattr(p, side, self.bound(where, side, spec[side]))
         p.log = spec.get("log", False)
         if not isinstance(p.log, bool):
-            raise self.fail(where, f"log must be true or false, got {p.log!r}")
+            raise self.fail(where, f"log must be true or false, got {shown(p.log)}")
         p.step = spec.get("step")
         if p.step is not None:
             if not _is_number(p.step) or not 0 < p.step < math.inf or (kind == "int" and not isinstance(p.step, int)):
                 raise self.fail(where, f"step must be a positive {'integer' if kind == 'int' else 'number'}, "
-                                       f"got {p.step!r}")
+                                       f"got {shown(p.step)}")
             if p.log and p.step != 1:
                 raise self.fail(where, "step cannot be combined with log: true")
         if not isinstance(p.low, Expr) and not isinstance(p.high, Expr):
@@ -594,7 +595,7 @@ class _Builder:
         if _is_number(value):
             return value
         if not isinstance(value, str):
-            raise self.fail(where, f"{side} must be a number or an expression string, got {value!r}")
+            raise self.fail(where, f"{side} must be a number or an expression string, got {shown(value)}")
         try:
             expr = Expr.parse(value)
             return expr.evaluate({}) if not expr.names else expr  # `8/255`, `1e-4` are constants
@@ -606,7 +607,7 @@ class _Builder:
             raise self.fail(where, "categorical needs a non-empty list 'choices'")
         for c in choices:
             if c is not None and not isinstance(c, (bool, int, float, str)):
-                raise self.fail(where, f"choice {c!r} is not a scalar (lists go in 'derived' instead)")
+                raise self.fail(where, f"choice {shown(c)} is not a scalar (lists go in 'derived' instead)")
         if any(_same(a, b) for i, a in enumerate(choices) for b in choices[i + 1:]):
             raise self.fail(where, f"duplicate choices in {choices}")
         return choices
@@ -632,11 +633,11 @@ class _Builder:
                     ok = (any(_same(value, c) for c in other.choices) if other.type == "categorical"
                           else _is_number(value))
                     if not ok:
-                        raise self.fail(where, f"when: {ref} can never be {value!r}")
+                        raise self.fail(where, f"when: {ref} can never be {shown(value)}")
         for side in ("low", "high"):
             bound = getattr(p, side)
             if isinstance(bound, Expr):
-                self.check_names(where, f"{side} {bound.text!r}", bound.names, params, set())
+                self.check_names(where, f"{side} {shown(bound.text)}", bound.names, params, set())
 
     def check_names(self, where: str, what: str, names: set[str], params: dict[str, Param],
                     helpers: set[str]) -> None:
@@ -663,7 +664,7 @@ class _Builder:
             if target in params:
                 raise self.fail(where, "target is also a searched param")
             if not isinstance(text, str):
-                raise self.fail(where, f"expected an expression string, got {text!r}")
+                raise self.fail(where, f"expected an expression string, got {shown(text)}")
             try:
                 expr = Expr.parse(text)
             except ExprError as e:
@@ -682,7 +683,7 @@ class _Builder:
             for choice in p.choices or []:
                 point = space.corner("low", fixed={p.name: choice})
                 if p.name in point:
-                    self.build_config(space, f"param '{p.name}' choice {choice!r} (low corner)", point)
+                    self.build_config(space, f"param '{p.name}' choice {shown(choice)} (low corner)", point)
         for which in ("low", "high"):
             self.build_config(space, f"{which} corner", space.corner(which))
 
