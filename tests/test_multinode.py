@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.wandb_offline import find_offline_runs, read_offline_run
+from wandb_offline import find_offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
