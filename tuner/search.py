@@ -205,10 +205,10 @@ def check_data(space: SearchSpace, data_dir: str) -> None:
                 continue
             load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed, download=False)
         except DataError as e:
-            text = first_line(e).replace("; download=False. Pass --data-dir or set CERTTUNE_DATA", "")
-            hint = ("; trials do not download: put the files there first (torchvision's layout; `certtune train` "
-                    "with network access downloads MNIST/CIFAR-10), or give an .npz of uint8 images with "
-                    "data.npz=FILE, or pass another --data-dir" if "not found" in text else "")
+            text = first_line(e).split("; download=False")[0]
+            hint = ("; a search does not download data: put the files there first (torchvision's layout; "
+                    "`certtune train` with network access downloads MNIST and CIFAR-10), set data.npz=FILE to an "
+                    ".npz of uint8 images (README: Data), or pass another --data-dir" if "not found" in text else "")
             raise SearchError(f"{cfg.dataset} data, checked before starting Ray: {text}{hint}") from None
 
 
