@@ -24,6 +24,7 @@ EXPORT_DIR = "export"
 METRICS = ("epoch", "epochs", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
 
+
 # ---- Pareto front ------------------------------------------------------------------------------------
 def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     """a is no worse than b everywhere and better somewhere (values already signed for minimisation)."""
