@@ -209,7 +209,8 @@ def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, dat
     storage = tmp_path / "results"
     proc = cli("search", space, "--name", "nan", "--num-samples", 1, "--scheduler", "none", "--storage", storage,
                "--data-dir", data_dir, env=child_env(tmp_path), timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # every trial failed: non-zero, with the reasons
+    assert "every trial failed (1); reasons:\n  1 x diverged: non-finite" in proc.stdout, proc.stdout[-2000:]
     (d,) = trial_dirs(storage / "nan")
     rows = result_rows(d)
     assert len(rows) == 1 and "non-finite" in rows[0]["diverged"] and math.isnan(rows[0]["ibp_err"])
