@@ -104,15 +104,16 @@ def best_so_far(search) -> list[list[float]]:
 
 def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, storage: Path,
                    name: str | None = None) -> dict:
-    from tuner.export import load_search, param_importances
-    from tuner.search import prepare_search, run_search, trial_epochs_spent
+    from tuner.plots import param_importances
+    from tuner.results import load_search
+    from tuner.search import prepare_search, run_search
 
     sampler, scheduler = SEARCH_ARMS[arm]
     name = name or f"{arm}-eps{eps}-b{budget}-s{seed}"
     record, store = prepare_search(SPACE, {"eps": eps, "seed": seed}, name, 10_000, 2, "cpu=1", scheduler,
                                    "ibp_err", str(storage), None, None, data_dir, seed, sampler, budget)
     start = time.perf_counter()
-    results = run_search(record, store)
+    run_search(record, store)
     wall = time.perf_counter() - start
     search = load_search(name, store)
     finished = search.ranked("finished")
@@ -124,7 +125,7 @@ def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, 
         importances = param_importances(search, record.build_space(), finished) if len(finished) >= 4 else {}
     except Exception as e:  # noqa: BLE001 - importances are a side figure; keep the arm's result
         importances = {"error": str(e).splitlines()[0]}
-    return {"val_ibp_err": best.value("ibp_err"), "trial_epochs": trial_epochs_spent(results),
+    return {"val_ibp_err": best.value("ibp_err"), "trial_epochs": search.trial_epochs(),
             "wall_s": round(wall, 1), "trials": len(search.trials), "counts": search.counts(),
             "test": test_errors(checkpoints[-1] / "last.pt", data_dir), "curve": best_so_far(search),
             "best_params": best.params, "importances": importances,
@@ -222,7 +223,8 @@ def summary_rows(entries: list[dict]) -> list[dict]:
 
 def pooled_importances(entries: list[dict], eps: float) -> dict[str, float]:
     """Optuna importances over every finished trial of every search arm and seed at this ε."""
-    from tuner.export import Search, TrialRecord, param_importances
+    from tuner.plots import param_importances
+    from tuner.results import Search, TrialRecord
     from tuner.spaces import load_space
 
     # The same point can be trained by two arms (TPE's first 10 points are its seeded random draws, the

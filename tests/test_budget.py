@@ -13,9 +13,9 @@ import ray
 
 from bench.search_overhead import make_sleep_trainable
 from tuner.budget import TrialEpochBudget, epochs_reported
-from tuner.export import load_search
-from tuner.search import (SearchError, build_tuner, is_complete, load_study, prepare_search, read_record,
-                          trial_epochs_spent)
+from tuner.record import SearchError, read_record
+from tuner.results import load_search, load_study
+from tuner.search import build_tuner, prepare_search
 
 SPACE = "search_spaces/mnist_tiny.yaml"
 EPOCHS = 3
@@ -63,8 +63,9 @@ def test_search_stops_when_its_trial_epoch_budget_is_spent(local_ray, tmp_path, 
     assert read_record(storage, "budget").max_trial_epochs == 7
     results = build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.01)).fit()
     epochs = sorted(r.metrics["epoch"] for r in results)
-    assert epochs == [1, 3, 3] and trial_epochs_spent(results) == 7
-    assert is_complete(results, record)  # the budget is spent, although 7 of 10 samples never ran
+    search = load_search("budget", storage)
+    assert epochs == [1, 3, 3] and search.trial_epochs() == 7
+    assert search.is_complete()  # the budget is spent, although 7 of 10 samples never ran
     # The cut trial is never taken as finished: not by Optuna, not by the export.
     study = load_study(tmp_path / "results" / "budget")
     assert sorted(t.state.name for t in study.trials)[:2] == ["COMPLETE", "COMPLETE"]

@@ -28,10 +28,12 @@ from ray import tune  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.schedules import EpsSchedule, first_target_epoch  # noqa: E402
-from tuner.export import (ExportError, epoch_history, export_search, load_search, param_importances,  # noqa: E402
-                          plot_importances, trial_status)
+from tuner.export import export_search  # noqa: E402
+from tuner.plots import param_importances, plot_importances  # noqa: E402
+from tuner.record import read_space_file, space_with_overrides  # noqa: E402
 from tuner.report import report_search  # noqa: E402
-from tuner.search import read_space_file, space_with_overrides, trial_dirname  # noqa: E402
+from tuner.results import ExportError, epoch_history, load_search, trial_status  # noqa: E402
+from tuner.search import trial_dirname  # noqa: E402
 from tuner.searcher import HonestOptunaSearch  # noqa: E402
 
 NAME = "exp"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from raycluster import RAY, free_port, kill_node, pids_of_node
 
-from tuner.wandb_offline import find_offline_runs, read_offline_run
+from wandb_offline import find_offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = ["eps=0.02", "data.subset=1024", "data.val_size=200", "epochs=6"]

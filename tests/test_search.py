@@ -93,7 +93,7 @@ def test_optuna_study_saved_with_the_experiment_matches_the_trials(searched):
     import optuna
     from optuna.trial import TrialState
 
-    from tuner.search import load_study
+    from tuner.results import load_study
     from tuner.spaces import load_space
 
     study = load_study(searched["exp"])
@@ -122,7 +122,7 @@ def test_optuna_study_saved_with_the_experiment_matches_the_trials(searched):
 def best_complete_trial(exp: Path):
     from optuna.trial import TrialState
 
-    from tuner.search import load_study
+    from tuner.results import load_study
 
     complete = [t for t in load_study(exp).trials if t.state == TrialState.COMPLETE]
     return min(complete, key=lambda t: (t.value, t.number))
@@ -131,7 +131,7 @@ def best_complete_trial(exp: Path):
 def test_trial_config_is_the_space_point_with_the_overrides(searched):
     """One code path: the config a trial trained with is space.to_train_config(its params) + overrides."""
     from trainers.config import TrainConfig
-    from tuner.search import SearchRecord
+    from tuner.record import SearchRecord
 
     record = SearchRecord.from_json((searched["exp"] / "certtune_search.json").read_text())
     for d in trial_dirs(searched["exp"]):
@@ -161,7 +161,7 @@ def test_export_then_certtune_train_reproduces_the_best_trial(searched, tmp_path
 
 
 def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(searched):
-    from tuner.wandb_offline import find_offline_runs, read_offline_run
+    from wandb_offline import find_offline_runs, read_offline_run
 
     exp = searched["exp"]
     runs = [read_offline_run(d) for d in find_offline_runs(exp)]
@@ -180,7 +180,7 @@ def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(
 
 
 def test_no_trial_diverged_or_failed_and_no_api_key_is_needed(searched):
-    from tuner.export import trial_status
+    from tuner.results import trial_status
 
     for d in trial_dirs(searched["exp"]):
         rows = result_rows(d)
@@ -202,14 +202,15 @@ DIVERGING_SPACE = {
 def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, data_dir):
     from optuna.trial import TrialState
 
-    from tuner.search import load_study
+    from tuner.results import load_study
 
     space = tmp_path / "diverging.yaml"
     space.write_text(yaml.safe_dump(DIVERGING_SPACE))
     storage = tmp_path / "results"
     proc = cli("search", space, "--name", "nan", "--num-samples", 1, "--scheduler", "none", "--storage", storage,
                "--data-dir", data_dir, env=child_env(tmp_path), timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # every trial failed: non-zero, with the reasons
+    assert "every trial failed (1); reasons:\n  1 x diverged: non-finite" in proc.stdout, proc.stdout[-2000:]
     (d,) = trial_dirs(storage / "nan")
     rows = result_rows(d)
     assert len(rows) == 1 and "non-finite" in rows[0]["diverged"] and math.isnan(rows[0]["ibp_err"])
@@ -351,7 +352,8 @@ def test_resource_and_objective_parsing():
 
 
 def test_max_epochs_at_target_is_the_longest_possible_time_at_target():
-    from tuner.search import max_epochs_at_target, space_with_overrides
+    from tuner.record import space_with_overrides
+    from tuner.search import max_epochs_at_target
     from tuner.spaces import load_space
 
     raw = yaml.safe_load((REPO / "search_spaces" / "mnist_tiny.yaml").read_text())

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tuner.wandb_offline import find_offline_runs, read_offline_run
+from wandb_offline import find_offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -76,7 +76,7 @@ def wait_for_finished_and_running(proc, exp: Path, timeout: float = 240) -> dict
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
     from optuna.trial import TrialState
 
-    from tuner.search import load_study
+    from tuner.results import load_study
 
     storage, name = tmp_path / "results", "interrupted"
     exp = storage / name

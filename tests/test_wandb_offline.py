@@ -1,4 +1,4 @@
-"""Real wandb 0.31 offline runs are written, then read back with tuner.wandb_offline."""
+"""Real wandb 0.31 offline runs are written, then read back with tests/wandb_offline.py."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import wandb
 
-from tuner.wandb_offline import OfflineRunError, find_offline_runs, read_offline_run
+from wandb_offline import OfflineRunError, find_offline_runs, read_offline_run
 
 FAKE_KEY = "certtunefakekey" + "x" * 25  # 40 chars, like a real key, and easy to grep for
 

@@ -12,24 +12,16 @@ experiment directory, so an interrupted search does not get its budget again.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ray.tune import Stopper
 
+from tuner.results import furthest_epoch, read_results, trial_epochs
+
 
 def epochs_reported(trial_dir: Path) -> int:
-    """The furthest `epoch` in a trial directory's result.json (0 if none)."""
-    furthest = 0
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return 0
-    for line in path.read_text().splitlines():
-        try:
-            furthest = max(furthest, int(json.loads(line).get("epoch") or 0))
-        except (ValueError, TypeError, AttributeError):
-            continue  # a torn last line of a crashed driver
-    return furthest
+    """The furthest `epoch` in a trial directory's result.json (0 if none; a torn line is skipped)."""
+    return furthest_epoch(read_results(trial_dir / "result.json"))
 
 
 class TrialEpochBudget(Stopper):
@@ -48,11 +40,11 @@ class TrialEpochBudget(Stopper):
 
     @property
     def spent(self) -> int:
-        return sum(self._counts().values())
+        return trial_epochs(self._counts().values())
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         counts = self._counts()
-        counts[trial_id] = max(counts.get(trial_id, 0), int(result.get("epoch") or 0))
+        counts[trial_id] = max(counts.get(trial_id, 0), furthest_epoch([result]))
         # The trial whose result spends the budget is asked to stop; stop_all then ends the experiment.
         return self.stop_all()
 

@@ -64,31 +64,33 @@ def add_search_commands(sub) -> None:
 
 def cmd_search(args) -> int:
     from trainers.config import parse_overrides
-    from tuner.search import is_complete, prepare_search, run_search, summarize
+    from tuner.search import finish, prepare_search, run_search
 
     record, storage = prepare_search(
         args.space, parse_overrides(args.overrides), args.name, args.num_samples, args.max_concurrent,
         args.resources_per_trial, args.scheduler, args.objective, args.storage, args.address,
         args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs)
     print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
-    results = run_search(record, storage)
-    print(summarize(results, record, storage), flush=True)
-    return 0 if is_complete(results, record) else 1
+    run_search(record, storage)
+    summary, code = finish(record, storage)
+    print(summary, flush=True)
+    return code
 
 
 def cmd_resume(args) -> int:
-    from tuner.search import is_complete, normalize_storage, read_record, resume_search, summarize
+    from tuner.record import normalize_storage, read_record
+    from tuner.search import finish, resume_search
 
-    results = resume_search(args.name, args.storage, args.address)
+    resume_search(args.name, args.storage, args.address)
     storage = normalize_storage(args.storage)
-    record = read_record(storage, args.name)
-    print(summarize(results, record, storage), flush=True)
-    return 0 if is_complete(results, record) else 1
+    summary, code = finish(read_record(storage, args.name), storage)
+    print(summary, flush=True)
+    return code
 
 
 def cmd_export(args) -> int:
     from tuner.export import export_search
-    from tuner.search import positive_int
+    from tuner.record import positive_int
 
     out = Path(args.out) if args.out else None
     epochs = None if args.epochs is None else positive_int("--epochs", args.epochs)

@@ -1,15 +1,16 @@
 """`certtune report NAME`: a terminal summary of a search, finished or still running.
 
-Reads the experiment as `certtune export` does (tuner/export.py), writes nothing. Shows how many trials are
-running, finished, stopped and failed, then a table of the top trials: finished ones ranked by their final
-objective(s), then running, early-stopped (their values are truncated, marked *), failed and pending ones.
+Reads the experiment with tuner/results.py, as `certtune export` and the search summary do; writes nothing.
+Shows how many trials are running, finished, stopped and failed, then a table of the top trials: finished
+ones ranked by their final objective(s) (ties: the earlier-created trial first), then running, early-stopped
+(their values are truncated, marked *), failed and pending ones.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from tuner.export import STATUSES, Search, TrialRecord, load_search
+from tuner.results import STATUSES, Search, TrialRecord, load_search
 
 TOP = 10
 ROW_ORDER = ("finished", "running", "stopped", "failed", "pending")

@@ -12,105 +12,32 @@ is Ray's searcher state (`searcher-state-*.pkl`), snapshotted with the experimen
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import pickle
-import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from trainers.config import ConfigError, TrainConfig
+from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
-from tuner.spaces import SearchSpace, SpaceError, load_space, parse_space_yaml
+from tuner.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
+                          normalize_storage, positive_int, read_record, read_space_file, space_with_overrides,
+                          write_record)
+from tuner.results import ENDED, Search, load_search
+from tuner.spaces import SearchSpace, SpaceError
 
-RECORD_FILE = "certtune_search.json"
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
 OBJECTIVES = {"ibp_err": "ibp", "clean_err": "clean", "crown_ibp_err": "crown-ibp", "pgd_err": "pgd",
               "train_seconds": None}
 SCHEDULERS = ("asha", "plain-asha", "none")
 SAMPLERS = ("tpe", "random")
 MAX_FAILURES = 3  # retries of a trial from its last checkpoint (a lost node, an OOM kill, ...)
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Ray's deprecation notices and per-checkpoint snapshot warnings are noise for our usage.
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-
-class SearchError(ConfigError):
-    """Bad input to a search (storage, address, resources, objective, ...): one line, exit code 2."""
-
-
-# ---- the search record (certtune_search.json) ---------------------------------------------------
-@dataclass
-class SearchRecord:
-    name: str
-    space_path: str
-    space: dict  # the space file's parsed YAML
-    objective: list[str]
-    modes: list[str]
-    scheduler: str
-    num_samples: int
-    max_concurrent: int
-    resources_per_trial: dict[str, float]
-    data_dir: str
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted base-config overrides (KEY=VALUE)
-    seed: int = 0
-    wandb_project: str | None = None
-    address: str | None = None
-    sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
-    max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
-
-    def build_space(self) -> SearchSpace:
-        return space_with_overrides(self.space, self.overrides, self.space_path)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, where: str = RECORD_FILE) -> "SearchRecord":
-        try:
-            raw = json.loads(text)
-            return cls(**raw)
-        except (ValueError, TypeError) as e:
-            raise SearchError(f"{where}: not a certtune search record ({e})") from None
-
-
-def space_with_overrides(raw: dict, overrides: dict[str, Any], source: str) -> SearchSpace:
-    """The space with KEY=VALUE overrides applied to its base config, validated again.
-
-    Overrides change the base before the space is built, so bound expressions (`epochs - schedule.start`),
-    derived knobs and the defaults point all see them. A searched param cannot be overridden.
-    """
-    raw = copy.deepcopy(raw) if isinstance(raw, dict) else raw
-    if overrides and isinstance(raw, dict):
-        searched = set(raw.get("params") or {})
-        fixed = sorted(set(overrides) & searched)
-        if fixed:
-            raise SearchError(f"override {fixed[0]}={overrides[fixed[0]]!r}: '{fixed[0]}' is searched by the "
-                              f"space {source}; overrides may only change base values")
-        base = TrainConfig.from_dict(raw.get("base") or {}).to_dict()
-        from trainers.config import set_dotted
-        for key, value in overrides.items():
-            try:
-                set_dotted(base, key, value)
-            except ConfigError as e:
-                raise SearchError(f"override {key}={value!r}: {e}") from None
-        raw["base"] = base
-    return SearchSpace.from_dict(raw, name=Path(source).stem, source=source)
-
-
-def read_space_file(path: str) -> tuple[str, dict]:
-    """Validate a space file (bare names look in search_spaces/) and return (absolute path, parsed YAML)."""
-    space = load_space(path)
-    resolved = Path(space.source).resolve()
-    return str(resolved), parse_space_yaml(resolved.read_text())
 
 
 # ---- parsing and checking the command line ---------------------------------------------------------
@@ -153,22 +80,6 @@ def parse_resources(text: str) -> dict[str, float]:
     return out
 
 
-def positive_int(flag: str, value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = None
-    if n is None or n < 1 or str(value).strip() != str(n):
-        raise SearchError(f"{flag}: must be an integer >= 1, got {value!r}")
-    return n
-
-
-def check_name(name: str) -> str:
-    if not NAME.fullmatch(name):
-        raise SearchError(f"--name: use letters, digits, '.', '_' and '-' (no '/'), got {name!r}")
-    return name
-
-
 def max_epochs_at_target(space: SearchSpace) -> int:
     """The most epochs at target ε any trial of the space can have (places the ASHA rungs).
 
@@ -191,70 +102,6 @@ def max_epochs_at_target(space: SearchSpace) -> int:
     return best
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# ---- storage ---------------------------------------------------------------------------------------
-def default_storage() -> str:
-    return os.environ.get("CERTTUNE_STORAGE") or str(Path("certtune_results").resolve())
-
-
-def normalize_storage(storage: str | None) -> str:
-    """Absolute local path, or a URI (s3://, gs://, ...) passed to Ray as is."""
-    storage = storage or default_storage()
-    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
-
-
-def is_uri(storage: str) -> bool:
-    return "://" in storage
-
-
-def experiment_path(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if is_uri(storage) else str(Path(storage) / name)
-
-
-def write_record(record: SearchRecord, storage: str) -> str:
-    """Write certtune_search.json into the experiment directory; also the check that storage is writable."""
-    target = f"{experiment_path(storage, record.name)}/{RECORD_FILE}"
-    try:
-        if is_uri(storage):
-            import pyarrow.fs
-            fs, path = pyarrow.fs.FileSystem.from_uri(target)
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(path) as f:
-                f.write(record.to_json().encode())
-        else:
-            path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(record.to_json())
-            os.replace(tmp, path)
-    except (OSError, ValueError) as e:  # pyarrow raises OSError subclasses, or ArrowInvalid (a ValueError)
-        raise SearchError(f"--storage {storage}: cannot write the experiment there ({first_line(e)})") from None
-    return target
-
-
-def read_record(storage: str, name: str) -> SearchRecord:
-    target = f"{experiment_path(storage, name)}/{RECORD_FILE}"
-    try:
-        if is_uri(storage):
-            import pyarrow.fs
-            fs, path = pyarrow.fs.FileSystem.from_uri(target)
-            with fs.open_input_stream(path) as f:
-                text = f.read().decode()
-        else:
-            text = Path(target).read_text()
-    except (OSError, ValueError):
-        raise SearchError(f"no search named {name!r} in {storage} ({RECORD_FILE} not found); "
-                          f"pass the --storage it ran with") from None
-    return SearchRecord.from_json(text, target)
-
-
-def experiment_exists(storage: str, name: str) -> bool:
-    from ray import tune
-    return tune.Tuner.can_restore(experiment_path(storage, name))
 
 
 # ---- preparing, running, resuming ----------------------------------------------------------------
@@ -291,12 +138,50 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
         if not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
         check_fits(record.resources_per_trial, local_resources())
+        check_data(space, record.data_dir)
     storage = normalize_storage(storage)
     if experiment_exists(storage, record.name):
         raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
                           f"continue it with `certtune resume {record.name}` or choose another --name")
     write_record(record, storage)
     return record, storage
+
+
+def experiment_exists(storage: str, name: str) -> bool:
+    from ray import tune
+    return tune.Tuner.can_restore(experiment_path(storage, name))
+
+
+def check_data(space: SearchSpace, data_dir: str) -> None:
+    """The data every trial of a local search reads is under `data_dir`, and `data.subset`/`data.val_size`/
+    `data.test_subset` fit it: found here, before Ray starts, instead of in every trial (where torchvision
+    would try a download and Ray would retry). The default point and the space's corners are checked."""
+    from trainers.data import DataError, load_splits
+
+    points = [space.default_point() or {}, space.corner("low"), space.corner("high")]
+    checked = set()
+    for point in points:
+        try:
+            cfg = space.to_train_config(point)
+        except (SpaceError, ConfigError):
+            continue  # a corner may be outside the space's conditions
+        key = (cfg.dataset, cfg.data.npz, cfg.data.val_size, cfg.data.subset, cfg.data.test_subset, cfg.seed)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            if cfg.dataset == "tinyimagenet" and not cfg.data.npz:  # thousands of image files: only look
+                if not (Path(data_dir) / "tiny-imagenet-200" / "train").is_dir():
+                    raise DataError(f"TinyImageNet not found under {data_dir} (expected "
+                                    f"{Path(data_dir) / 'tiny-imagenet-200' / 'train'})")
+                continue
+            load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed, download=False)
+        except DataError as e:
+            text = first_line(e).split("; download=False")[0]
+            hint = ("; a search does not download data: put the files there first (torchvision's layout; "
+                    "`certtune train` with network access downloads MNIST and CIFAR-10), set data.npz=FILE to an "
+                    ".npz of uint8 images (README: Data), or pass another --data-dir" if "not found" in text else "")
+            raise SearchError(f"{cfg.dataset} data, checked before starting Ray: {text}{hint}") from None
 
 
 def seed_value(seed: Any) -> int:
@@ -424,57 +309,46 @@ def resume_search(name: str, storage: str | None, address: str | None):
     return tuner.fit()
 
 
-# ---- reading results back ------------------------------------------------------------------------
-def load_searcher_state(experiment_dir: str | Path) -> dict:
-    """The newest searcher snapshot of a (local) experiment: HonestOptunaSearch's attributes."""
-    files = sorted(Path(experiment_dir).glob("searcher-state-*.pkl"))
-    if not files:
-        raise SearchError(f"{experiment_dir}: no searcher-state-*.pkl (the search has not snapshotted yet)")
-    with open(files[-1], "rb") as f:
-        return pickle.load(f)
+# ---- the summary printed when a search or resume ends --------------------------------------------
+MAX_REASONS = 5
 
 
-def load_study(experiment_dir: str | Path):
-    """The Optuna study saved with a (local) experiment."""
-    return load_searcher_state(experiment_dir)["_ot_study"]
-
-
-def trial_epochs_spent(results) -> int:
-    """Σ over trials of the last epoch each reported: the search's compute in trial-epochs."""
-    return sum(int((r.metrics or {}).get("epoch") or 0) for r in results)
-
-
-def is_complete(results, record: SearchRecord) -> bool:
-    """Every trial of the search has ended, or its trial-epoch budget is spent (an interrupted Tuner.fit
-    returns with trials still open and budget left)."""
-    if record.max_trial_epochs is not None and trial_epochs_spent(results) >= record.max_trial_epochs:
-        return True
-    return results.num_terminated + results.num_errors >= record.num_samples
-
-
-def summarize(results, record: SearchRecord, storage: str) -> str:
-    from tuner.export import trial_status
-
-    counts: dict[str, int] = {}
-    best = None
-    key = record.objective[0]
-    for r in results:
-        # The one status rule (tuner/export.py), so `search`'s summary and `report` agree.
-        status, _ = trial_status("ERROR" if r.error is not None else "TERMINATED", r.metrics or {},
-                                 record.objective)
-        counts[status] = counts.get(status, 0) + 1
-        value = (r.metrics or {}).get(key)
-        if status == "finished" and isinstance(value, (int, float)) and math.isfinite(value):
-            if best is None or value < best[0]:
-                best = (value, r.config)
+def summarize(search: Search, storage: str) -> str:
+    """Counts by status, trial-epochs, the best finished trial, and why trials failed when every one did.
+    Read from the experiment directory by tuner/results.py, as `report` and `export` read it, so the three
+    agree on statuses and on the best trial (the same tie-break)."""
+    record = search.record
     budget = "" if record.max_trial_epochs is None else f" of a budget of {record.max_trial_epochs}"
-    lines = [f"search {record.name}: {len(results)} trials (" +
-             ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), {trial_epochs_spent(results)} "
+    counts = ", ".join(f"{n} {s}" for s, n in search.counts().items() if n)
+    lines = [f"search {record.name}: {len(search.trials)} trials ({counts}), {search.trial_epochs()} "
              f"trial-epochs{budget}",
-             f"experiment: {experiment_path(storage, record.name)}"]
+             f"experiment: {search.location}"]
+    best = search.best()
     if best is not None:
-        lines.append(f"best finished trial: {key}={best[0]:.6g} {json.dumps(best[1], sort_keys=True)}")
-    if not is_complete(results, record):
-        lines.append(f"interrupted with {results.num_terminated + results.num_errors} of {record.num_samples} "
-                     f"trials ended; continue with: certtune resume {record.name} --storage {storage}")
+        values = " ".join(f"{o}={best.value(o):.6g}" for o in search.objectives)
+        lines.append(f"best finished trial: {values} trial_id={best.trial_id} "
+                     f"{json.dumps(best.params, sort_keys=True)}")
+    if search.all_failed():
+        lines.append(f"every trial failed ({len(search.trials)}); reasons:")
+        reasons: dict[str, int] = {}
+        for t in search.trials:
+            reason = f"diverged: {t.diverged}" if t.diverged else (t.error or "unknown")
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, n in list(reasons.items())[:MAX_REASONS]:
+            lines.append(f"  {n} x {reason}")
+    elif not search.is_complete():
+        ended = sum(n for s, n in search.counts().items() if s in ENDED)
+        lines.append(f"interrupted with {ended} of {record.num_samples} trials ended; continue with: "
+                     f"certtune resume {record.name} --storage {storage}")
     return "\n".join(lines)
+
+
+def exit_code(search: Search) -> int:
+    """0: the search ended (every trial, or the budget); 1: interrupted, or every trial failed."""
+    return 0 if search.is_complete() and not search.all_failed() else 1
+
+
+def finish(record: SearchRecord, storage: str) -> tuple[str, int]:
+    """(summary, exit code) of a search whose Tuner.fit returned, read back from its experiment."""
+    search = load_search(record.name, storage)
+    return summarize(search, storage), exit_code(search)

@@ -10,10 +10,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
 from tuner.schedulers import TargetEpochCounter, is_finite
-
-FAIL_REASON = "fail_reason"  # Optuna user attr on FAIL trials; a trainable may also report it as a result key
-RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attr linking each Optuna trial to its Ray trial (results, exports)
 
 
 class HonestOptunaSearch(OptunaSearch):

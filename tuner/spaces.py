@@ -74,7 +74,7 @@ HELPER = re.compile(r"_[A-Za-z0-9_]*[A-Za-z0-9]$")
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     """A search space that cannot be used. One line: the file, the param, the problem."""
 
     def __init__(self, source: str, where: str, problem: str):

@@ -18,13 +18,14 @@ Ray read it from `WANDB_API_KEY` or `~/.netrc` themselves.
 """
 from __future__ import annotations
 
-import json
 import netrc
 import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+from tuner.results import parse_result_lines
 
 DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -77,15 +78,11 @@ def earlier_results(trial) -> list[dict]:
         return []
     try:
         with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/result.json") as f:
-            lines = f.read().decode().splitlines()
+            text = f.read().decode(errors="replace")
     except OSError:
         return []
     rows: dict[int, dict] = {}
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by the crash
+    for row in parse_result_lines(text):  # a line cut by the crash is skipped
         step = row.get("training_iteration")
         if isinstance(step, int) and step <= last:
             rows[step] = row  # a replayed epoch: the latest report wins

@@ -9,8 +9,9 @@ Ray calls the trainable with the trial's config (exactly the sampled params, dot
   `tune.get_checkpoint()` into a clean run directory, and `Trainer.fit()` resumes from it exactly;
 - ends a diverged run (DivergedError: loss or bounds NaN/inf) with a last result carrying `diverged` (the
   reason) and NaN objectives, then returns: divergence is deterministic, so it is not retried, and the
-  searcher records FAIL with that reason. A sampled point the config rejects ends the same way at once
-  (`fail_reason` = "invalid config: ...").
+  searcher records FAIL with that reason. A sampled point the config rejects, and a ConfigError or DataError
+  of the trainer (data missing on this node, a subset larger than the data), end the same way at once
+  (`fail_reason` = "invalid config: ..." / "data: ..."): they would fail the same on every retry.
 """
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ import torch
 from ray import tune
 
 from trainers.config import ConfigError
+from trainers.data import DataError
 from trainers.schedules import first_target_epoch
 from trainers.train import DivergedError, Trainer
-from tuner.searcher import FAIL_REASON  # a result key the searcher stores as the Optuna trial's fail reason
+from tuner.keys import DIVERGED, FAIL_REASON
 from tuner.spaces import SpaceError
 
 CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml")
 RUN_FILES = CHECKPOINT_FILES + ("best.pt",)
-DIVERGED = "diverged"  # result key: the reason a trial diverged
 
 
 def make_trainable(record) -> Callable[[dict], None]:
@@ -50,13 +51,19 @@ def run_trial(config: dict, record) -> None:
         cfg = space.to_train_config({k: v for k, v in config.items() if k in space.params})
     except (SpaceError, ConfigError) as e:
         # A sampled combination the config rejects fails the same way on every retry: end it now.
-        tune.report({FAIL_REASON: f"invalid config: {e}", **{m: math.nan for m in {"ibp_err", *record.objective}}})
+        tune.report(failed_result(f"invalid config: {e}", record.objective))
         return
     cpus, gpus = record.resources_per_trial["cpu"], record.resources_per_trial.get("gpu", 0)
     torch.set_num_threads(max(1, int(cpus)))  # as many threads as the CPUs Ray reserved, not the node's
     out_dir = run_dir()
     epochs_done = restore_run(tune.get_checkpoint(), out_dir)
-    trainer = Trainer(cfg, record.data_dir, out_dir, device="cuda" if gpus > 0 else "cpu")
+    try:
+        trainer = Trainer(cfg, record.data_dir, out_dir, device="cuda" if gpus > 0 else "cpu")
+    except (DataError, ConfigError) as e:
+        # No data on this node, a subset larger than the data, a bad device: the same on every retry.
+        tune.report(failed_result(f"{'data' if isinstance(e, DataError) else 'invalid config'}: {e}",
+                                  record.objective))
+        return
 
     def report_epoch(metrics: dict, run: Path) -> None:
         nonlocal epochs_done
@@ -128,6 +135,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
         except OSError:
             pass
     shutil.copy2(src, dst)
+
+
+def failed_result(reason: str, objective: list[str]) -> dict:
+    """The only result of a trial that cannot run: the reason and NaN objectives (Optuna: FAIL)."""
+    return {FAIL_REASON: " ".join(reason.split()), **{m: math.nan for m in {"ibp_err", *objective}}}
 
 
 def diverged_result(cfg, epoch: int, reason: str, objective: list[str], train_seconds: float) -> dict:

@@ -1,0 +1,170 @@
+"""The search record (`certtune_search.json`) and where a search's experiment lives.
+
+The record holds everything a search was started with (the space file's contents included), written into
+`<storage>/<name>/` before the Tuner starts, so `resume`, `report` and `export` rebuild the space without the
+original files. Storage is a local path or a URI (s3://, gs://, ...) that Ray and pyarrow understand.
+A search name is one path component, so a name never reaches outside `--storage`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainers.config import ConfigError, TrainConfig, set_dotted
+from tuner.spaces import SearchSpace, load_space, parse_space_yaml
+
+RECORD_FILE = "certtune_search.json"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class SearchError(ConfigError):
+    """Bad input to a search (storage, address, resources, objective, name, ...): one line, exit code 2."""
+
+
+@dataclass
+class SearchRecord:
+    name: str
+    space_path: str
+    space: dict  # the space file's parsed YAML
+    objective: list[str]
+    modes: list[str]
+    scheduler: str
+    num_samples: int
+    max_concurrent: int
+    resources_per_trial: dict[str, float]
+    data_dir: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted base-config overrides (KEY=VALUE)
+    seed: int = 0
+    wandb_project: str | None = None
+    address: str | None = None
+    sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
+    max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
+
+    def build_space(self) -> SearchSpace:
+        return space_with_overrides(self.space, self.overrides, self.space_path)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = RECORD_FILE) -> "SearchRecord":
+        try:
+            raw = json.loads(text)
+            return cls(**raw)
+        except (ValueError, TypeError) as e:
+            raise SearchError(f"{where}: not a certtune search record ({e})") from None
+
+
+def space_with_overrides(raw: dict, overrides: dict[str, Any], source: str) -> SearchSpace:
+    """The space with KEY=VALUE overrides applied to its base config, validated again.
+
+    Overrides change the base before the space is built, so bound expressions (`epochs - schedule.start`),
+    derived knobs and the defaults point all see them. A searched param cannot be overridden.
+    """
+    raw = copy.deepcopy(raw) if isinstance(raw, dict) else raw
+    if overrides and isinstance(raw, dict):
+        searched = set(raw.get("params") or {})
+        fixed = sorted(set(overrides) & searched)
+        if fixed:
+            raise SearchError(f"override {fixed[0]}={overrides[fixed[0]]!r}: '{fixed[0]}' is searched by the "
+                              f"space {source}; overrides may only change base values")
+        base = TrainConfig.from_dict(raw.get("base") or {}).to_dict()
+        for key, value in overrides.items():
+            try:
+                set_dotted(base, key, value)
+            except ConfigError as e:
+                raise SearchError(f"override {key}={value!r}: {e}") from None
+        raw["base"] = base
+    return SearchSpace.from_dict(raw, name=Path(source).stem, source=source)
+
+
+def read_space_file(path: str) -> tuple[str, dict]:
+    """Validate a space file (bare names look in search_spaces/) and return (absolute path, parsed YAML)."""
+    space = load_space(path)
+    resolved = Path(space.source).resolve()
+    return str(resolved), parse_space_yaml(resolved.read_text(), str(resolved))
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """A search name is one path component: `../other` or `/abs/path` never leave `--storage`."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise SearchError(f"{flag}: a search name uses letters, digits, '.', '_' and '-' (no '/', not starting "
+                          f"with '.'), got {name!r}")
+    return name
+
+
+def positive_int(flag: str, value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < 1 or str(value).strip() != str(n):
+        raise SearchError(f"{flag}: must be an integer >= 1, got {value!r}")
+    return n
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---- storage ---------------------------------------------------------------------------------------
+def default_storage() -> str:
+    return os.environ.get("CERTTUNE_STORAGE") or str(Path("certtune_results").resolve())
+
+
+def normalize_storage(storage: str | None) -> str:
+    """Absolute local path, or a URI (s3://, gs://, ...) passed to Ray as is."""
+    storage = storage or default_storage()
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def experiment_path(storage: str, name: str) -> str:
+    check_name(name, "search name")
+    return f"{storage.rstrip('/')}/{name}" if is_uri(storage) else str(Path(storage) / name)
+
+
+def write_record(record: SearchRecord, storage: str) -> str:
+    """Write certtune_search.json into the experiment directory; also the check that storage is writable."""
+    target = f"{experiment_path(storage, record.name)}/{RECORD_FILE}"
+    try:
+        if is_uri(storage):
+            import pyarrow.fs
+            fs, path = pyarrow.fs.FileSystem.from_uri(target)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as f:
+                f.write(record.to_json().encode())
+        else:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(record.to_json())
+            os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # pyarrow raises OSError subclasses, or ArrowInvalid (a ValueError)
+        raise SearchError(f"--storage {storage}: cannot write the experiment there ({first_line(e)})") from None
+    return target
+
+
+def read_record(storage: str, name: str) -> SearchRecord:
+    target = f"{experiment_path(storage, name)}/{RECORD_FILE}"
+    try:
+        if is_uri(storage):
+            import pyarrow.fs
+            fs, path = pyarrow.fs.FileSystem.from_uri(target)
+            with fs.open_input_stream(path) as f:
+                text = f.read().decode()
+        else:
+            text = Path(target).read_text()
+    except (OSError, ValueError):
+        raise SearchError(f"no search named {name!r} in {storage} ({RECORD_FILE} not found); "
+                          f"pass the --storage it ran with") from None
+    return SearchRecord.from_json(text, target)

@@ -1,0 +1,348 @@
+"""Reading a search back: its trials, their statuses, the best one, the trial-epochs spent.
+
+Export, report, the search summary, the budget stopper and W&B tracking all read a search through this module,
+so they agree. The experiment directory `<storage>/<name>/` is read as plain files (no Ray runtime needed):
+- `certtune_search.json`: the search record (tuner/record.py);
+- the newest `experiment_state-<time>.json`: Ray's status of every trial (TERMINATED, ERROR, RUNNING, ...);
+- per trial directory: `result.json` (one JSON line per reported epoch: the trainer metrics plus Ray's keys;
+  read by `parse_result_lines`, which skips a line torn by a crash), `params.json` (the sampled params) and,
+  for an errored trial, `error.txt`.
+
+Rules defined once here:
+- status (`trial_status`): finished | stopped | failed | running | pending;
+- the best trial (`Search.sort_key`): objectives in order (each minimised or maximised per its mode), ties
+  broken by the earlier creation order (Ray's trial counter), so every reader names the same best trial;
+- trial-epochs (`furthest_epoch`, `trial_epochs`): per trial the furthest epoch it reported (a retried
+  trial's replayed epochs count once), summed over trials.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from tuner.keys import DIVERGED, FAIL_REASON
+from tuner.record import (RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path, is_uri,
+                          normalize_storage, space_with_overrides)
+from tuner.spaces import SearchSpace
+
+STATUSES = ("finished", "stopped", "failed", "running", "pending")
+ENDED = ("finished", "stopped", "failed")
+NO_RESULT = "ended without reporting a result"
+TRIAL_FILES = ("params.json", "result.json", "error.txt")  # what a remote experiment copy needs per trial
+
+
+class ExportError(SearchError):
+    """A search that cannot be exported or reported (unknown name, nothing finished). A ConfigError, hence a
+    ValueError, so the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class TrialRecord:
+    """One Ray trial as export sees it. `history` holds one result per epoch (a retried trial's replayed
+    epochs replace the earlier ones); `last` is the latest result."""
+
+    trial_id: str
+    status: str
+    params: dict[str, Any]
+    history: list[dict] = field(default_factory=list)
+    order: int = 0  # creation order
+    ended_at: float | None = None  # time of the last result (completion order for the history plot)
+    diverged: str | None = None
+    error: str | None = None
+    epochs_run: int = 0  # the furthest epoch it reported (furthest_epoch): its trial-epochs
+
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def value(self, name: str) -> float | None:
+        v = self.last.get(name)
+        return float(v) if is_number(v) else None
+
+
+@dataclass
+class Search:
+    name: str
+    path: Path  # the experiment directory read (a temporary copy for remote storage, gone after loading)
+    record: SearchRecord
+    trials: list[TrialRecord]
+    location: str = ""  # where the experiment lives: local path or URI
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.record.objective)
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.record.modes)
+
+    def space(self) -> SearchSpace:
+        return space_with_overrides(self.record.space, self.record.overrides, self.record.space_path)
+
+    def searched_names(self) -> list[str]:
+        return [str(n) for n in (self.record.space.get("params") or {})]
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(t.status == s for t in self.trials) for s in STATUSES}
+
+    def sort_key(self, trial: TrialRecord) -> tuple:
+        """Objectives in order (lexicographic, each minimised or maximised per its mode), then creation order."""
+        signs = [1.0 if m == "min" else -1.0 for m in self.modes]
+        values = [trial.value(o) for o in self.objectives]
+        return tuple(math.inf if v is None else s * v for s, v in zip(signs, values)) + (trial.order,)
+
+    def ranked(self, status: str = "finished") -> list[TrialRecord]:
+        return sorted((t for t in self.trials if t.status == status), key=self.sort_key)
+
+    def best(self) -> TrialRecord | None:
+        """The best finished trial (sort_key: objectives, then creation order), or None."""
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def trial_epochs(self) -> int:
+        return trial_epochs(t.epochs_run for t in self.trials)
+
+    def is_complete(self) -> bool:
+        """Every planned trial has ended, or the trial-epoch budget is spent (an interrupted search has open
+        trials and budget left)."""
+        budget = self.record.max_trial_epochs
+        if budget is not None and self.trial_epochs() >= budget:
+            return True
+        return sum(t.status in ENDED for t in self.trials) >= self.record.num_samples
+
+    def all_failed(self) -> bool:
+        return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+
+
+def furthest_epoch(rows: Iterable[dict]) -> int:
+    """The furthest `epoch` among a trial's results (0 if none): the trial-epochs it used."""
+    return max((int(r["epoch"]) for r in rows if is_number(r.get("epoch"))), default=0)
+
+
+def trial_epochs(furthest: Iterable[int]) -> int:
+    """A search's compute in trial-epochs: the furthest epochs of its trials, summed."""
+    return sum(furthest)
+
+
+def load_search(name: str, storage: str | None) -> Search:
+    """Read `<storage>/<name>/` (a local path or a URI such as s3://, file://). ExportError if it is not a search."""
+    storage = normalize_storage(storage)
+    check_name(name, "search name")  # one path component: never outside --storage
+    where = experiment_path(storage, name)
+    if is_uri(storage):
+        local = Path(tempfile.mkdtemp(prefix="certtune-export-"))
+        try:
+            return _load_local(name, download_experiment(where, local), where)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    return _load_local(name, Path(where), where)
+
+
+def _load_local(name: str, path: Path, where: str) -> Search:
+    """`where` names the experiment in messages (its URI when `path` is a local copy)."""
+    record_file = path / RECORD_FILE
+    if not record_file.is_file():
+        raise ExportError(f"{where}: no certtune search there ({RECORD_FILE} not found); check the name and "
+                          f"pass the --storage the search ran with")
+    record = SearchRecord.from_json(record_file.read_text(), f"{where}/{RECORD_FILE}")
+    trials = read_trials(path, record.objective)
+    spent = trial_epochs(t.epochs_run for t in trials)
+    if record.max_trial_epochs is not None and spent >= record.max_trial_epochs:
+        for t in trials:  # started just as the budget ran out, stopped before its first epoch: not a failure
+            if t.status == "failed" and not t.history and t.error == NO_RESULT:
+                t.status, t.error = "stopped", None
+    return Search(name, path, record, trials, where)
+
+
+def download_experiment(uri: str, local: Path) -> Path:
+    """Copy the files export reads (not the checkpoints) from a remote experiment into `local`."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{uri}: cannot read the experiment ({str(e).splitlines()[0]})") from None
+    for info in infos:
+        rel = Path(info.path[len(root):].lstrip("/"))
+        wanted = (len(rel.parts) == 1 and (rel.name == RECORD_FILE or rel.name.startswith("experiment_state-"))
+                  or len(rel.parts) == 2 and rel.name in TRIAL_FILES)
+        if info.type == pyarrow.fs.FileType.File and wanted:
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as f:
+                (local / rel).write_bytes(f.read())
+    return local
+
+
+def read_trials(path: Path, objectives: list[str]) -> list[TrialRecord]:
+    """Every trial of the experiment: those in Ray's newest experiment state, then any other trial directory."""
+    state = read_experiment_state(path)
+    trials, seen = [], set()
+    for n, (info, runtime) in enumerate(state):
+        logdir = path / info.get("relative_logdir", "") if info.get("relative_logdir") else None
+        error_file = runtime.get("error_filename")
+        trials.append(make_trial(
+            info.get("trial_id", f"#{n}"), info.get("status"), info.get("config") or {}, logdir,
+            runtime.get("last_result") or {}, (logdir / error_file) if logdir and error_file else None,
+            creation_order(info, n), runtime.get("last_result_time"), objectives))
+        if logdir is not None:
+            seen.add(logdir.name)
+    # Trial directories the state does not know yet (the driver died before its next snapshot).
+    for d in sorted(p for p in path.iterdir() if p.is_dir() and p.name not in seen):
+        if (d / "params.json").is_file() or (d / "result.json").is_file():
+            error = d / "error.txt"
+            trials.append(make_trial(d.name.removeprefix("trial_"), None, {}, d, {},
+                                     error if error.is_file() else None, len(state) + len(trials), None,
+                                     objectives))
+    return sorted(trials, key=lambda t: t.order)
+
+
+def read_experiment_state(path: Path) -> list[tuple[dict, dict]]:
+    """(trial info, trial runtime) per trial from the newest experiment_state-<time>.json; [] if none."""
+    files = sorted(path.glob("experiment_state-*.json"))  # names carry a sortable timestamp
+    if not files:
+        return []
+    try:
+        raw = json.loads(files[-1].read_text())
+        return [(json.loads(info), json.loads(runtime)) for info, runtime in raw["trial_data"]]
+    except (ValueError, KeyError, TypeError):
+        return []  # a snapshot cut short: the trial directories still hold the results
+
+
+def creation_order(info: dict, fallback: int) -> int:
+    """Ray's experiment tag starts with the trial's 1-based creation counter (`3_lr=0.001,...`)."""
+    head = str(info.get("experiment_tag", "")).split("_", 1)[0]
+    return int(head) if head.isdigit() else 10**6 + fallback
+
+
+def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path | None, state_last: dict,
+               error_file: Path | None, order: int, ended_at: float | None, objectives: list[str]) -> TrialRecord:
+    params = config
+    if logdir is not None and (logdir / "params.json").is_file():
+        params = _read_json(logdir / "params.json", config)
+    rows = read_results(logdir / "result.json") if logdir is not None else []
+    if not rows and state_last:
+        rows = [state_last]
+    history = epoch_history(rows)
+    trial = TrialRecord(str(trial_id), "pending", dict(params), history, order,
+                        ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
+                        epochs_run=furthest_epoch(rows))
+    trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
+    trial.status, reason = trial_status(ray_status, trial.last, objectives)
+    if trial.last.get(FAIL_REASON) and not trial.diverged:
+        trial.error = str(trial.last[FAIL_REASON])  # the trial's own reason (e.g. invalid config, no data)
+    elif trial.status not in ("finished", "stopped") and not trial.diverged:
+        # Ray keeps error.txt of an attempt it retried; it explains a failed trial or a retrying one.
+        error = last_line(error_file) if error_file is not None and error_file.is_file() else None
+        trial.error = error or reason
+        if ray_status == "ERROR" and not trial.error:
+            trial.error = "the trial raised (see error.txt in its trial directory)"
+    return trial
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of a local trial's result.json ([] if there is none)."""
+    if not path.is_file():
+        return []
+    return parse_result_lines(path.read_text(errors="replace"))
+
+
+def parse_result_lines(text: str) -> list[dict]:
+    """The one reader of Ray's result.json: one JSON object per line; a line torn by a crash (or anything
+    that is not an object) is skipped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def epoch_history(rows: list[dict]) -> list[dict]:
+    """One result per epoch. A retried trial reports epochs again from its checkpoint (or from 1): a repeated
+    epoch replaces that epoch and every later one, as the trainer's own metrics.jsonl does."""
+    history: list[dict] = []
+    for row in rows:
+        epoch = row.get("epoch")
+        if is_number(epoch):
+            history = [r for r in history if not (is_number(r.get("epoch")) and r["epoch"] >= epoch)]
+        history.append(row)
+    return history
+
+
+def trial_status(ray_status: str | None, last: dict, objectives: list[str]) -> tuple[str, str | None]:
+    """(status, why it failed) per the contract: finished | stopped | failed | running | pending."""
+    if last.get(DIVERGED):
+        return "failed", f"diverged: {last[DIVERGED]}"
+    if last.get(FAIL_REASON):
+        return "failed", str(last[FAIL_REASON])
+    if ray_status == "ERROR":
+        return "failed", None
+    has_epochs = is_number(last.get("epoch")) and is_number(last.get("epochs"))
+    done = has_epochs and last["epoch"] >= last["epochs"]
+    if done or ray_status == "TERMINATED":
+        if not last:
+            return "failed", NO_RESULT
+        if not has_epochs:
+            return "failed", "last result lacks 'epoch'/'epochs'"
+        bad = [o for o in objectives if not is_finite(last.get(o))]
+        if bad:
+            return "failed", f"{', '.join(bad)} missing or not finite at epoch {last['epoch']}"
+        return ("finished" if done else "stopped"), None
+    if last or ray_status in ("RUNNING", "PAUSED"):
+        return "running", None
+    return "pending", None
+
+
+def last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "error (empty error.txt)"
+
+
+
+
+# ---- the Optuna study Ray snapshotted ------------------------------------------------------------------
+def load_searcher_state(experiment_dir: str | Path) -> dict:
+    """The newest searcher snapshot of a (local) experiment: HonestOptunaSearch's attributes. Ray's pickle,
+    written by the user's own experiment (the only pickle certtune loads)."""
+    files = sorted(Path(experiment_dir).glob("searcher-state-*.pkl"))
+    if not files:
+        raise SearchError(f"{experiment_dir}: no searcher-state-*.pkl (the search has not snapshotted yet)")
+    with open(files[-1], "rb") as f:
+        return pickle.load(f)
+
+
+def load_study(experiment_dir: str | Path):
+    """The Optuna study saved with a (local) experiment."""
+    return load_searcher_state(experiment_dir)["_ot_study"]
+
+
+# ---- small helpers -----------------------------------------------------------------------------------
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_finite(v: Any) -> bool:
+    return is_number(v) and math.isfinite(v)
+
+
+def _read_json(path: Path, default: dict) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return default
+    return data if isinstance(data, dict) else default
+
+
+def counts_text(search: Search) -> str:
+    return ", ".join(f"{n} {s}" for s, n in search.counts().items() if n)
