@@ -87,7 +87,7 @@ class ExpressiveConfig:
 class TapsConfig:
     """TAPS / STAPS (Mao et al., NeurIPS 2023). docs/methods.md."""
     head_relus: int = 1  # ReLU layers in the classifier head; the model splits after the ReLU before them
-    gradient_scale: float = 5.0  # w: the TAPS factor's gradient is multiplied by w (L = L_TAPS·L_IBP)
+    gradient_scale: float = 4.0  # w: the TAPS factor's gradient is multiplied by w (L = L_TAPS·L_IBP)
     soft_threshold: float = 0.5  # c in (0, 0.5]: the gradient connector's linear zone, a fraction of the box
     pgd_steps: int = 8  # steps of the search for the worst point in the latent box, per class
     pgd_step_size: float = 0.4  # per step, as a fraction of the latent box's half-width
