@@ -1,11 +1,13 @@
 """Cost of one certified training step relative to one natural step of the same model and batch.
 
-    python -m bench.step_cost --json [--device cpu|cuda] [--repeats N]
+    python -m bench.step_cost --json [--device cpu|cuda] [--repeats N] [--model cnn_small] [--methods sabr,taps]
 
 Each method's step (forward bounds, loss, backward, optimizer step) runs through the trainer's own
 `certified_loss`, interleaved with natural steps (clean forward, CE, backward, step) in the same process,
 so the ratio is measured side by side on whatever load the machine has. The median of per-round times is
-taken. CROWN-IBP is timed during its ramp (mixing weight 0.5), where its backward pass runs.
+taken. Every method is timed mid-ramp (ε at half the target, its preset's regularizers on), so CROWN-IBP's
+backward pass runs (mixing weight 0.5); the newer methods run with their default knobs (TrainConfig: SABR
+8 PGD steps, the expressive losses 1, TAPS 8 in the latent box, STAPS both).
 """
 from __future__ import annotations
 
@@ -24,13 +26,13 @@ from trainers.data import NORMALIZATION
 from trainers.evaluate import InputBox
 from trainers.init import apply_init
 from trainers.models import DATASET_SHAPES, build_model
-from trainers.train import certified_loss
+from trainers.config import METHODS
+from trainers.methods import certified_loss
 
 SETTINGS = [  # (model, dataset, batch, eps)
     ("cnn7", "cifar10", 32, 8 / 255),
     ("cnn_small", "mnist", 128, 0.1),
 ]
-METHODS = ["vanilla", "fast", "crown-ibp"]
 
 
 def sync(device):
@@ -57,14 +59,14 @@ def time_round(step, device, steps):
     return (time.perf_counter() - start) / steps
 
 
-def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s):
+def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s, methods):
     c, h, w, k = DATASET_SHAPES[dataset]
     gen = torch.Generator().manual_seed(0)
     x01 = torch.rand(batch, c, h, w, generator=gen).to(device)
     y = torch.randint(0, k, (batch,), generator=gen).to(device)
     box = InputBox.for_stats(*NORMALIZATION[dataset], device)
     rows = []
-    for method in METHODS:
+    for method in methods:
         cfg = TrainConfig.from_dict({"dataset": dataset, "model": model_name, "method": method, "eps": eps,
                                      "epochs": 10, "schedule": {"start": 1, "length": 5},
                                      "lr_milestones": []}).resolve()
@@ -103,10 +105,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="steps per round, at least")
     parser.add_argument("--min-round-s", type=float, default=0.3,
                         help="more steps per round until a round of natural steps takes this long")
+    parser.add_argument("--model", choices=[m for m, *_ in SETTINGS], help="only this setting (default: all)")
+    parser.add_argument("--methods", default="vanilla,fast,crown-ibp",
+                        help=f"comma-separated, side by side in one run; 'all' = {','.join(METHODS)}")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="keep: glibc keeps freed memory, as the trainer sets it on the CPU (default); "
                              "default: glibc's own settings, for comparison")
     args = parser.parse_args(argv)
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
     device = torch.device(args.device)
     if device.type == "cpu" and args.malloc == "keep":
         keep_freed_memory()
@@ -114,8 +123,9 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = False
     results = []
     for model_name, dataset, batch, eps in SETTINGS:
-        results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps,
-                                 args.min_round_s)
+        if args.model in (None, model_name):
+            results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps,
+                                     args.min_round_s, methods)
     print(json.dumps({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "malloc": args.malloc},
                      indent=None))
