@@ -246,17 +246,20 @@ def taps_margins(head: nn.Sequential, z_lower: Tensor, z_upper: Tensor, clean: T
 
 
 def taps_terms(b: Batch, lower: Tensor, upper: Tensor) -> Robust:
-    """L = L_TAPS · L_IBP over the box [lower, upper]: IBP through the extractor, then TAPS's estimate and
-    IBP through the head; the TAPS factor's gradient is scaled by w (batch means, as TAPS's code)."""
+    """L = L_TAPS · L_IBP over the box [lower, upper], batch means as in TAPS's code; the TAPS factor's
+    gradient is scaled by w. One IBP pass through the whole model gives L_IBP, the regularizers' bounds and
+    the latent box (the output interval of the ReLU the extractor ends with)."""
     t = b.cfg.taps
     extractor, head = split_at_relu(b.model, t.head_relus)
-    tape = Tape(update_bn_stats=True)
-    s = ibp_walk(extractor, State(b.clean, (upper + lower) / 2, (upper - lower) / 2), tape)
-    z_lower, z_upper = s.center - s.radius, s.center + s.radius
-    p = propagate(head, z_lower, z_upper, b.C, x=s.clean, update_bn_stats=True)
-    taps = taps_margins(head, z_lower, z_upper, s.clean, b.C, t)
+    p = propagate(b.model, lower, upper, b.C, x=b.clean, update_bn_stats=True)
+    split = p.relu_inputs[sum(isinstance(m, nn.ReLU) for m in extractor.modules()) - 1]
+    z_lower, z_upper = torch.relu(split.lower), torch.relu(split.upper)
+    clean = None  # the clean batch at the split, for the head's BN statistics
+    if b.clean is not None:  # (its interval part is one example of radius 0: only the clean pass matters)
+        clean = ibp_walk(extractor, State(b.clean, b.clean[:1], torch.zeros_like(b.clean[:1])), Tape()).clean
+    taps = taps_margins(head, z_lower, z_upper, clean, b.C, t)
     loss = ScaleGradient.apply(robust_ce(taps), t.gradient_scale) * robust_ce(p.lower)
-    return Robust(loss, tape.relu_inputs + p.relu_inputs, (upper - lower).mean())
+    return Robust(loss, p.relu_inputs, (upper - lower).mean())
 
 
 def taps_loss(b: Batch) -> Robust:
