@@ -5,7 +5,9 @@
 Each method's step (forward bounds, loss, backward, optimizer step) runs through the trainer's own
 `certified_loss`, interleaved with natural steps (clean forward, CE, backward, step) in the same process,
 so the ratio is measured side by side on whatever load the machine has. The median of per-round times is
-taken. Every method is timed mid-ramp (ε at half the target, its preset's regularizers on), so CROWN-IBP's
+taken. `--clock process --threads 1` times the process's CPU seconds on one thread instead of elapsed time:
+on a CPU machine shared with other jobs, elapsed time measures the queue, CPU time the work.
+Every method is timed mid-ramp (ε at half the target, its preset's regularizers on), so CROWN-IBP's
 backward pass runs (mixing weight 0.5); the newer methods run with their default knobs (TrainConfig: SABR
 8 PGD steps, the expressive losses 1, TAPS 8 in the latent box, STAPS both).
 """
@@ -50,13 +52,16 @@ def make_step(model, optimizer, step_loss):
     return step
 
 
+CLOCK = time.perf_counter  # --clock process: time.process_time, this process's CPU seconds
+
+
 def time_round(step, device, steps):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         step()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return (CLOCK() - start) / steps
 
 
 def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s, methods):
@@ -108,6 +113,10 @@ def main(argv=None):
     parser.add_argument("--model", choices=[m for m, *_ in SETTINGS], help="only this setting (default: all)")
     parser.add_argument("--methods", default="vanilla,fast,crown-ibp",
                         help=f"comma-separated, side by side in one run; 'all' = {','.join(METHODS)}")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU seconds of this process (with --threads 1, a cost measure that other "
+                             "jobs on a shared CPU machine barely disturb); wall: elapsed time (default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="keep: glibc keeps freed memory, as the trainer sets it on the CPU (default); "
                              "default: glibc's own settings, for comparison")
@@ -117,6 +126,10 @@ def main(argv=None):
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
     device = torch.device(args.device)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cpu" and args.malloc == "keep":
         keep_freed_memory()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -127,7 +140,7 @@ def main(argv=None):
             results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps,
                                      args.min_round_s, methods)
     print(json.dumps({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "malloc": args.malloc},
+                      "malloc": args.malloc, "clock": args.clock},
                      indent=None))
 
 
