@@ -177,18 +177,19 @@ def test_taps_margins_reach_the_bounds_through_the_connector():
 
 
 def test_gradient_connector_is_rectified_linear():
-    lower, upper = torch.zeros(1, 3, requires_grad=True), torch.ones(1, 3, requires_grad=True)
-    points = torch.tensor([[[1.0, 0.75, 0.6], [0.0, 0.25, 0.9]]])
+    lower, upper = torch.zeros(1, 4, requires_grad=True), torch.ones(1, 4, requires_grad=True)
+    points = torch.tensor([[[1.0, 0.75, 0.6, 0.52], [0.0, 0.25, 0.9, 0.3]]])  # two estimates of one example
     out = GradientConnector.apply(lower, upper, points, 0.5)
     assert torch.equal(out, points)
     out.sum().backward()
-    # upper: weight (p − 0.5)/0.5 for p ≥ 0.5: 1 + 0, 0.5 + 0, 0.2 + 0.8; lower: (0.5 − p)/0.5 for p ≤ 0.5
-    torch.testing.assert_close(upper.grad, torch.tensor([[1.0, 0.5, 1.0]]))
-    torch.testing.assert_close(lower.grad, torch.tensor([[1.0, 0.5, 0.0]]))
+    # upper: weight (p − 0.5)/0.5 where p ≥ 0.5: 1 + 0, 0.5 + 0, 0.2 + 0.8, 0.04 + 0
+    # lower: weight (0.5 − p)/0.5 where p ≤ 0.5: 0 + 1, 0 + 0.5, 0 + 0, 0 + 0.4
+    torch.testing.assert_close(upper.grad, torch.tensor([[1.0, 0.5, 1.0, 0.04]]))
+    torch.testing.assert_close(lower.grad, torch.tensor([[1.0, 0.5, 0.0, 0.4]]))
     lower.grad = upper.grad = None
     GradientConnector.apply(lower, upper, points, 0.25).sum().backward()  # linear zone: the outer quarter
-    torch.testing.assert_close(upper.grad, torch.tensor([[1.0, 0.0, 0.6]]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(lower.grad, torch.tensor([[1.0, 0.0, 0.0]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(upper.grad, torch.tensor([[1.0, 0.0, 0.6, 0.0]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(lower.grad, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-4, rtol=0)
 
 
 def test_staps_is_taps_over_the_small_box():
