@@ -1,11 +1,15 @@
 """Cost of one certified training step relative to one natural step of the same model and batch.
 
-    python -m bench.step_cost --json [--device cpu|cuda] [--repeats N]
+    python -m bench.step_cost --json [--device cpu|cuda] [--repeats N] [--model cnn_small] [--methods sabr,taps]
 
 Each method's step (forward bounds, loss, backward, optimizer step) runs through the trainer's own
 `certified_loss`, interleaved with natural steps (clean forward, CE, backward, step) in the same process,
 so the ratio is measured side by side on whatever load the machine has. The median of per-round times is
-taken. CROWN-IBP is timed during its ramp (mixing weight 0.5), where its backward pass runs.
+taken. `--clock process --threads 1` times the process's CPU seconds on one thread instead of elapsed time:
+on a CPU machine shared with other jobs, elapsed time measures the queue, CPU time the work.
+Every method is timed mid-ramp (ε at half the target, its preset's regularizers on), so CROWN-IBP's
+backward pass runs (mixing weight 0.5); the newer methods run with their default knobs (TrainConfig: SABR
+8 PGD steps, the expressive losses 1, TAPS 8 in the latent box, STAPS both).
 """
 from __future__ import annotations
 
@@ -24,13 +28,13 @@ from trainers.data import NORMALIZATION
 from trainers.evaluate import InputBox
 from trainers.init import apply_init
 from trainers.models import DATASET_SHAPES, build_model
-from trainers.train import certified_loss
+from trainers.config import METHODS
+from trainers.methods import certified_loss
 
 SETTINGS = [  # (model, dataset, batch, eps)
     ("cnn7", "cifar10", 32, 8 / 255),
     ("cnn_small", "mnist", 128, 0.1),
 ]
-METHODS = ["vanilla", "fast", "crown-ibp"]
 
 
 def sync(device):
@@ -48,23 +52,26 @@ def make_step(model, optimizer, step_loss):
     return step
 
 
+CLOCK = time.perf_counter  # --clock process: time.process_time, this process's CPU seconds
+
+
 def time_round(step, device, steps):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         step()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return (CLOCK() - start) / steps
 
 
-def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s):
+def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s, methods):
     c, h, w, k = DATASET_SHAPES[dataset]
     gen = torch.Generator().manual_seed(0)
     x01 = torch.rand(batch, c, h, w, generator=gen).to(device)
     y = torch.randint(0, k, (batch,), generator=gen).to(device)
     box = InputBox.for_stats(*NORMALIZATION[dataset], device)
     rows = []
-    for method in METHODS:
+    for method in methods:
         cfg = TrainConfig.from_dict({"dataset": dataset, "model": model_name, "method": method, "eps": eps,
                                      "epochs": 10, "schedule": {"start": 1, "length": 5},
                                      "lr_milestones": []}).resolve()
@@ -103,21 +110,37 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="steps per round, at least")
     parser.add_argument("--min-round-s", type=float, default=0.3,
                         help="more steps per round until a round of natural steps takes this long")
+    parser.add_argument("--model", choices=[m for m, *_ in SETTINGS], help="only this setting (default: all)")
+    parser.add_argument("--methods", default="vanilla,fast,crown-ibp",
+                        help=f"comma-separated, side by side in one run; 'all' = {','.join(METHODS)}")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU seconds of this process (with --threads 1, a cost measure that other "
+                             "jobs on a shared CPU machine barely disturb); wall: elapsed time (default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="keep: glibc keeps freed memory, as the trainer sets it on the CPU (default); "
                              "default: glibc's own settings, for comparison")
     args = parser.parse_args(argv)
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
     device = torch.device(args.device)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cpu" and args.malloc == "keep":
         keep_freed_memory()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = []
     for model_name, dataset, batch, eps in SETTINGS:
-        results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps,
-                                 args.min_round_s)
+        if args.model in (None, model_name):
+            results += bench_setting(model_name, dataset, batch, eps, device, args.repeats, args.steps,
+                                     args.min_round_s, methods)
     print(json.dumps({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "malloc": args.malloc},
+                      "malloc": args.malloc, "clock": args.clock},
                      indent=None))
 
 

@@ -14,7 +14,10 @@ from tuner.spaces import SPACES_DIR, Expr, ExprError, SpaceError, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ["mnist_eps0.4", "cifar10_eps8", "cifar10_eps2", "tinyimagenet_eps1", "mnist_tiny", "mnist_small_budget"]
+SHIPPED = ["mnist_eps0.4", "cifar10_eps8", "cifar10_eps2", "tinyimagenet_eps1", "mnist_tiny", "mnist_small_budget",
+           "mnist_methods"]
+# each method's own knobs (docs/methods.md), searched only when it runs
+METHOD_KNOBS = {"sabr.": ("sabr", "staps"), "expressive.": ("mtl-ibp", "cc-ibp", "exp-ibp"), "taps.": ("taps", "staps")}
 N_TRIALS = 200
 
 
@@ -105,7 +108,8 @@ def test_sampled_points_give_valid_configs(name, sampler):
         assert all(1 <= m <= cfg.epochs for m in cfg.lr_milestones)
         assert cfg.batch_size % cfg.grad_accum == 0
         # conditionals: lambda0/tau only when a regularizer is on, mid only for the smoothed schedule
-        fast = params.get("method", "fast") == "fast"
+        method = params.get("method", base.method)
+        fast = method not in ("vanilla", "crown-ibp")  # fast and the newer methods take init/regs
         reg_on = fast and (params.get("reg.tightness") is True or params.get("reg.relu") is True)
         assert ("reg.lambda0" in params) == reg_on
         seen["lambda0" if reg_on else "no_lambda0"] += 1
@@ -114,6 +118,12 @@ def test_sampled_points_give_valid_configs(name, sampler):
         if not fast:
             assert not {"init", "reg.tightness", "reg.relu"} & set(params)
             assert (cfg.init, cfg.reg.tightness, cfg.reg.relu) == ("default", False, False)
+        for prefix, methods in METHOD_KNOBS.items():
+            searched = [k for k in space.params if k.startswith(prefix)]
+            assert all((k in params) == (method in methods) for k in searched), (method, params)
+            if searched:
+                seen[f"{prefix} on" if method in methods else f"{prefix} off"] = 1
+        assert cfg.method == method
         smoothed = params["schedule.kind"] == "smoothed"
         assert ("schedule.mid" in params) == smoothed
         seen["mid" if smoothed else "no_mid"] += 1
@@ -126,6 +136,34 @@ def test_sampled_points_give_valid_configs(name, sampler):
                 assert getattr(getattr(cfg, section) if section else cfg, leaf) == value
         study.tell(trial, fake_objective(params))
     assert all(seen.values()), seen  # both sides of each condition were explored
+    for prefix in METHOD_KNOBS:
+        if any(k.startswith(prefix) for k in space.params):
+            assert f"{prefix} on" in seen and f"{prefix} off" in seen, seen
+
+
+def test_mnist_methods_seeds_each_method_with_its_paper_settings():
+    """The defaults (fast) and one seed per other method are Ray's first trials, in file order."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = load_space("mnist_methods")
+    seeds = space.seed_points()
+    search = OptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min", points_to_evaluate=seeds,
+                          sampler=optuna.samplers.TPESampler(seed=0))
+    configs = []
+    for i, seed in enumerate(seeds):
+        config = search.suggest(f"t{i}")
+        assert config == seed
+        configs.append(space.to_train_config(config))
+        search.on_trial_complete(f"t{i}", {"ibp_err": 0.5})
+    assert [c.method for c in configs] == ["fast", "vanilla", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp",
+                                           "taps", "staps"]
+    by = {c.method: c for c in configs}
+    assert (by["sabr"].sabr.ratio, by["staps"].sabr.ratio, by["staps"].taps.gradient_scale) == (0.6, 0.6, 4.0)
+    assert (by["mtl-ibp"].expressive.alpha, by["mtl-ibp"].expressive.pgd_steps) == (0.5, 1)
+    assert by["sabr"].init == "ibp" and by["sabr"].reg.relu and by["vanilla"].init == "default"
+    shared = {"lr", "batch_size", "epochs", "lr_milestones", "schedule", "grad_clip", "train_eps_mul"}
+    assert all({k: c.to_dict()[k] for k in shared} == {k: configs[0].to_dict()[k] for k in shared} for c in configs)
+    assert set(search.suggest("t_next")) <= set(space.searched_names())  # then TPE proposes
 
 
 def test_dynamic_bounds_follow_other_params():
@@ -255,6 +293,12 @@ BAD = [  # (mutations, the param or place named, the problem named)
      "unknown name '_milestone'"),
     ([_set("params/lr/log", True)], "'lr'", "unknown key 'log' for type loguniform"),
     ([_set("base/epochz", 3)], "base", "unknown config key 'epochz'"),
+    ([_set("seeds", {"lr": 1e-3})], "seeds", "expected a list of mappings"),
+    ([_set("seeds", [{"lr": 1.0}])], "seeds[0]: param 'lr'", "outside [0.0001, 0.003]"),
+    ([_set("seeds", [{"lrr": 1e-3}])], "seeds[0] 'lrr'", "not a searched param"),
+    ([_set("seeds", [{"lr": 1e-3}]), _set("defaults", DELETE)], "seeds", "give a defaults section"),
+    ([_set("seeds", [{"schedule.length": 5}]), _set("base/epochs", 4), _set("params/schedule.length/high", 3)],
+     "seeds[0]", "5 is outside [1, 3]"),
 ]
 
 

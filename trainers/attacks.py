@@ -39,3 +39,24 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, lower: Tensor, upper: Ten
 @torch.no_grad()
 def model_predicts_wrong(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return model(x).argmax(1) != y
+
+
+def pgd_maximize(objective, start: Tensor, lower: Tensor, upper: Tensor, steps: int, alpha: Tensor | float) -> Tensor:
+    """Sign-gradient ascent on `objective` (points → one value per point, shape (N,)) inside [lower, upper],
+    from `start`; returns each point's best iterate (the first one on ties). Used by the training methods
+    (docs/methods.md): it takes gradients only with respect to the points, never the model's parameters."""
+    x = start.detach()
+    best, best_val = x.clone(), None
+    for i in range(steps + 1):
+        x = x.detach().requires_grad_(i < steps)
+        with torch.enable_grad():
+            value = objective(x)
+        with torch.no_grad():
+            better = torch.ones_like(value, dtype=torch.bool) if best_val is None else value > best_val
+            best_val = value.detach() if best_val is None else torch.where(better, value, best_val)
+            best[better] = x.detach()[better]
+        if i == steps:
+            break
+        grad, = torch.autograd.grad(value.sum(), x)
+        x = torch.max(torch.min(x.detach() + alpha * grad.sign(), upper), lower)
+    return best

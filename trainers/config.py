@@ -18,7 +18,8 @@ import yaml
 from .errors import ConfigError, shown
 from .safe_yaml import parse_yaml, read_yaml_file
 
-METHODS = ("vanilla", "crown-ibp", "fast")
+METHODS = ("vanilla", "crown-ibp", "fast", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
+IBP_FAMILY = ("vanilla", "crown-ibp", "fast")  # the 2021 methods; the others are docs/methods.md's newer ones
 DATASETS = ("mnist", "cifar10", "tinyimagenet")
 MODELS = ("cnn7", "wrn8", "resnext", "cnn_small")
 BN_PLACEMENTS = ("full", "conv", "none")
@@ -45,8 +46,8 @@ class ScheduleConfig:
 
 @dataclass
 class RegConfig:
-    tightness: bool | None = None  # None: on for method `fast`
-    relu: bool | None = None  # None: on for method `fast`
+    tightness: bool | None = None  # None: on for `fast` and the newer methods (not vanilla, crown-ibp)
+    relu: bool | None = None  # None: as tightness
     std: bool = False  # L_std, in the camera-ready code only
     lambda0: float = 0.5
     tau: float = 0.5
@@ -73,6 +74,33 @@ class EvalConfig:
 
 
 @dataclass
+class SabrConfig:
+    """SABR (Müller et al., ICLR 2023), also STAPS's small box. docs/methods.md."""
+    ratio: float = 0.4  # λ: the small box's radius as a fraction of the ε-box's half-width, in (0, 1]
+    pgd_steps: int = 8  # PGD steps of the attack that places the small box
+    pgd_step_size: float = 0.5  # per step, as a fraction of the attack's ε
+
+
+@dataclass
+class ExpressiveConfig:
+    """MTL-IBP / CC-IBP / Exp-IBP (De Palma et al., ICLR 2024). docs/methods.md."""
+    alpha: float = 0.5  # α in [0, 1]: 0 is the adversarial loss, 1 the IBP loss
+    attack_eps_scale: float = 1.0  # the attack searches the box of radius attack_eps_scale·ε
+    pgd_steps: int = 1
+    pgd_step_size: float = 1.0  # per step, as a fraction of the attack's ε
+
+
+@dataclass
+class TapsConfig:
+    """TAPS / STAPS (Mao et al., NeurIPS 2023). docs/methods.md."""
+    head_relus: int = 1  # ReLU layers in the classifier head; the model splits after the ReLU before them
+    gradient_scale: float = 4.0  # w: the TAPS factor's gradient is multiplied by w (L = L_TAPS·L_IBP)
+    soft_threshold: float = 0.5  # c in (0, 0.5]: the gradient connector's linear zone, a fraction of the box
+    pgd_steps: int = 8  # steps of the search for the worst point in the latent box, per class
+    pgd_step_size: float = 0.4  # per step, as a fraction of the latent box's half-width
+
+
+@dataclass
 class TrainConfig:
     # Defaults are the paper's MNIST setting (ε = 0.4, CNN-7, 70 epochs = 0 + 20 ramp + 50, milestones 50, 60).
     dataset: str = "mnist"
@@ -91,13 +119,16 @@ class TrainConfig:
     grad_clip: float = 10.0  # max total grad norm; 0 = off
     grad_accum: int = 1
     train_eps_mul: float = 1.0  # the training ε is the scheduled ε times this
-    init: str | None = None  # None: `ibp` for fast, `default` otherwise
+    init: str | None = None  # None: `default` for vanilla and crown-ibp, `ibp` otherwise
     bn: str = "full"  # BN after every conv and hidden linear (full), convs only, or none
     bound: str | None = None  # training bound: None → crown-ibp for method crown-ibp, else ibp
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sabr: SabrConfig = field(default_factory=SabrConfig)  # method sabr, staps
+    expressive: ExpressiveConfig = field(default_factory=ExpressiveConfig)  # mtl-ibp, cc-ibp, exp-ibp
+    taps: TapsConfig = field(default_factory=TapsConfig)  # taps, staps
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -144,8 +175,11 @@ class TrainConfig:
         """Fill the None ('auto') fields from `method` and validate. Idempotent."""
         cfg = dataclasses.replace(self, schedule=dataclasses.replace(self.schedule),
                                   reg=dataclasses.replace(self.reg), data=dataclasses.replace(self.data),
-                                  eval=dataclasses.replace(self.eval))
-        fast = cfg.method == "fast"
+                                  eval=dataclasses.replace(self.eval), sabr=dataclasses.replace(self.sabr),
+                                  expressive=dataclasses.replace(self.expressive),
+                                  taps=dataclasses.replace(self.taps))
+        # fast, and every newer method as CTBench runs it: IBP init and both warmup regularizers.
+        fast = cfg.method not in ("vanilla", "crown-ibp")
         if cfg.init is None:
             cfg.init = "ibp" if fast else "default"
         if cfg.bound is None:
@@ -171,6 +205,9 @@ class TrainConfig:
             _choice("init", self.init, INITS)
         if self.bound is not None:
             _choice("bound", self.bound, ("ibp", "crown-ibp"))
+            if self.bound == "crown-ibp" and self.method not in IBP_FAMILY:
+                raise ConfigError(f"bound: crown-ibp applies to methods {', '.join(IBP_FAMILY)}, "
+                                  f"not {self.method} (which bounds with IBP)")
         _choice("schedule.kind", self.schedule.kind, SCHEDULES)
         for name in self.eval.metrics:
             _choice("eval.metrics", name, EVAL_METRICS)
@@ -220,6 +257,38 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
         _positive("eval.pgd_step_size", self.eval.pgd_step_size)
+        self._validate_method_knobs()
+
+    def _validate_method_knobs(self) -> None:
+        _in_open_closed("sabr.ratio", self.sabr.ratio, 0, 1)
+        _nonneg_int("sabr.pgd_steps", self.sabr.pgd_steps)
+        _positive("sabr.pgd_step_size", self.sabr.pgd_step_size)
+        if not 0 <= self.expressive.alpha <= 1:
+            raise ConfigError(f"expressive.alpha: must be in [0, 1], got {self.expressive.alpha}")
+        _positive("expressive.attack_eps_scale", self.expressive.attack_eps_scale)
+        _nonneg_int("expressive.pgd_steps", self.expressive.pgd_steps)
+        _positive("expressive.pgd_step_size", self.expressive.pgd_step_size)
+        _positive_int("taps.head_relus", self.taps.head_relus)
+        _nonneg("taps.gradient_scale", self.taps.gradient_scale)
+        _in_open_closed("taps.soft_threshold", self.taps.soft_threshold, 0, 0.5)
+        _nonneg_int("taps.pgd_steps", self.taps.pgd_steps)
+        _positive("taps.pgd_step_size", self.taps.pgd_step_size)
+        if self.method in ("taps", "staps"):
+            relus = top_level_relus(self.model, self.dataset, self.bn)
+            if self.taps.head_relus >= relus:
+                raise ConfigError(f"taps.head_relus: model {self.model} has {relus} ReLU layers at its top level, "
+                                  f"so the head can hold 1 to {relus - 1}, got {self.taps.head_relus}")
+
+
+def top_level_relus(model: str, dataset: str, bn: str) -> int:
+    """How many nn.ReLU modules the model's top-level nn.Sequential holds (TAPS splits after one of them).
+    The model is built on the meta device: no weights are allocated."""
+    import torch
+    from torch import nn
+
+    from .models import build_model
+    with torch.device("meta"):
+        return sum(isinstance(m, nn.ReLU) for m in build_model(model, dataset, bn))
 
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
     Trainer(cfg, data_dir, out_dir).fit(on_epoch=callback)
 
-Each step: build the L∞ box at the scheduled ε; one walk through the model gives the clean logits (BN uses
-the clean batch's statistics) and the IBP bounds of the margins; the loss is the robust CE of the margin
-lower bounds (or clean CE while ε = 0), plus λ·regularizers during warmup.
+Each step: the loss of the configured method at the scheduled ε (trainers/methods.py: one function per
+method; the loop does not know which runs), plus λ·regularizers during warmup; clean CE while ε = 0.
 """
 from __future__ import annotations
 
@@ -17,31 +16,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .bounds import crown_lower, has_batchnorm, margin_spec, propagate
 from .checkpoint import CheckpointError, load_weights, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .cpu_memory import keep_freed_memory
 from .data import load_splits, make_loader
 from .evaluate import InputBox, evaluate
 from .init import apply_init
+from .methods import certified_loss, robust_ce  # noqa: F401 (robust_ce: re-exported for callers of this module)
 from .models import build_model
-from .regularizers import warmup_regularizer
 from .run_dir import RunDir
-from .schedules import EpsSchedule, first_target_epoch, last_reg_epoch, reg_weight
+from .schedules import EpsSchedule, first_target_epoch, last_reg_epoch
 
 
 class DivergedError(RuntimeError):
     """The loss or the bounds became NaN/inf; the run cannot continue."""
-
-
-def robust_ce(margin_lower: Tensor) -> Tensor:
-    """CE of the worst-case logits: mean over the batch of log(1 + Σ_i exp(−m_i))."""
-    zeros = torch.zeros(len(margin_lower), 1, device=margin_lower.device, dtype=margin_lower.dtype)
-    logits = torch.cat([zeros, -margin_lower], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")
@@ -62,35 +52,6 @@ def pick_device(name: str | None) -> torch.device:
     if device.type == "cpu":
         keep_freed_memory()  # CPU steps are 25-30% faster without a page fault per fresh tensor
     return device
-
-
-def certified_loss(model, box: InputBox, cfg: TrainConfig, num_classes: int, x01: Tensor, y: Tensor,
-                   eps_sched: float, reg_on: bool) -> dict[str, Tensor]:
-    """Loss of one (sub-)batch at the scheduled ε (method.md §2). Returns the total and its parts."""
-    eps_train = eps_sched * cfg.train_eps_mul
-    if eps_train == 0 and not reg_on:  # plain clean training: no bounds needed
-        logits = model(box.normalize(x01))
-        loss = F.cross_entropy(logits, y)
-        return {"loss": loss, "loss_robust": loss.detach(), "loss_reg": torch.zeros(())}
-    # While ε = 0 the regularizers still need bounds: they use a tiny ε (method.md §1c).
-    x, lower, upper = box.box(x01, eps_train if eps_train > 0 else cfg.reg.min_eps)
-    C = margin_spec(y, num_classes)
-    # The clean batch rides along only where something uses it: BN statistics, or the clean loss at ε = 0.
-    carry_clean = eps_train == 0 or has_batchnorm(model)
-    p = propagate(model, lower, upper, C, x=x if carry_clean else None, update_bn_stats=True)
-    if eps_train > 0:
-        margin = p.lower
-        mix = 1 - eps_sched / cfg.eps  # CROWN-IBP's weight shrinks as ε grows
-        if cfg.bound == "crown-ibp" and mix >= 1e-5:
-            margin = mix * crown_lower(model, p, C, lower, upper) + (1 - mix) * margin
-        data_loss = robust_ce(margin)
-    else:
-        data_loss = F.cross_entropy(p.clean_logits, y)
-    reg = torch.zeros((), device=x.device)
-    if reg_on:
-        lam = reg_weight(eps_sched, cfg.eps, cfg.reg.lambda0, cfg.reg.decay)
-        reg = lam * warmup_regularizer(p.relu_inputs, (upper - lower).mean(), cfg.reg)
-    return {"loss": data_loss + reg, "loss_robust": data_loss.detach(), "loss_reg": reg.detach()}
 
 
 class Trainer:

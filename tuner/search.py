@@ -84,14 +84,13 @@ def max_epochs_at_target(space: SearchSpace) -> int:
     """The most epochs at target ε any trial of the space can have (places the ASHA rungs).
 
     Epochs at target = epochs − first target epoch + 1, largest with the most epochs and the shortest ramp:
-    the low corner (shortest ramp) with `epochs` (if searched) at its high bound, the high corner and the
-    defaults point are tried; the largest count wins.
+    the low corner (shortest ramp) with `epochs` (if searched) at its high bound, the high corner, the
+    defaults and the seed points are tried; the largest count wins.
     """
     points = [space.corner("low"), space.corner("high")]
     if "epochs" in space.params:
         points.append(space.corner("low", fixed={"epochs": space.corner("high")["epochs"]}))
-    if space.default_point():
-        points.append(space.default_point())
+    points += space.seed_points()
     best = 1
     for point in points:
         try:
@@ -247,14 +246,14 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
 
     space = record.build_space()
     single = len(record.objective) == 1
-    default = space.default_point()
+    seeds = space.seed_points()
     # TPE with Optuna 5's defaults (multivariate for one objective), or random sampling; seeded; the
-    # space's defaults first. (Ray refuses a sampler together with its seed argument.)
+    # space's defaults and seeds first. (Ray refuses a sampler together with its seed argument.)
     sampler = optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
                                   mode=record.modes[0] if single else list(record.modes),
-                                  points_to_evaluate=[default] if default else None,
+                                  points_to_evaluate=seeds or None,
                                   sampler=sampler, seed=None if sampler else record.seed)
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))

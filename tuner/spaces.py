@@ -20,6 +20,7 @@ File format (full guide with examples: docs/search_spaces.md)::
       _m1: "round(_milestone_frac * epochs)"                                  # helper target
       lr_milestones: "[_m1, _m1 + 1]"
     defaults: {lr: 5.0e-4, ...}                 # optional: a known-good point, evaluated first
+    seeds: [{method: sabr, sabr.ratio: 0.6}]    # optional: more known-good points, as changes to defaults
 
 - Param names are TrainConfig dotted keys (leaf fields only) or helper names `_identifier`.
 - Types: `uniform` (low, high, optional step), `loguniform` (low > 0, high), `int` (low, high, optional
@@ -45,7 +46,8 @@ param on the trial and returns None: Ray's OptunaSearch records each `trial.sugg
 trial a config with exactly those values under their names (dotted names stay flat, Ray unflattens on
 "/"), while a returned dict would only be merged in as extra constants. Derived values are therefore not
 in the Ray config: the trainable calls `space.to_train_config(config)`, which recomputes them.
-`space.default_point()` is the `points_to_evaluate` entry (only the params active at that point).
+`space.seed_points()` are the `points_to_evaluate` entries: the defaults point, then each seed (the defaults
+with the seed's changes, params inactive there dropped), each holding only the params active at it.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ from trainers.config import ConfigError, TrainConfig
 from trainers.errors import shown
 from trainers.safe_yaml import parse_yaml, read_yaml_file
 
-SECTIONS = ("description", "base", "params", "derived", "defaults")
+SECTIONS = ("description", "base", "params", "derived", "defaults", "seeds")
 TYPES = ("uniform", "loguniform", "int", "categorical")
 PARAM_KEYS = {
     "uniform": ("type", "low", "high", "step", "when"),
@@ -356,7 +358,8 @@ class SearchSpace:
     """A validated space. Build with `load_space(path)` or `SearchSpace.from_dict(raw, name)`."""
 
     def __init__(self, name: str, source: str, base: dict[str, Any], params: dict[str, Param],
-                 derived: dict[str, Expr], defaults: dict[str, Any] | None, description: str = ""):
+                 derived: dict[str, Expr], defaults: dict[str, Any] | None, description: str = "",
+                 seeds: list[dict[str, Any]] | None = None):
         self.name = name
         self.source = source
         self.description = description
@@ -364,6 +367,7 @@ class SearchSpace:
         self.params = params
         self.derived = derived
         self.defaults = defaults
+        self.seeds = list(seeds or [])
         self.base_config = TrainConfig.from_dict(base)
         self.base_values = _flatten(self.base_config.to_dict())
         self.order = self._dependency_order()
@@ -390,6 +394,12 @@ class SearchSpace:
     def default_point(self) -> dict[str, Any]:
         """The `defaults` section (params active there only); {} when the file has none."""
         return dict(self.defaults or {})
+
+    def seed_points(self) -> list[dict[str, Any]]:
+        """The points evaluated first: the defaults, then each seed applied to them ([] without defaults)."""
+        if not self.defaults:
+            return []
+        return [self.default_point()] + [self.active_values({**self.defaults, **seed}) for seed in self.seeds]
 
     def searched_names(self) -> list[str]:
         return list(self.params)
@@ -541,8 +551,13 @@ class _Builder:
         defaults = raw.get("defaults")
         if defaults is not None and not isinstance(defaults, dict):
             raise self.fail("defaults", "expected a mapping param -> value")
+        seeds = raw.get("seeds")
+        if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(x, dict) for x in seeds)):
+            raise self.fail("seeds", "expected a list of mappings param -> value (changes to the defaults)")
+        if seeds and defaults is None:
+            raise self.fail("seeds", "seeds are changes to the defaults point; give a defaults section")
         space = SearchSpace(name, self.source, base, params, derived, defaults,
-                            str(raw.get("description") or ""))
+                            str(raw.get("description") or ""), seeds)
         self.check_points(space)
         return space
 
@@ -679,6 +694,16 @@ class _Builder:
         if space.defaults is not None:
             self.check_defaults(space)
             self.build_config(space, "defaults", space.defaults)
+        for i, seed in enumerate(space.seeds):
+            where = f"seeds[{i}]"
+            unknown = sorted(set(seed) - set(space.params))
+            if unknown:
+                raise self.fail(f"{where} '{unknown[0]}'", "not a searched param")
+            try:
+                point = space.active_values({**space.defaults, **seed})
+            except SpaceError as e:
+                raise self.fail(f"{where}: {e.where}", e.problem) from None
+            self.build_config(space, where, point)
         for p in space.params.values():  # first, so a bad choice is named as such
             for choice in p.choices or []:
                 point = space.corner("low", fixed={p.name: choice})
