@@ -11,8 +11,6 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 METHODS = ("vanilla", "crown-ibp", "fast")
 DATASETS = ("mnist", "cifar10", "tinyimagenet")
 MODELS = ("cnn7", "wrn8", "resnext", "cnn_small")
@@ -103,6 +101,8 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        import yaml  # here, not at the top: a GPU machine with only torch can build configs from dicts
+
         raw = yaml.safe_load(path.read_text())
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
@@ -112,6 +112,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
@@ -270,6 +272,8 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings from the command line; values are parsed as YAML (so 0.1, true, [50,60])."""
+    import yaml
+
     out = {}
     for item in items:
         if "=" not in item:
