@@ -59,29 +59,30 @@ def points_in_box(lower: Tensor, upper: Tensor, n_random: int, n_corners: int, g
     return pts
 
 
-def pgd_on_margins(f: nn.Module, C: Tensor, x: Tensor, lower: Tensor, upper: Tensor, steps: int = 30):
+def pgd_on_margins(f: nn.Module, C: Tensor, x: Tensor, lower: Tensor, upper: Tensor, steps: int = 30,
+                   per_margin: bool = True):
     """(lowest, highest) value PGD finds for each margin C·f, each of shape (B, S).
 
-    Every (example, margin) pair gets its own row, so each margin is attacked on its own rather than
-    their sum. `f` must treat rows independently (eval mode).
+    per_margin: every (example, margin) pair gets its own row, so each margin is attacked on its own (S
+    times the work); otherwise one attack per example pushes the sum of its margins. `f` must treat rows
+    independently (eval mode).
     """
     B, S = C.shape[:2]
-    rows = C.reshape(B * S, 1, -1)  # one spec row per attacked margin
-
-    def expand(t):
-        return t.repeat_interleave(S, dim=0)
-
-    x, lower, upper = expand(x), expand(lower), expand(upper)
+    if per_margin:
+        rows = C.reshape(B * S, 1, -1)  # one spec row per attacked margin
+        x, lower, upper = (t.repeat_interleave(S, dim=0) for t in (x, lower, upper))
+    else:
+        rows = C
     extremes = []
     for sign in (1.0, -1.0):  # minimize, then maximize
         z = x.clone()
         for _ in range(steps):
             z.requires_grad_(True)
-            obj = sign * torch.einsum("rsk,rk->r", rows, f(z)).sum()
+            obj = sign * torch.einsum("rsk,rk->rs", rows, f(z)).sum()
             g, = torch.autograd.grad(obj, z)
             z = torch.max(torch.min(z.detach() - 0.1 * (upper - lower) * g.sign(), upper), lower)
         with torch.no_grad():
-            extremes.append(torch.einsum("rsk,rk->r", rows, f(z)).view(B, S))
+            extremes.append(torch.einsum("rsk,rk->rs", rows, f(z)).reshape(B, S))
     return extremes[0], extremes[1]
 
 
