@@ -20,6 +20,7 @@ torch and torchvision runs it.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -213,28 +214,47 @@ def training(sizes: Sizes, device, data_dir) -> dict:
 
 
 # ---- torch.compile -------------------------------------------------------------------------------------------
+def grads(loss_fn, model, x01, y):
+    """(loss, gradients) of one call, the model's state (BN running statistics) left as it was."""
+    state = copy.deepcopy(model.state_dict())
+    loss = loss_fn(x01, y)
+    if not loss.requires_grad:
+        raise RuntimeError("the loss came back without a grad_fn: training through it would not learn")
+    g = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    model.load_state_dict(state)
+    return loss.detach(), [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, model.parameters())]
+
+
 def compile_method(method, sizes: Sizes, device, eps=8 / 255) -> dict:
     """Eager against torch.compile'd loss (forward and backward; the optimizer step stays eager) on the same
-    model and batch: compile seconds, then alternating timed rounds."""
+    model and batch: the compiled loss and gradients must match the eager ones, then compile seconds and
+    alternating timed rounds."""
     setup = step_setup(sizes.step_model, sizes.step_dataset, sizes.step_batch, eps,
                        "fast" if method == "natural" else method, device)
     loss = setup.natural_loss if method == "natural" else setup.certified_loss
     compiled = torch.compile(loss)
-    eager_step, = setup.steps(certified_loss=loss)[1:]
-    compiled_step, = setup.steps(certified_loss=compiled)[1:]
+    eager_loss, eager_grads = grads(loss, setup.model, setup.x01, setup.y)
     sync(device)
     start = time.perf_counter()
-    compiled_step()  # compiles
+    compiled_loss, compiled_grads = grads(compiled, setup.model, setup.x01, setup.y)  # compiles both passes
     sync(device)
     compile_s = time.perf_counter() - start
+    scale = max(float(g.abs().max()) for g in eager_grads) or 1.0
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(eager_grads, compiled_grads)) / scale
+    loss_diff = abs(float(compiled_loss - eager_loss)) / max(abs(float(eager_loss)), 1e-12)
+    eager_step, = setup.steps(certified_loss=loss)[1:]
+    compiled_step, = setup.steps(certified_loss=compiled)[1:]
     eager, comp, steps = interleaved(eager_step, compiled_step, device, sizes.compile_repeats,
                                      sizes.step_min_steps, sizes.step_min_round_s)
     saved = eager - comp
-    return {"method": method, "compile_s": round(compile_s, 2), "eager_step_s": round(eager, 6),
-            "compiled_step_s": round(comp, 6), "speedup": round(eager / comp, 3), "steps_per_round": steps,
+    matches = loss_diff < 1e-4 and grad_diff < 1e-3
+    return {"method": method, "compile_s": round(compile_s, 2), "matches_eager": matches,
+            "loss_rel_diff": loss_diff, "grad_max_rel_diff": grad_diff,
+            "eager_step_s": round(eager, 6), "compiled_step_s": round(comp, 6), "speedup": round(eager / comp, 3),
+            "steps_per_round": steps,
             # steps after which compiling has paid for itself (None: it never does)
             "break_even_steps": round(compile_s / saved) if saved > 0 else None,
-            "pays": eager / comp > 1.05}
+            "pays": matches and eager / comp > 1.05}
 
 
 def compile_section(sizes: Sizes, device, methods, deadline, per_method_s) -> dict:

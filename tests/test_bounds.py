@@ -273,3 +273,12 @@ def test_backward_relu_step_is_valid_pointwise_and_uses_the_whole_relaxation():
         z = lower + (upper - lower) * torch.rand(B, N, generator=gen)
         value = torch.einsum("bsn,bn->bs", A, z.clamp(min=0))
         assert (value >= torch.einsum("bsn,bn->bs", A_new, z) + bias - 1e-5).all()
+
+
+def test_margin_spec_is_every_other_class_in_order():
+    y = torch.arange(10).repeat(3)
+    C = margin_spec(y, 10)
+    eye = torch.eye(10)
+    for b, label in enumerate(y.tolist()):
+        expected = torch.stack([eye[label] - eye[j] for j in range(10) if j != label])
+        assert torch.equal(C[b], expected)

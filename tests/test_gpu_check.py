@@ -59,6 +59,7 @@ def test_tiny_cpu_run_writes_one_json_with_every_section_and_sound_bounds(tmp_pa
     # torch.compile's path runs on the CPU too (for one method here: compiling takes ~20 s a method)
     (row,) = report["compile"]["rows"]
     assert row["method"] == "natural" and "error" not in row, row
+    assert row["matches_eager"] is True and row["grad_max_rel_diff"] < 1e-3  # same loss and gradients
     assert row["compile_s"] > 0 and row["eager_step_s"] > 0 and row["compiled_step_s"] > 0
     assert {s["method"] for s in report["compile"]["skipped"]} == set()
 
