@@ -267,7 +267,7 @@ def compile_section(sizes: Sizes, device, methods, deadline, per_method_s) -> di
         try:
             rows.append(compile_method(method, sizes, device))
             r = rows[-1]
-            log(f"compile {method}: compile {r['compile_s']:.1f} s, eager {r['eager_step_s'] * 1e3:.1f} ms, "
+            log(f"compile {method}: matches eager {r['matches_eager']}, compile {r['compile_s']:.1f} s, eager {r['eager_step_s'] * 1e3:.1f} ms, "
                 f"compiled {r['compiled_step_s'] * 1e3:.1f} ms, speedup {r['speedup']:.2f}")
         except Exception as e:  # a compile failure is a finding, not the end of the check
             rows.append({"method": method, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
@@ -291,7 +291,7 @@ def parse_args(argv):
                         help="model kinds whose bounds are checked (default: all)")
     parser.add_argument("--compile-methods", default=None,
                         help=f"methods whose step is compiled (default: all of {','.join(METHODS)} on cuda, "
-                             "none on the CPU, where compiling takes ~20 s a method)")
+                             "none on the CPU, where compiling takes 5-220 s a method)")
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="a method's compile measurement starts only if 100 s of this budget are left "
                              "(default 400: the whole run stays under 8 minutes)")
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
     for name in args.sections:
         if name == "compile" and not args.compile_methods:
             report["compile"] = {"rows": [], "skipped": [{"method": m, "reason": "not requested (on the CPU "
-                                 "compiling takes ~20 s a method: pass --compile-methods to measure)"}
+                                 "compiling takes 5-220 s a method: pass --compile-methods to measure)"}
                                                         for m in METHODS]}
             continue
         log(f"{name} ...")
