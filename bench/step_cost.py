@@ -18,6 +18,8 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +44,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def make_step(model, optimizer, step_loss):
+def make_step(model, optimizer, step_loss, x01, y):
+    """One training step on a fixed batch: zero grads, `step_loss(x01, y)`, backward, clip, Adam."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = step_loss()
+        loss = step_loss(x01, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
@@ -64,41 +67,87 @@ def time_round(step, device, steps):
     return (CLOCK() - start) / steps
 
 
-def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s, methods):
+def interleaved(first, second, device, repeats, steps_per_round, min_round_s):
+    """Median seconds per step of two step functions, timed in alternating rounds (after 2 warm-up steps
+    each). A round has enough steps for `first` to span `min_round_s`: 3 steps of cnn_small are ~30 ms,
+    where the scheduler's noise on a shared machine is as large as the step. Returns (first, second, steps)."""
+    for fn in (first, second):
+        time_round(fn, device, 2)  # warm-up
+    steps = max(steps_per_round, math.ceil(min_round_s / time_round(first, device, 2)))
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(time_round(first, device, steps))
+        times_b.append(time_round(second, device, steps))
+    return statistics.median(times_a), statistics.median(times_b), steps
+
+
+def peak_memory_mb(step, device):
+    """Peak memory allocated during one `step` (torch.cuda.max_memory_allocated, model and optimizer state
+    included), in MiB; None on the CPU, where no allocator reports a per-step peak."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+@dataclass
+class StepSetup:
+    """One model, its optimizer and a fixed batch, with the natural and the certified loss of `method`."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    x01: torch.Tensor
+    y: torch.Tensor
+    natural_loss: Callable
+    certified_loss: Callable
+
+    def steps(self, natural_loss=None, certified_loss=None):
+        """(natural step, certified step); either loss can be replaced (e.g. by a compiled one)."""
+        return (make_step(self.model, self.optimizer, natural_loss or self.natural_loss, self.x01, self.y),
+                make_step(self.model, self.optimizer, certified_loss or self.certified_loss, self.x01, self.y))
+
+
+def step_setup(model_name, dataset, batch, eps, method, device) -> StepSetup:
+    """Random [0, 1] images and labels at the dataset's shapes; the certified loss is the trainer's own
+    `certified_loss` mid-ramp (ε at half the target, regularizers on for `fast`, CROWN-IBP mixed in with
+    weight 0.5 for `crown-ibp`)."""
     c, h, w, k = DATASET_SHAPES[dataset]
     gen = torch.Generator().manual_seed(0)
     x01 = torch.rand(batch, c, h, w, generator=gen).to(device)
     y = torch.randint(0, k, (batch,), generator=gen).to(device)
     box = InputBox.for_stats(*NORMALIZATION[dataset], device)
+    cfg = TrainConfig.from_dict({"dataset": dataset, "model": model_name, "method": method, "eps": eps,
+                                 "epochs": 10, "schedule": {"start": 1, "length": 5},
+                                 "lr_milestones": []}).resolve()
+    torch.manual_seed(0)
+    model = build_model(model_name, dataset).to(device).train()
+    apply_init(model, cfg.init)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def natural(x01, y):
+        return F.cross_entropy(model(box.normalize(x01)), y)
+
+    def certified(x01, y):
+        return certified_loss(model, box, cfg, k, x01, y, eps / 2, reg_on=cfg.uses_reg)["loss"]
+
+    return StepSetup(model, optimizer, x01, y, natural, certified)
+
+
+def bench_setting(model_name, dataset, batch, eps, device, repeats, steps_per_round, min_round_s,
+                  methods=METHODS):
     rows = []
     for method in methods:
-        cfg = TrainConfig.from_dict({"dataset": dataset, "model": model_name, "method": method, "eps": eps,
-                                     "epochs": 10, "schedule": {"start": 1, "length": 5},
-                                     "lr_milestones": []}).resolve()
-        torch.manual_seed(0)
-        model = build_model(model_name, dataset).to(device).train()
-        apply_init(model, cfg.init)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        natural = make_step(model, optimizer, lambda: F.cross_entropy(model(box.normalize(x01)), y))
-        # Mid-ramp: ε at half the target, regularizers on for `fast`, CROWN-IBP mixed in for `crown-ibp`.
-        certified = make_step(model, optimizer, lambda: certified_loss(
-            model, box, cfg, k, x01, y, eps / 2, reg_on=cfg.uses_reg)["loss"])
-        for fn in (natural, certified):
-            time_round(fn, device, 2)  # warm-up
-        # Enough natural steps per round to span `min_round_s`: 3 steps of cnn_small are ~30 ms, where
-        # the scheduler's noise on a shared machine is as large as the step.
-        steps = max(steps_per_round, math.ceil(min_round_s / time_round(natural, device, 2)))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        nat_times, cert_times = [], []
-        for _ in range(repeats):
-            nat_times.append(time_round(natural, device, steps))
-            cert_times.append(time_round(certified, device, steps))
-        nat, cert = statistics.median(nat_times), statistics.median(cert_times)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        setup = step_setup(model_name, dataset, batch, eps, method, device)
+        natural, certified = setup.steps()
+        nat, cert, steps = interleaved(natural, certified, device, repeats, steps_per_round, min_round_s)
         rows.append({"model": model_name, "dataset": dataset, "method": method, "batch": batch,
-                     "device": str(device), "steps_per_round": steps, "step_s": round(cert, 5), "natural_step_s": round(nat, 5),
-                     "ratio": round(cert / nat, 3), "peak_mem_mb": None if peak is None else round(peak, 1)})
+                     "device": str(device), "steps_per_round": steps, "step_s": round(cert, 5),
+                     "natural_step_s": round(nat, 5), "ratio": round(cert / nat, 3),
+                     "peak_mem_mb": peak_memory_mb(certified, device),
+                     "natural_peak_mem_mb": peak_memory_mb(natural, device)})
     return rows
 
 

@@ -1,7 +1,8 @@
 """Soundness of IBP and CROWN-IBP: sampled points, box corners and a real PGD attack never leave the bounds.
 
-The reference function is computed independently of trainers.bounds: a deep copy of the model whose BN
-layers are frozen (eval mode) with the statistics a train-mode forward hook measured on the clean batch.
+The reference function is computed independently of trainers.bounds (bench/soundness.py, shared with the
+GPU check): a deep copy of the model whose BN layers are frozen (eval mode) with the statistics a
+train-mode forward hook measured on the clean batch.
 """
 import copy
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.soundness import frozen_bn_copy, pgd_on_margins, points_in_box, warm_bn
 from trainers.bounds import crown_ibp_bounds, ibp_bounds, margin_spec, propagate
 from trainers.init import apply_init
 from trainers.layers import ResidualBlock
@@ -31,50 +33,6 @@ def tiny_resnet(c_in=1, classes=10):
                          nn.Linear(32, classes))
 
 
-def frozen_bn_copy(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The function f that train-mode bounds describe: BN fixed to the clean batch's mean/biased var."""
-    stats = {}
-    hooks = [m.register_forward_hook(lambda m, inp, out: stats.__setitem__(
-        m, (inp[0].transpose(0, 1).flatten(1).mean(1), inp[0].transpose(0, 1).flatten(1).var(1, unbiased=False))))
-        for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    snapshot = copy.deepcopy(model.state_dict())
-    with torch.no_grad():
-        model(x)
-    model.load_state_dict(snapshot)  # undo the running-stat update of that forward pass
-    for h in hooks:
-        h.remove()
-    frozen = copy.deepcopy(model).eval()
-    for m_orig, m_copy in zip(model.modules(), frozen.modules()):
-        if m_orig in stats:
-            m_copy.running_mean.copy_(stats[m_orig][0])
-            m_copy.running_var.copy_(stats[m_orig][1])
-    return frozen
-
-
-def points_in_box(lower, upper, n_random, n_corners, gen):
-    pts = [lower, upper]
-    for _ in range(n_corners):
-        pts.append(torch.where(torch.rand(lower.shape, generator=gen) < 0.5, lower, upper))
-    for _ in range(n_random):
-        pts.append(lower + (upper - lower) * torch.rand(lower.shape, generator=gen))
-    return pts
-
-
-def pgd_on_margins(f, C, x, lower, upper, steps=30):
-    """Push each margin toward its lower bound (minimize) and toward its upper bound (maximize)."""
-    extremes = []
-    for sign in (1.0, -1.0):
-        z = x.clone()
-        for _ in range(steps):
-            z.requires_grad_(True)
-            obj = sign * torch.einsum("bsk,bk->bs", C, f(z)).sum()
-            g, = torch.autograd.grad(obj, z)
-            z = torch.max(torch.min(z.detach() - 0.1 * (upper - lower) * g.sign(), upper), lower)
-        with torch.no_grad():
-            extremes.append(torch.einsum("bsk,bk->bs", C, f(z)))
-    return extremes
-
-
 def make_model(kind):
     torch.manual_seed(1)
     if kind == "cnn_small":
@@ -84,18 +42,6 @@ def make_model(kind):
         apply_init(m, "ibp")
         return m
     return tiny_resnet()
-
-
-def warm_bn(model, x):
-    """Give BN non-trivial running statistics and affine parameters."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + 0.1 * torch.randn_like(x))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.normal_(0.5, 0.8)  # some negative: BN can flip a channel's sign
-                m.bias.normal_(0.0, 0.3)
 
 
 @pytest.mark.parametrize("kind", ["cnn_small", "cnn_small_ibp_init", "tiny_resnet"])
@@ -120,7 +66,7 @@ def test_bounds_contain_samples_corners_and_pgd(kind, mode, bound_fn):
             m = torch.einsum("bsk,bk->bs", C, f(z))
             assert (m >= lo - tol).all(), f"sample below lower bound by {(lo - m).max():.3g}"
             assert (m <= up + tol).all(), f"sample above upper bound by {(m - up).max():.3g}"
-    low_pgd, high_pgd = pgd_on_margins(f, C, x, lower_box, upper_box)
+    low_pgd, high_pgd = pgd_on_margins(f, C, x, lower_box, upper_box, per_margin=False)
     assert (low_pgd >= lo - tol).all() and (high_pgd <= up + tol).all()
     # The bounds are not vacuous: PGD gets within the bound width's reach.
     assert ((low_pgd - lo) < (up - lo)).all()
@@ -327,3 +273,12 @@ def test_backward_relu_step_is_valid_pointwise_and_uses_the_whole_relaxation():
         z = lower + (upper - lower) * torch.rand(B, N, generator=gen)
         value = torch.einsum("bsn,bn->bs", A, z.clamp(min=0))
         assert (value >= torch.einsum("bsn,bn->bs", A_new, z) + bias - 1e-5).all()
+
+
+def test_margin_spec_is_every_other_class_in_order():
+    y = torch.arange(10).repeat(3)
+    C = margin_spec(y, 10)
+    eye = torch.eye(10)
+    for b, label in enumerate(y.tolist()):
+        expected = torch.stack([eye[label] - eye[j] for j in range(10) if j != label])
+        assert torch.equal(C[b], expected)

@@ -29,11 +29,15 @@ from .layers import ResidualBlock
 
 # ---- the specification matrix -------------------------------------------------------------------
 def margin_spec(y: Tensor, num_classes: int) -> Tensor:
-    """C of shape (B, K-1, K): row i is e_y − e_j for each class j ≠ y, so C·z = z_y − z_j."""
+    """C of shape (B, K-1, K): row i is e_y − e_j for each class j ≠ y (in order), so C·z = z_y − z_j.
+
+    The classes j ≠ y are indexed arithmetically, not by a boolean mask, whose data-dependent shape costs a
+    device-to-host sync on a GPU and breaks a torch.compile graph (after which, in torch 2.14, the compiled
+    IBP loss came back without a grad_fn)."""
     eye = torch.eye(num_classes, device=y.device)
-    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j is e_y − e_j
-    keep = eye[y] == 0  # drop j = y
-    return C[keep].view(len(y), num_classes - 1, num_classes)
+    j = torch.arange(num_classes - 1, device=y.device)
+    others = j + (j >= y.unsqueeze(1)).long()  # (B, K-1): 0..K-1 without y
+    return eye[y].unsqueeze(1) - eye[others]
 
 
 # ---- IBP: one function per layer kind -------------------------------------------------------------

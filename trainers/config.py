@@ -13,10 +13,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError, shown
-from .safe_yaml import parse_yaml, read_yaml_file
 
 METHODS = ("vanilla", "crown-ibp", "fast", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
 IBP_FAMILY = ("vanilla", "crown-ibp", "fast")  # the 2021 methods; the others are docs/methods.md's newer ones
@@ -138,6 +135,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        from .safe_yaml import read_yaml_file  # here: a GPU machine with only torch builds configs from dicts
+
         raw = read_yaml_file(path, "config file")
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
@@ -148,6 +147,8 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename): a crash never leaves half a config."""
+        import yaml
+
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -362,6 +363,8 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings from the command line; values are parsed as YAML by the config reader (so 0.1,
     1e-3, true, [50,60])."""
+    from .safe_yaml import parse_yaml
+
     out = {}
     for item in items:
         if "=" not in item:

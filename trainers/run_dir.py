@@ -22,7 +22,6 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .errors import ConfigError, shown
-from .safe_yaml import read_yaml_file
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 LOCK_FILE = ".lock"
@@ -84,6 +83,8 @@ def _check_existing(path: Path, config: dict, device) -> dict | None:
     hint = "use a fresh --out, or --restart to set the old run aside and start over"
     saved = path / "config.yaml"
     if saved.exists():
+        from .safe_yaml import read_yaml_file  # here: a GPU machine with only torch trains without --out
+
         try:
             old = read_yaml_file(saved)
         except ConfigError as e:
