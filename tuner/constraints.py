@@ -6,10 +6,10 @@ is <= 0 when the constraint holds,
 
     METRIC <= BOUND:  METRIC - BOUND            METRIC >= BOUND:  BOUND - METRIC
 
-and +inf when the metric is missing or not finite. The searcher stores the violations of a finished or pruned
-trial as the Optuna user attr `constraints` (tuner/keys.py); `constraint_values` hands them to TPE's
-`constraints_func`, so TPE prefers feasible trials. Export and report read the same rule from each trial's
-last result (`satisfied`).
+and +inf when the metric is missing or not finite. The searcher sets the violations of a finished or pruned
+trial on its Optuna trial (`Trial.set_constraint(str(constraint), violation)`), which Optuna 5's TPE reads
+to prefer feasible trials (the per-trial form that replaced TPE's `constraints_func`). Export and report
+apply the same rule to each trial's last result (`satisfied`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.keys import CONSTRAINTS
 from tuner.record import SearchError
 
 # Metrics a trial reports in every result (the trainer's validation metrics and its training seconds).
@@ -77,8 +76,3 @@ def satisfied(constraints: list[Constraint], result: dict[str, Any]) -> bool:
     """True when every constraint holds on `result` (a trial's last result); True when there are none."""
     return all(v <= 0 for v in violations(constraints, result))
 
-
-def constraint_values(trial) -> list[float]:
-    """TPE's `constraints_func`: the violations the searcher stored on the Optuna trial (module-level, so
-    the sampler pickles with the searcher's snapshot)."""
-    return list(trial.user_attrs[CONSTRAINTS])

@@ -6,4 +6,3 @@ each other. The metric names themselves (`epoch`, `epochs`, `ibp_err`, ...) are 
 DIVERGED = "diverged"  # result key: why a trial diverged (loss or bounds NaN/inf)
 FAIL_REASON = "fail_reason"  # result key a trial may report, and the Optuna user attr of a FAIL trial
 RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attr linking each Optuna trial to its Ray trial
-CONSTRAINTS = "constraints"  # Optuna user attr: a trial's constraint violations (<= 0: holds; tuner/constraints.py)

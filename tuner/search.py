@@ -22,7 +22,7 @@ from typing import Any
 from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
-from tuner.constraints import constraint_values, parse_constraints
+from tuner.constraints import parse_constraints
 from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
                           normalize_storage, positive_int, read_record, read_space_file, space_with_overrides,
                           write_record)
@@ -264,6 +264,7 @@ def trial_dirname(trial) -> str:
 def build_tuner(record: SearchRecord, storage: str, trainable=None):
     """The Tuner of a search. `trainable` replaces the real trial (tuner/trial.py) for benchmarks of the
     service itself; it gets the same resources, searcher, scheduler, checkpoints and callbacks."""
+    import optuna
     from ray import tune
 
     from tuner.schedulers import make_scheduler
@@ -274,12 +275,15 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     space = record.build_space()
     single = len(record.objective) == 1
     default = space.default_point()
-    # The space's defaults first. (Ray refuses a sampler together with its seed argument.)
+    # TPE with Optuna 5's defaults (multivariate for one objective), or random sampling; seeded; the
+    # space's defaults first. (Ray refuses a sampler together with its seed argument.) TPE reads the
+    # constraints the searcher sets on each trial; random sampling ignores them (export still honours them).
+    sampler = optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
                                   mode=record.modes[0] if single else list(record.modes),
                                   points_to_evaluate=[default] if default else None,
-                                  sampler=make_sampler(record), seed=None,
+                                  sampler=sampler, seed=None if sampler else record.seed,
                                   constraints=parse_constraints(record.constraints))
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))
@@ -299,18 +303,6 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
             # after every trial checkpoint, so a restored experiment points at a checkpoint that exists.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[callback] if callback else None))
-
-
-def make_sampler(record: SearchRecord):
-    """The Optuna sampler of a search, seeded: TPE with Optuna's defaults (what Ray builds without a sampler),
-    constrained when the search has --constraint (TPE's constraints_func reads the violations the searcher
-    stores on each trial), or uniform random sampling, the baseline (it ignores constraints)."""
-    import optuna
-
-    if record.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=record.seed)
-    return optuna.samplers.TPESampler(seed=record.seed,
-                                      constraints_func=constraint_values if record.constraints else None)
 
 
 def make_budget(record: SearchRecord, storage: str):

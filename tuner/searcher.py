@@ -10,8 +10,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from tuner.constraints import Constraint, violations
-from tuner.keys import CONSTRAINTS, FAIL_REASON, RAY_TRIAL_ID
+from tuner.constraints import Constraint
+from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
 from tuner.schedulers import TargetEpochCounter, is_finite
 
 
@@ -29,8 +29,9 @@ class HonestOptunaSearch(OptunaSearch):
     objective at every epoch at target ε, with step = epochs at target, the unit of WarmupAwareASHA's rungs.
     Ramp epochs are not reported, so a PRUNED trial is ranked by TPE on its budget at target and its value.
 
-    With `constraints` (tuner/constraints.py), a COMPLETE or PRUNED trial also gets the user attr
-    `constraints`: its violations on that last result, which the sampler's `constraints_func` reads.
+    With `constraints` (tuner/constraints.py), a COMPLETE or PRUNED trial also gets its violation of each on
+    that last result (`Trial.set_constraint`, key `clean_err<=0.35`), which TPE reads: it models feasible
+    trials as the good ones (Optuna 5 replaced TPE's `constraints_func` by these per-trial constraints).
 
     All state lives in instance attributes, which Ray's save/restore pickle, so it survives Tuner.restore.
     """
@@ -72,8 +73,9 @@ class HonestOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
         if reason:
             ot_trial.set_user_attr(FAIL_REASON, reason)
-        if self._constraints and state != TrialState.FAIL:
-            ot_trial.set_user_attr(CONSTRAINTS, violations(self._constraints, result or {}))
+        if state != TrialState.FAIL:
+            for c in self._constraints:
+                ot_trial.set_constraint(str(c), c.violation(result or {}))
         # No try/except: the stock one turns a failed tell into a log line and a RUNNING zombie; our
         # values are checked above, so a failure here is a bug to see.
         self._ot_study.tell(ot_trial, value, state=state)
