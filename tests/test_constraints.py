@@ -25,7 +25,7 @@ from tuner.search import build_tuner, prepare_search
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = "search_spaces/mnist_tiny.yaml"
-TINY = {"eps": 0.02, "data.subset": 512, "data.val_size": 200, "epochs": 4}
+TINY = {"eps": 0.02, "data.subset": 256, "data.val_size": 100, "epochs": 4}
 CONSTRAINTS = ["clean_err<=0.5", "ibp_err>=0"]
 
 
@@ -71,7 +71,7 @@ def test_cli_bad_constraint_is_one_line_and_exit_2(tmp_path, data_dir):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, data_dir):
     storage = str(tmp_path_factory.mktemp("constraints") / "results")
-    record, storage = prepare_search(SPACE, TINY, "constrained", 4, 2, "cpu=1", "none", "ibp_err", storage, None,
+    record, storage = prepare_search(SPACE, TINY, "constrained", 3, 2, "cpu=1", "none", "ibp_err", storage, None,
                                      None, str(data_dir), 3, max_trial_seconds="1000",
                                      constraints=[" clean_err <= 0.5", "ibp_err>=0"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -90,7 +90,7 @@ def test_constraints_are_recorded_and_passed_to_tpe(searched):
     search = load_search("constrained", storage)
     last = {t.trial_id: t.last for t in search.trials}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4
+    assert len(complete) == 3
     for t in complete:  # each violation, from the trial's final result, is what TPE reads (FrozenTrial.constraints)
         final = last[t.user_attrs["ray_trial_id"]]
         assert t.constraints == pytest.approx({"clean_err<=0.5": final["clean_err"] - 0.5,
@@ -101,9 +101,9 @@ def test_report_shows_both_budgets_and_which_trials_satisfy(searched):
     record, storage = searched
     search = load_search("constrained", storage)
     text = report_search("constrained", storage)
-    assert f"budget: 16 trial-epochs, {search.device_seconds():.4g} of 1000 CPU-seconds" in text
+    assert f"budget: 12 trial-epochs, {search.device_seconds():.4g} of 1000 CPU-seconds" in text
     feasible = [t for t in search.trials if search.feasible(t)]
-    assert f"constraints: clean_err<=0.5, ibp_err>=0; {len(feasible)} of 4 finished trials satisfy all" in text
+    assert f"constraints: clean_err<=0.5, ibp_err>=0; {len(feasible)} of 3 finished trials satisfy all" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("rank"))
     assert header.split()[:6] == ["rank", "trial_id", "status", "ibp_err", "clean_err", "epochs"]
