@@ -42,7 +42,7 @@ def format_report(search: Search, top: int = TOP) -> str:
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more trials (all of them: `certtune export {search.name}` → trials.csv)")
     if counts["stopped"]:
-        lines.append("* stopped early by the scheduler: the value is from its last epoch, not a final one")
+        lines.append("* stopped early (by the scheduler or a spent budget): the value is from its last epoch, not a final one")
     failed = [t for t in search.trials if t.status == "failed"]
     for t in failed[:MAX_REASONS]:
         lines.append(f"failed {t.trial_id}: {t.diverged and 'diverged: ' + t.diverged or t.error or 'unknown'}")
