@@ -36,6 +36,8 @@ class HonestOptunaSearch(OptunaSearch):
     All state lives in instance attributes, which Ray's save/restore pickle, so it survives Tuner.restore.
     """
 
+    _constraints: list[Constraint] = []  # class default: a searcher pickled before constraints existed restores
+
     def __init__(self, *args, constraints: list[Constraint] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._constraints = list(constraints or [])
