@@ -1,4 +1,4 @@
-"""The trial-epoch budget (`--max-trial-epochs`) and the random sampler, in a real local Ray Tune run.
+"""The budgets (`--max-trial-epochs`, `--max-trial-seconds`) and the random sampler, in a real local Ray Tune run.
 
 The trials are the service's own sleeping trainable (bench/search_overhead.py) so the budget arithmetic is
 exact and fast; everything else (record, searcher, scheduler, checkpoints, stopper) is the real search.
@@ -6,13 +6,17 @@ exact and fast; everything else (record, searcher, scheduler, checkpoints, stopp
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import optuna
 import pytest
 import ray
 
 from bench.search_overhead import make_sleep_trainable
-from tuner.budget import TrialEpochBudget, epochs_reported
+from ray import tune
+
+from tuner.budget import SearchBudget, TrialEpochBudget, epochs_reported
 from tuner.record import SearchError, read_record
 from tuner.results import load_search, load_study
 from tuner.search import build_tuner, prepare_search
@@ -52,7 +56,7 @@ def test_budget_counts_each_trials_furthest_epoch_once_and_starts_from_what_is_o
 
 
 def search_record(tmp_path, data_dir, name, **kwargs):
-    return prepare_search(SPACE, {}, name, kwargs.pop("num_samples", 10), 1, "cpu=1",
+    return prepare_search(SPACE, {}, name, kwargs.pop("num_samples", 10), 1, kwargs.pop("resources", "cpu=1"),
                           kwargs.pop("scheduler", "none"), "ibp_err", str(tmp_path / "results"), None, None,
                           str(data_dir), 5, **kwargs)
 
@@ -89,8 +93,80 @@ def test_random_sampler_is_seeded_and_recorded(local_ray, tmp_path, data_dir):
     assert params[0]["lr"] == 1.0e-3 and len({p["lr"] for p in params}) == 4
 
 
+def test_seconds_budget_weights_each_trials_seconds_by_its_cpus(local_ray, tmp_path, data_dir):
+    # The sleeping trial reports train_seconds = epoch * 0.25 exactly. On cpu=2 a 3-epoch trial spends
+    # 1.5 CPU-seconds; budget 2.4: the second trial stops after epoch 2 (1.5 + 2 * 0.5 = 2.5 >= 2.4).
+    # Unweighted it would have run a second full trial and part of a third.
+    record, storage = search_record(tmp_path, data_dir, "seconds", max_trial_seconds="2.4", resources="cpu=2")
+    assert record.max_trial_seconds == 2.4 and record.seconds_device == "cpu"
+    assert read_record(storage, "seconds").seconds_weight() == ("cpu", 2.0)
+    results = build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.25)).fit()
+    assert sorted(r.metrics["epoch"] for r in results) == [2, 3]
+    search = load_search("seconds", storage)
+    assert search.device_seconds() == pytest.approx(2.5) and search.trial_epochs() == 5
+    assert search.is_complete() and search.counts()["finished"] == 1 and search.counts()["stopped"] == 1
+    assert search.budget_text() == "5 trial-epochs, 2.5 of 2.4 CPU-seconds"
+
+
+def test_gpu_trials_count_gpu_seconds():
+    from tuner.record import device_weight
+    assert device_weight({"cpu": 4, "gpu": 0.5}) == ("gpu", 0.5)  # 100 s on half a GPU: 50 GPU-seconds
+    assert device_weight({"cpu": 4, "gpu": 0}) == ("cpu", 4.0)
+    budget = SearchBudget(None, None, max_trial_seconds=50, seconds_weight=0.5)
+    assert budget("a", {"epoch": 1, "train_seconds": 60.0}) is False and budget.spent_seconds == 30
+    assert budget("a", {"epoch": 2, "train_seconds": 100.0}) is True and budget.spent_seconds == 50
+
+
+class InterruptOnce(tune.Callback):
+    """Ctrl-C for the driver (SIGINT: Ray saves the experiment and fit returns) after `after` results, once:
+    the flag file outlives the callback, which is pickled with the experiment and restored with it."""
+
+    def __init__(self, flag, after: int):
+        self.flag, self.after, self.seen = str(flag), after, 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.seen += 1
+        if self.seen >= self.after and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_on_uri_storage_does_not_grant_the_budget_again(local_ray, tmp_path, data_dir):
+    # file:// is a URI to Ray and pyarrow as s3:// is: Ray syncs the experiment there from a staging directory.
+    uri = "file://" + str(tmp_path / "remote")
+    record, storage = prepare_search(SPACE, {}, "uri", 10, 1, "cpu=1", "none", "ibp_err", uri, None, None,
+                                     str(data_dir), 5, max_trial_epochs=6, max_trial_seconds=100)
+    assert storage == uri
+    trainable = make_sleep_trainable(EPOCHS, 0.2)
+    tuner = build_tuner(record, storage, trainable=trainable)
+    tuner._local_tuner._run_config.callbacks = [InterruptOnce(tmp_path / "interrupted", 3)]  # no public hook
+    tuner.fit()
+    before = load_search("uri", storage)
+    assert 3 <= before.trial_epochs() < 6 and not before.is_complete()  # interrupted with budget left
+    restored = tune.Tuner.restore(f"{uri}/uri", trainable=tune.with_resources(trainable, {"cpu": 1}),
+                                  resume_unfinished=True, resume_errored=False, restart_errored=False)
+    # The stopper Ray unpickled with the experiment counts what its storage holds (the old one counted 0 here).
+    stopper = restored._local_tuner._run_config.stop
+    assert stopper.experiment == f"{uri}/uri" and stopper.spent == before.trial_epochs()
+    restored.fit()
+    after = load_search("uri", storage)
+    # Exactly the budget: counting from 0 again would have run a third 3-epoch trial (9 trial-epochs).
+    assert after.trial_epochs() == 6 and after.is_complete() and len(after.trials) == 2
+    assert after.device_seconds() == pytest.approx(6 * 0.2)
+
+
+def test_old_trial_epoch_budget_pickles_restore_as_search_budgets(tmp_path):
+    write_results(tmp_path / "trial_a", [1, 2])
+    old = TrialEpochBudget.__new__(TrialEpochBudget)
+    old.__setstate__({"max_trial_epochs": 3, "experiment_dir": str(tmp_path), "_furthest": None})
+    assert old.spent == 2 and old.max_trial_seconds is None and not old.stop_all()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"sampler": "grid"}, "--sampler: 'grid' is not one of tpe, random"),
+    ({"max_trial_seconds": "0"}, "--max-trial-seconds: must be a number of device-seconds > 0"),
+    ({"max_trial_seconds": "inf"}, "--max-trial-seconds"),
+    ({"max_trial_seconds": "ten"}, "--max-trial-seconds"),
     ({"max_trial_epochs": "0"}, "--max-trial-epochs"),
     ({"max_trial_epochs": "many"}, "--max-trial-epochs"),
 ])

@@ -36,6 +36,12 @@ def add_search_commands(sub) -> None:
     p.add_argument("--max-trial-epochs", default=None,
                    help="compute budget: stop the search once its trials have trained this many epochs in "
                         "total (default: no budget; --num-samples trials)")
+    p.add_argument("--max-trial-seconds", default=None,
+                   help="compute budget: stop the search once its trials have trained this many device-seconds in "
+                        "total (each trial's training seconds times its GPUs, or its CPUs if it holds no GPU)")
+    p.add_argument("--constraint", action="append", default=None, metavar="METRIC<=X",
+                   help="a trial is feasible only if its final METRIC<=X (or >=X), e.g. clean_err<=0.35; "
+                        "repeatable; TPE prefers feasible trials and export picks the best feasible one")
     p.set_defaults(run=cmd_search)
 
     p = sub.add_parser("resume", help="continue an interrupted search")
@@ -69,7 +75,8 @@ def cmd_search(args) -> int:
     record, storage = prepare_search(
         args.space, parse_overrides(args.overrides), args.name, args.num_samples, args.max_concurrent,
         args.resources_per_trial, args.scheduler, args.objective, args.storage, args.address,
-        args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs)
+        args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs, args.max_trial_seconds,
+        args.constraint)
     print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     run_search(record, storage)
     summary, code = finish(record, storage)

@@ -4,7 +4,8 @@ a table of all trials, the Pareto front (several objectives) and plots. Guide: d
 The search is read by tuner/results.py (plain files, no Ray runtime); the plots are tuner/plots.py. Only
 trials that ran all their epochs are eligible as "best": an early-stopped trial's last value belongs to a
 shorter budget (ray-project/ray#10113), and a diverged or errored one has none. The best is
-`Search.best()`, the same trial the search summary and `report` name (ties: the earlier-created trial).
+`Search.best()`, the same trial the search summary and `report` name (ties: the earlier-created trial); with
+--constraint it is the best trial satisfying every constraint, and the export says so when none does.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     out = Path(out) if out is not None else search.path / EXPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     best = ranked[0]
+    constraints = constraints_note(search, best)
     written = {"best_yaml": write_config(search, space, best, 1, out / "best.yaml")}
     for stale in out.glob("best_*ep.yaml"):  # from an earlier export with another --epochs
         stale.unlink()
@@ -81,7 +83,21 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
         front = pareto_front(search)
         written["pareto_csv"] = write_trials_csv(search, front, out / "pareto.csv")
         written["plots"].append(plot_pareto(search, front, out / "pareto.png"))
-    return {"out": str(out), **{k: _as_str(v) for k, v in written.items()}, "best": best_summary(search, best)}
+    return {"out": str(out), **{k: _as_str(v) for k, v in written.items()}, "best": best_summary(search, best),
+            **({"constraints": constraints} if constraints else {})}
+
+
+def constraints_note(search: Search, best: TrialRecord) -> str | None:
+    """What the constraints did to the choice of best (None without constraints)."""
+    record = search.record
+    if not record.constraints:
+        return None
+    feasible = sum(search.feasible(t) for t in search.ranked())
+    if search.feasible(best):
+        return (f"best is the best of the {feasible} finished trials satisfying every constraint "
+                f"({', '.join(record.constraints)})")
+    return (f"no finished trial satisfies every constraint ({', '.join(record.constraints)}); best is the best "
+            f"finished trial regardless")
 
 
 def best_summary(search: Search, trial: TrialRecord) -> dict:
@@ -102,9 +118,12 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
            f"# scaled from {cfg.epochs} to {epochs} epochs (warmup, ramp and LR milestones keep their fractions);"
            f" the figures above are the {cfg.epochs}-epoch trial's\n"
            f"# train: certtune train {path.name} --data-dir {search.record.data_dir}\n")
+    constraints = search.record.constraints
+    verdict = "all satisfied" if search.feasible(trial) else "NOT all satisfied"
     header = (f"# certtune export of search '{search.name}': rank {rank} of "
               f"{search.counts()['finished']} trials that ran all epochs\n"
               f"# trial {trial.trial_id}: {values} (validation split, final epoch {trial.last.get('epoch')})\n"
+              + (f"# constraints {', '.join(constraints)}: {verdict}\n" if constraints else "")
               + run)
     path.write_text(header + path.read_text())
     return str(path)
@@ -121,14 +140,16 @@ def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> s
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
     params = search.searched_names()
     metrics = metric_columns(search.trials, search.objectives)
+    constrained = bool(search.record.constraints)
     header = ["trial_id", "status", "rank", *[f"param.{p}" for p in params], *metrics, "wall_seconds",
-              "diverged", "error"]
+              *(["constraints_ok"] if constrained else []), "diverged", "error"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for t in trials:
             writer.writerow([t.trial_id, t.status, rank.get(t.trial_id, ""), *[_cell(t.params.get(p)) for p in params],
                              *[_cell(t.last.get(m)) for m in metrics], _cell(t.last.get("time_total_s")),
+                             *([_cell(search.feasible(t)) if t.last else ""] if constrained else []),
                              t.diverged or "", "" if t.diverged else (t.error or "")])
     return str(path)
 

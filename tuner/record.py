@@ -44,6 +44,14 @@ class SearchRecord:
     address: str | None = None
     sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
     max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
+    max_trial_seconds: float | None = None  # compute budget in device-seconds (tuner/budget.py); None: no limit
+    seconds_device: str | None = None  # what a trial's train_seconds are weighted by: "gpu" or "cpu" (device_weight)
+    constraints: list[str] = field(default_factory=list)  # e.g. ["clean_err<=0.35"] (tuner/constraints.py)
+
+    def seconds_weight(self) -> tuple[str, float]:
+        """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
+        device = self.seconds_device or device_weight(self.resources_per_trial)[0]
+        return device, float(self.resources_per_trial.get(device, 0) or 0)
 
     def build_space(self) -> SearchSpace:
         return space_with_overrides(self.space, self.overrides, self.space_path)
@@ -58,6 +66,14 @@ class SearchRecord:
             return cls(**raw)
         except (ValueError, TypeError) as e:
             raise SearchError(f"{where}: not a certtune search record ({e})") from None
+
+
+def device_weight(resources: dict[str, float]) -> tuple[str, float]:
+    """The rule of the seconds budget: a trial's seconds are weighted by the GPUs it holds if it holds any
+    (0.5 GPU for 100 s is 50 GPU-seconds), else by its CPUs. Recorded in the search record (`seconds_device`)
+    so the budget, report, export and resume count alike."""
+    gpus = float(resources.get("gpu", 0) or 0)
+    return ("gpu", gpus) if gpus > 0 else ("cpu", float(resources.get("cpu", 1) or 1))
 
 
 def space_with_overrides(raw: dict, overrides: dict[str, Any], source: str) -> SearchSpace:

@@ -3,7 +3,9 @@
 Reads the experiment with tuner/results.py, as `certtune export` and the search summary do; writes nothing.
 Shows how many trials are running, finished, stopped and failed, then a table of the top trials: finished
 ones ranked by their final objective(s) (ties: the earlier-created trial first), then running, early-stopped
-(their values are truncated, marked *), failed and pending ones.
+(their values are truncated, marked *), failed and pending ones. Also both budgets (spent, of their limits),
+and with --constraint a column `ok` (the trial's last result satisfies every constraint); feasible trials
+rank first.
 """
 from __future__ import annotations
 
@@ -28,13 +30,19 @@ def format_report(search: Search, top: int = TOP) -> str:
     objectives = ", ".join(f"{o} ({m})" for o, m in zip(search.objectives, search.modes))
     lines = [f"search {search.name}: {len(search.trials)} trials of {record.num_samples} planned; "
              + ", ".join(f"{counts[s]} {s}" for s in STATUSES),
-             f"objective: {objectives}; scheduler: {record.scheduler}; experiment: {search.location}", ""]
+             f"objective: {objectives}; scheduler: {record.scheduler}; experiment: {search.location}",
+             f"budget: {search.budget_text()}"]
+    if record.constraints:
+        feasible = sum(search.feasible(t) for t in search.ranked())
+        lines.append(f"constraints: {', '.join(record.constraints)}; {feasible} of {counts['finished']} finished "
+                     f"trials satisfy all (column ok: yes/no; feasible trials rank first)")
+    lines.append("")
     rows = ordered_trials(search)
     lines += table(*trial_rows(search, rows[:top]))
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more trials (all of them: `certtune export {search.name}` → trials.csv)")
     if counts["stopped"]:
-        lines.append("* stopped early by the scheduler: the value is from its last epoch, not a final one")
+        lines.append("* stopped early (by the scheduler or a spent budget): the value is from its last epoch, not a final one")
     failed = [t for t in search.trials if t.status == "failed"]
     for t in failed[:MAX_REASONS]:
         lines.append(f"failed {t.trial_id}: {t.diverged and 'diverged: ' + t.diverged or t.error or 'unknown'}")
@@ -50,7 +58,8 @@ def ordered_trials(search: Search) -> list[TrialRecord]:
 
 def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], list[list[str]]]:
     shown = list(search.objectives) + (["clean_err"] if "clean_err" not in search.objectives else [])
-    header = ["rank", "trial_id", "status", *shown, "epochs", "params"]
+    constrained = bool(search.record.constraints)
+    header = ["rank", "trial_id", "status", *shown, "epochs", *(["ok"] if constrained else []), "params"]
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
     names = search.searched_names()
     rows = []
@@ -60,6 +69,7 @@ def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], li
         rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status,
                      *[fmt(t.last.get(m)) + (mark if m in search.objectives and m in t.last else "") for m in shown],
                      f"{fmt(epoch)}/{fmt(epochs)}" if epoch is not None else "-",
+                     *([("yes" if search.feasible(t) else "no") if t.last else "-"] if constrained else []),
                      " ".join(f"{n}={fmt(t.params[n])}" for n in names if n in t.params)])
     return header, rows
 

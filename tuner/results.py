@@ -13,7 +13,13 @@ Rules defined once here:
 - the best trial (`Search.sort_key`): objectives in order (each minimised or maximised per its mode), ties
   broken by the earlier creation order (Ray's trial counter), so every reader names the same best trial;
 - trial-epochs (`furthest_epoch`, `trial_epochs`): per trial the furthest epoch it reported (a retried
-  trial's replayed epochs count once), summed over trials.
+  trial's replayed epochs count once), summed over trials;
+- device-seconds (`trained_seconds`, `device_seconds`): per trial the largest `train_seconds` it reported
+  (the trainer keeps it across a resume, so a replay does not add), times the GPUs it holds if any, else
+  its CPUs (the record's `seconds_weight`), summed over trials;
+- the spent budget of an experiment on any storage, local or URI (`spent_by_trial`), for tuner/budget.py;
+- constraints (`Search.feasible`): a trial satisfies every `--constraint` on its last result; the best trial
+  is the best feasible one when any finished trial is feasible (ranked first), with the tie-break above.
 """
 from __future__ import annotations
 
@@ -26,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tuner.constraints import parse_constraints, satisfied
 from tuner.keys import DIVERGED, FAIL_REASON
-from tuner.record import (RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path, is_uri,
-                          normalize_storage, space_with_overrides)
+from tuner.record import (RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path, first_line,
+                          is_uri, normalize_storage, space_with_overrides)
 from tuner.spaces import SearchSpace
 
 STATUSES = ("finished", "stopped", "failed", "running", "pending")
@@ -56,7 +63,7 @@ class TrialRecord:
     diverged: str | None = None
     error: str | None = None
     epochs_run: int = 0  # the furthest epoch it reported (furthest_epoch): its trial-epochs
-
+    seconds_run: float = 0.0  # the largest train_seconds it reported (trained_seconds), not yet weighted
 
     @property
     def last(self) -> dict:
@@ -98,22 +105,43 @@ class Search:
         values = [trial.value(o) for o in self.objectives]
         return tuple(math.inf if v is None else s * v for s, v in zip(signs, values)) + (trial.order,)
 
+    def feasible(self, trial: TrialRecord) -> bool:
+        """Every --constraint holds on the trial's last result (True when the search has none)."""
+        return satisfied(parse_constraints(self.record.constraints), trial.last)
+
     def ranked(self, status: str = "finished") -> list[TrialRecord]:
-        return sorted((t for t in self.trials if t.status == status), key=self.sort_key)
+        """Trials of one status, those satisfying every constraint first, each group by sort_key."""
+        return sorted((t for t in self.trials if t.status == status),
+                      key=lambda t: (not self.feasible(t),) + self.sort_key(t))
 
     def best(self) -> TrialRecord | None:
-        """The best finished trial (sort_key: objectives, then creation order), or None."""
+        """The best finished trial (feasible first, then sort_key: objectives, then creation order), or None.
+        With constraints and no feasible finished trial it is the best infeasible one: check `feasible`."""
         ranked = self.ranked()
         return ranked[0] if ranked else None
 
     def trial_epochs(self) -> int:
         return trial_epochs(t.epochs_run for t in self.trials)
 
+    def device_seconds(self) -> float:
+        return device_seconds((t.seconds_run for t in self.trials), self.record.seconds_weight()[1])
+
+    def budget_spent(self) -> bool:
+        """The trial-epoch or the device-seconds budget is spent."""
+        return budget_spent(self.record, self.trial_epochs(), self.device_seconds())
+
+    def budget_text(self) -> str:
+        """`12 of 20 trial-epochs, 31.5 of 60 CPU-seconds`: each budget spent, of its limit where there is one."""
+        record = self.record
+        epochs = f"{self.trial_epochs()}" + ("" if record.max_trial_epochs is None else f" of {record.max_trial_epochs}")
+        seconds = f"{self.device_seconds():.4g}" + ("" if record.max_trial_seconds is None
+                                                   else f" of {record.max_trial_seconds:g}")
+        return f"{epochs} trial-epochs, {seconds} {record.seconds_weight()[0].upper()}-seconds"
+
     def is_complete(self) -> bool:
-        """Every planned trial has ended, or the trial-epoch budget is spent (an interrupted search has open
-        trials and budget left)."""
-        budget = self.record.max_trial_epochs
-        if budget is not None and self.trial_epochs() >= budget:
+        """Every planned trial has ended, or a budget is spent (an interrupted search has open trials and
+        budget left)."""
+        if self.budget_spent():
             return True
         return sum(t.status in ENDED for t in self.trials) >= self.record.num_samples
 
@@ -129,6 +157,50 @@ def furthest_epoch(rows: Iterable[dict]) -> int:
 def trial_epochs(furthest: Iterable[int]) -> int:
     """A search's compute in trial-epochs: the furthest epochs of its trials, summed."""
     return sum(furthest)
+
+
+def trained_seconds(rows: Iterable[dict]) -> float:
+    """The largest `train_seconds` among a trial's results (0 if none): its training seconds, unweighted."""
+    return max((float(r["train_seconds"]) for r in rows if is_finite(r.get("train_seconds"))), default=0.0)
+
+
+def device_seconds(seconds: Iterable[float], weight: float) -> float:
+    """A search's compute in device-seconds: its trials' training seconds, summed, times the devices each holds
+    (every trial of a search holds the same resources: SearchRecord.seconds_weight)."""
+    return sum(seconds) * weight
+
+
+def budget_spent(record: SearchRecord, epochs: int, seconds: float) -> bool:
+    return ((record.max_trial_epochs is not None and epochs >= record.max_trial_epochs)
+            or (record.max_trial_seconds is not None and seconds >= record.max_trial_seconds))
+
+
+def spent_by_trial(experiment: str) -> dict[str, tuple[int, float]]:
+    """{trial id: (furthest epoch, trained seconds)} from every `trial_*/result.json` of an experiment, a local
+    directory or a URI (read through pyarrow.fs, as the record is); {} when there is nothing there yet."""
+    texts: dict[str, str] = {}  # trial directory name → its result.json ("" if none yet)
+    if not is_uri(experiment):
+        root = Path(experiment)
+        for d in (root.glob("trial_*") if root.is_dir() else []):
+            texts[d.name] = (d / "result.json").read_text(errors="replace") if (d / "result.json").is_file() else ""
+    else:
+        import pyarrow.fs
+
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)):
+                name = info.path.rstrip("/").rsplit("/", 1)[-1]
+                if info.type != pyarrow.fs.FileType.Directory or not name.startswith("trial_"):
+                    continue
+                texts[name] = ""
+                result = fs.get_file_info(f"{info.path}/result.json")
+                if result.type == pyarrow.fs.FileType.File:
+                    with fs.open_input_stream(result.path) as f:
+                        texts[name] = f.read().decode(errors="replace")
+        except (OSError, ValueError) as e:
+            raise SearchError(f"{experiment}: cannot read the budget spent so far ({first_line(e)})") from None
+    return {name.removeprefix("trial_"): (furthest_epoch(rows), trained_seconds(rows))
+            for name, rows in ((n, parse_result_lines(t)) for n, t in texts.items())}
 
 
 def load_search(name: str, storage: str | None) -> Search:
@@ -153,8 +225,9 @@ def _load_local(name: str, path: Path, where: str) -> Search:
                           f"pass the --storage the search ran with")
     record = SearchRecord.from_json(record_file.read_text(), f"{where}/{RECORD_FILE}")
     trials = read_trials(path, record.objective)
-    spent = trial_epochs(t.epochs_run for t in trials)
-    if record.max_trial_epochs is not None and spent >= record.max_trial_epochs:
+    spent = budget_spent(record, trial_epochs(t.epochs_run for t in trials),
+                         device_seconds((t.seconds_run for t in trials), record.seconds_weight()[1]))
+    if spent:
         for t in trials:  # started just as the budget ran out, stopped before its first epoch: not a failure
             if t.status == "failed" and not t.history and t.error == NO_RESULT:
                 t.status, t.error = "stopped", None
@@ -233,7 +306,7 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     history = epoch_history(rows)
     trial = TrialRecord(str(trial_id), "pending", dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
-                        epochs_run=furthest_epoch(rows))
+                        epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows))
     trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
     trial.status, reason = trial_status(ray_status, trial.last, objectives)
     if trial.last.get(FAIL_REASON) and not trial.diverged:

@@ -22,7 +22,8 @@ from typing import Any
 from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
-from tuner.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
+from tuner.constraints import parse_constraints
+from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
                           normalize_storage, positive_int, read_record, read_space_file, space_with_overrides,
                           write_record)
 from tuner.results import ENDED, Search, load_search
@@ -80,6 +81,29 @@ def parse_resources(text: str) -> dict[str, float]:
     return out
 
 
+def check_constraints(texts: list[str] | None, space: SearchSpace) -> list[str]:
+    """`--constraint` values, checked (syntax, known metric, measured by the space's eval.metrics) and written
+    back in one canonical form (`clean_err<=0.35`) for the record."""
+    constraints = parse_constraints(texts)
+    measured = space.base_config.resolve().eval.metrics
+    for c in constraints:
+        needed = OBJECTIVES.get(c.metric)
+        if needed is not None and needed not in measured and "eval.metrics" not in space.params:
+            raise SearchError(f"--constraint {c}: {c.metric} needs '{needed}' in eval.metrics of the space "
+                              f"(it measures {', '.join(measured)}); add it, e.g. eval.metrics=[clean,ibp,{needed}]")
+    return [str(c) for c in constraints]
+
+
+def positive_seconds(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SearchError(f"--max-trial-seconds: must be a number of device-seconds > 0, got {str(value)[:40]!r}")
+    return seconds
+
+
 def max_epochs_at_target(space: SearchSpace) -> int:
     """The most epochs at target ε any trial of the space can have (places the ASHA rungs).
 
@@ -107,7 +131,8 @@ def max_epochs_at_target(space: SearchSpace) -> int:
 def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None, num_samples: Any,
                    max_concurrent: Any, resources: str, scheduler: str, objective: str, storage: str | None,
                    address: str | None, wandb_project: str | None, data_dir: str | None, seed: Any,
-                   sampler: str = "tpe", max_trial_epochs: Any = None) -> tuple[SearchRecord, str]:
+                   sampler: str = "tpe", max_trial_epochs: Any = None, max_trial_seconds: Any = None,
+                   constraints: list[str] | None = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     Returns the record and the normalised storage; nothing has been started yet.
@@ -117,6 +142,7 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
     path, raw = read_space_file(space_path)
     space = space_with_overrides(raw, overrides, path)
     objectives, modes = parse_objective(objective, space)
+    checked_constraints = check_constraints(constraints, space)
     if scheduler not in SCHEDULERS:
         raise SearchError(f"--scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if sampler not in SAMPLERS:
@@ -132,7 +158,9 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project or None,
         address=recorded_address(address), sampler=sampler,
         max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
-                                                                                    max_trial_epochs))
+                                                                                    max_trial_epochs),
+        max_trial_seconds=None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds),
+        seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints)
     if check_address(address) is None:  # a fresh local instance (tuner/cluster.py: --address, RAY_ADDRESS)
         if not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
@@ -238,7 +266,6 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     import optuna
     from ray import tune
 
-    from tuner.budget import TrialEpochBudget
     from tuner.schedulers import make_scheduler
     from tuner.searcher import HonestOptunaSearch
     from tuner.tracking import wandb_callback
@@ -248,13 +275,15 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     single = len(record.objective) == 1
     seeds = space.seed_points()
     # TPE with Optuna 5's defaults (multivariate for one objective), or random sampling; seeded; the
-    # space's defaults and seeds first. (Ray refuses a sampler together with its seed argument.)
+    # space's defaults and seeds first. (Ray refuses a sampler together with its seed argument.) TPE reads the
+    # constraints the searcher sets on each trial; random sampling ignores them (export still honours them).
     sampler = optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
                                   mode=record.modes[0] if single else list(record.modes),
                                   points_to_evaluate=seeds or None,
-                                  sampler=sampler, seed=None if sampler else record.seed)
+                                  sampler=sampler, seed=None if sampler else record.seed,
+                                  constraints=parse_constraints(record.constraints))
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))
     callback = wandb_callback(record.wandb_project, record.name)
@@ -267,13 +296,23 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=record.name, storage_path=storage, verbose=1,
-            stop=None if record.max_trial_epochs is None else TrialEpochBudget(
-                record.max_trial_epochs, None if is_uri(storage) else experiment_path(storage, record.name)),
+            stop=make_budget(record, storage),
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             # One checkpoint per trial is kept; with num_to_keep set, Ray also snapshots the experiment state
             # after every trial checkpoint, so a restored experiment points at a checkpoint that exists.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[callback] if callback else None))
+
+
+def make_budget(record: SearchRecord, storage: str):
+    """The stopper of a search with a budget (None without): it counts from what the experiment already holds,
+    on local or URI storage, so a resumed search does not get its budget again (tuner/budget.py)."""
+    from tuner.budget import SearchBudget
+
+    if record.max_trial_epochs is None and record.max_trial_seconds is None:
+        return None
+    return SearchBudget(record.max_trial_epochs, experiment_path(storage, record.name),
+                        record.max_trial_seconds, record.seconds_weight()[1])
 
 
 def run_search(record: SearchRecord, storage: str):
@@ -317,16 +356,18 @@ def summarize(search: Search, storage: str) -> str:
     Read from the experiment directory by tuner/results.py, as `report` and `export` read it, so the three
     agree on statuses and on the best trial (the same tie-break)."""
     record = search.record
-    budget = "" if record.max_trial_epochs is None else f" of a budget of {record.max_trial_epochs}"
     counts = ", ".join(f"{n} {s}" for s, n in search.counts().items() if n)
-    lines = [f"search {record.name}: {len(search.trials)} trials ({counts}), {search.trial_epochs()} "
-             f"trial-epochs{budget}",
+    lines = [f"search {record.name}: {len(search.trials)} trials ({counts}), {search.budget_text()}",
              f"experiment: {search.location}"]
     best = search.best()
     if best is not None:
         values = " ".join(f"{o}={best.value(o):.6g}" for o in search.objectives)
-        lines.append(f"best finished trial: {values} trial_id={best.trial_id} "
-                     f"{json.dumps(best.params, sort_keys=True)}")
+        feasible = search.feasible(best)
+        which = "best finished trial" + (" satisfying every constraint" if record.constraints and feasible else "")
+        lines.append(f"{which}: {values} trial_id={best.trial_id} {json.dumps(best.params, sort_keys=True)}")
+        if not feasible:
+            lines.append(f"no finished trial satisfies every constraint ({', '.join(record.constraints)}); "
+                         f"the one above is the best finished trial regardless")
     if search.all_failed():
         lines.append(f"every trial failed ({len(search.trials)}); reasons:")
         reasons: dict[str, int] = {}

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from tuner.constraints import Constraint
 from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
 from tuner.schedulers import TargetEpochCounter, is_finite
 
@@ -28,11 +29,18 @@ class HonestOptunaSearch(OptunaSearch):
     objective at every epoch at target ε, with step = epochs at target, the unit of WarmupAwareASHA's rungs.
     Ramp epochs are not reported, so a PRUNED trial is ranked by TPE on its budget at target and its value.
 
+    With `constraints` (tuner/constraints.py), a COMPLETE or PRUNED trial also gets its violation of each on
+    that last result (`Trial.set_constraint`, key `clean_err<=0.35`), which TPE reads: it models feasible
+    trials as the good ones (Optuna 5 replaced TPE's `constraints_func` by these per-trial constraints).
+
     All state lives in instance attributes, which Ray's save/restore pickle, so it survives Tuner.restore.
     """
 
-    def __init__(self, *args, **kwargs):
+    _constraints: list[Constraint] = []  # class default: a searcher pickled before constraints existed restores
+
+    def __init__(self, *args, constraints: list[Constraint] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._constraints = list(constraints or [])
         self._progress = TargetEpochCounter()
         # Last step reported per trial: Ray passes a trial's last result again (its "done" duplicate,
         # then on_trial_complete), and Optuna warns on a repeated step.
@@ -67,6 +75,9 @@ class HonestOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
         if reason:
             ot_trial.set_user_attr(FAIL_REASON, reason)
+        if state != TrialState.FAIL:
+            for c in self._constraints:
+                ot_trial.set_constraint(str(c), c.violation(result or {}))
         # No try/except: the stock one turns a failed tell into a log line and a RUNNING zombie; our
         # values are checked above, so a failure here is a bug to see.
         self._ot_study.tell(ot_trial, value, state=state)
