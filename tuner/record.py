@@ -44,6 +44,11 @@ class SearchRecord:
     address: str | None = None
     sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
     max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
+    # Where the Optuna study lives (tuner/study.py): "journal", an RDB URL, "memory"; "" = recorded before
+    # studies had a storage (only in Ray's searcher pickle).
+    study_storage: str = ""
+    warm_start: str | None = None  # --warm-start: a search name in storage, or STORAGE#STUDY
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # --enqueue: points evaluated first (after defaults)
 
     def build_space(self) -> SearchSpace:
         return space_with_overrides(self.space, self.overrides, self.space_path)
