@@ -319,7 +319,16 @@ def run_search(record: SearchRecord, storage: str):
         warm = warm_start_trials(record.warm_start, storage, record.build_space(), record.objective, record.modes)
     create_search_study(record, storage, warm)
     connect_ray(record.address)
-    return build_tuner(record, storage).fit()
+    results = build_tuner(record, storage).fit()
+    settle(record, storage)
+    return results
+
+
+def settle(record: SearchRecord, storage: str) -> None:
+    """Trials Ray ended without telling the searcher are told to the Optuna storage (tuner/study.py)."""
+    from tuner.study import settle_study
+
+    settle_study(record, storage, load_search(record.name, storage).trials)
 
 
 def resume_search(name: str, storage: str | None, address: str | None):
@@ -346,7 +355,9 @@ def resume_search(name: str, storage: str | None, address: str | None):
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                restart_errored=False)
-    return tuner.fit()
+    results = tuner.fit()
+    settle(record, storage)
+    return results
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------

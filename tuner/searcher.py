@@ -123,7 +123,12 @@ class HonestOptunaSearch(OptunaSearch):
         # so the storage has no trial left RUNNING and none counted twice.
         if self._orphans and trial_id not in self._ot_trials and callable(self._space):
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
-        return super().suggest(trial_id)
+        params = super().suggest(trial_id)
+        if self._storage is not None and trial_id in self._ot_trials:
+            # Linked from the start, so a trial Ray ends without telling the searcher (the experiment stopped
+            # by the trial-epoch budget) is found again by tuner.study.settle_study.
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return params
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

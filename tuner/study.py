@@ -167,6 +167,41 @@ def load_search_study(record: SearchRecord, root: str):
                           f"(the search stopped before its first trial)") from None
 
 
+def settle_study(record: SearchRecord, root: str, trials: list) -> int:
+    """Tell the storage how trials ended that Ray ended without telling the searcher: when the trial-epoch
+    budget stops the experiment, the trials still running are stopped (PRUNED, with the values they reached
+    at target ε), and Ray does not call the searcher for them. `trials` are tuner.results TrialRecords (the
+    report's reading); only ended ones are told, so an interrupted search keeps its open trials for
+    `certtune resume`. Returns how many were told."""
+    from optuna.trial import TrialState
+
+    storage = open_storage(record, root)
+    study = existing_study(record.name, storage)
+    if study is None:
+        return 0
+    by_ray = {t.trial_id: t for t in trials}
+    told = 0
+    for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial = by_ray.get(ot.user_attrs.get(RAY_TRIAL_ID))
+        if trial is None or trial.status not in ("finished", "stopped", "failed"):
+            continue
+        state, values = TrialState.PRUNED, None
+        if trial.status == "failed":
+            state = TrialState.FAIL
+            storage.set_trial_user_attr(ot._trial_id, FAIL_REASON, trial.diverged and f"diverged: {trial.diverged}"
+                                        or trial.error or "failed")
+        elif trial.status == "finished":
+            state, values = TrialState.COMPLETE, [trial.value(o) for o in record.objective]
+        if state == TrialState.PRUNED and len(record.objective) == 1:
+            at_target = [r.get(record.objective[0]) for r in trial.history if r.get("at_target")]
+            for step, value in enumerate(at_target, 1):
+                if step not in ot.intermediate_values and value is not None:
+                    storage.set_trial_intermediate_value(ot._trial_id, step, float(value))
+        storage.set_trial_state_values(ot._trial_id, state, values)
+        told += 1
+    return told
+
+
 def flat_config(config: dict, prefix: str = CONFIG_PREFIX) -> dict[str, Any]:
     """{"config.lr": 0.001, "config.schedule.start": 1, ...}: the user attrs of a trial's training config."""
     out: dict[str, Any] = {}
