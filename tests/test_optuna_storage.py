@@ -70,7 +70,8 @@ def searches(tmp_path_factory, data_dir):
         warm, _ = search(tmp, data_dir, "warm", space, num_samples=1, warm_start="first")
     finally:
         ray.shutdown()
-    return {"tmp": tmp, "space": space, "storage": storage, "url": url, "first": first, "warm": warm}
+    return {"tmp": tmp, "space": space, "storage": storage, "url": url, "first": first, "warm": warm,
+            "data_dir": str(data_dir)}
 
 
 def same_as_report(study, storage: str, name: str) -> dict:
@@ -137,7 +138,7 @@ def test_warm_start_from_an_incompatible_space_names_the_first_mismatch(searches
     space = write_yaml(searches["tmp"] / "other.yaml", other)
     proc = subprocess.run([sys.executable, "-m", "tuner.cli", "search", str(space), "--name", "mismatch",
                            "--storage", searches["storage"], "--warm-start", "first",
-                           "--data-dir", str(searches["tmp"])], cwd=REPO, capture_output=True, text=True,
+                           "--data-dir", searches["data_dir"]], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
                                             "HOME": str(searches["tmp"])})
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
@@ -148,7 +149,7 @@ def test_warm_start_from_an_incompatible_space_names_the_first_mismatch(searches
     # The same study given as STORAGE#STUDY (an RDB URL here) is read the same way.
     with pytest.raises(SearchError, match="param 'reg.lambda0'"):
         prepare_search(str(space), {}, "mismatch", 1, 1, "cpu=1", "none", "ibp_err", searches["storage"], None,
-                       None, str(searches["tmp"]), 0, warm_start=f"{searches['url']}#first")
+                       None, searches["data_dir"], 0, warm_start=f"{searches['url']}#first")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -167,7 +168,7 @@ def test_bad_study_inputs_are_one_line_errors(searches, kwargs, message):
         kwargs = {"enqueue": str(tmp / kwargs["enqueue"])}
     with pytest.raises(SearchError) as e:
         prepare_search(str(searches["space"]), {}, "bad", 1, 1, "cpu=1", "none", "ibp_err", searches["storage"],
-                       None, None, str(tmp), 0, **kwargs)
+                       None, None, searches["data_dir"], 0, **kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

@@ -19,6 +19,7 @@ study someone hands us cannot run code.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,9 @@ def create_search_study(record: SearchRecord, root: str, warm_trials: list | Non
         optuna.delete_study(study_name=record.name, storage=storage)
     study = optuna.create_study(study_name=record.name, storage=storage, directions=directions,
                                 load_if_exists=True)
-    study.set_metric_names(list(record.objective))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(record.objective))
     for trial in warm_trials or []:
         study.add_trial(trial)
 
@@ -180,6 +183,7 @@ def settle_study(record: SearchRecord, root: str, trials: list) -> int:
     if study is None:
         return 0
     by_ray = {t.trial_id: t for t in trials}
+    space = record.build_space()
     told = 0
     for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial = by_ray.get(ot.user_attrs.get(RAY_TRIAL_ID))
@@ -197,6 +201,12 @@ def settle_study(record: SearchRecord, root: str, trials: list) -> int:
             for step, value in enumerate(at_target, 1):
                 if step not in ot.intermediate_values and value is not None:
                     storage.set_trial_intermediate_value(ot._trial_id, step, float(value))
+        try:
+            config = flat_config(train_config_dict(space, ot.params))
+        except SpaceError:
+            config = {}
+        for key, setting in config.items():
+            storage.set_trial_user_attr(ot._trial_id, key, setting)
         storage.set_trial_state_values(ot._trial_id, state, values)
         told += 1
     return told
