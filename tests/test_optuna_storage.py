@@ -186,3 +186,55 @@ def test_an_experiment_from_before_the_storage_still_exports_and_says_why_it_has
     assert (tmp_path / "export" / "best.yaml").is_file() and summary
     with pytest.raises(SearchError, match="predates certtune's Optuna storage"):
         load_study(old / "warm")
+
+
+# ---- a killed driver: Ray's snapshot older than the storage (no Ray runtime needed) ---------------------
+def finished(value: float) -> dict:
+    return {"epoch": 2, "epochs": 2, "at_target": True, "ibp_err": value}
+
+
+def test_restore_reconciles_a_snapshot_older_than_the_storage(tmp_path):
+    """What a kill -9 can leave: trial `a` told after the last snapshot, trial `c` asked after it. The
+    restored searcher tells nothing twice and hands `c`'s Optuna trial to the next new Ray trial."""
+    from tuner.searcher import HonestOptunaSearch
+    from tuner.spaces import SearchSpace
+    from tuner.study import open_journal
+
+    space = SearchSpace.from_dict(SPACE, name="s")
+    journal = tmp_path / JOURNAL_FILE
+
+    def searcher():
+        s = HonestOptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min", seed=0,
+                               storage=open_journal(journal), study_name="s")
+        s.set_search_properties(None, None, {})
+        return s
+
+    before = searcher()
+    before.suggest("a"), before.suggest("b")
+    before.save(str(tmp_path / "snapshot.pkl"))  # Ray's last snapshot: a and b running
+    c_params = before.suggest("c")
+    before.on_trial_complete("a", finished(0.5))
+    # The driver dies here. Ray restores a, b (a rerun ends at once) and asks for a new trial.
+    after = HonestOptunaSearch()
+    after.restore(str(tmp_path / "snapshot.pkl"))
+    assert after.suggest("d") == c_params  # c's trial, taken over
+    after.on_trial_complete("a", finished(0.5))  # Ray's rerun of a: ignored, a was told already
+    after.on_trial_complete("b", finished(0.4))
+    after.on_trial_complete("d", finished(0.3))
+    study = optuna.load_study(study_name="s", storage=open_journal(journal))
+    assert [(t.state, t.values, t.user_attrs["ray_trial_id"]) for t in study.trials] == [
+        (TrialState.COMPLETE, [0.5], "a"), (TrialState.COMPLETE, [0.4], "b"), (TrialState.COMPLETE, [0.3], "d")]
+
+
+def test_a_torn_last_journal_line_is_cut_before_the_next_append(tmp_path):
+    from tuner.study import open_journal
+
+    journal = tmp_path / JOURNAL_FILE
+    optuna.create_study(study_name="s", storage=open_journal(journal)).add_trial(
+        optuna.trial.create_trial(value=1.0))
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code":4,"worker_id":"x","study_id":0,"datet')  # a crash mid-write
+    study = optuna.load_study(study_name="s", storage=open_journal(journal))
+    study.add_trial(optuna.trial.create_trial(value=2.0))
+    again = optuna.load_study(study_name="s", storage=open_journal(journal))
+    assert [t.value for t in again.trials] == [1.0, 2.0]
