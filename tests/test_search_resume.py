@@ -3,7 +3,8 @@
 The search runs in a subprocess on a real local Ray instance with real MNIST trials. It is killed once the
 experiment state it saved shows a finished trial and a running one with a checkpoint; `certtune resume`
 then finishes it. Every trial is accounted for, the finished ones are not rerun, the running one continues
-from its checkpoint, and the Optuna study (saved with the experiment) ends with every trial COMPLETE.
+from its checkpoint, and the Optuna study (its journal file in the experiment directory, read back with
+`optuna.load_study`) ends with one COMPLETE trial per Ray trial, as `certtune report` reads them.
 W&B (offline) ends with each trial's whole history in its newest run.
 """
 from __future__ import annotations
@@ -51,6 +52,16 @@ def saved_trials(exp: Path) -> dict[str, dict]:
         out[trial["trial_id"]] = {"status": trial["status"], "last_result": meta.get("last_result") or {},
                                   "checkpoint_epoch": latest.metrics.get("epoch") if latest else None}
     return out
+
+
+def optuna_study(exp: Path):
+    """The search's study, loaded by Optuna from the journal file in the experiment directory."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log")))
+    return optuna.load_study(study_name=exp.name, storage=storage)
 
 
 def result_lines(exp: Path, trial_id: str) -> list[str]:
@@ -126,9 +137,20 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
         resumed_rows = [r for r in rows if r["pid"] == pids[-1]]
         assert resumed_rows[0]["epoch"] == checkpoint_epoch + 1  # right after its checkpoint
     study = load_study(exp)
+    # The study is in its journal file, read by Optuna itself: one trial per Ray trial (none lost, none
+    # twice), none left RUNNING, each as `certtune report` reads it.
+    from tuner.results import load_search
+    journal = optuna_study(exp)
+    assert [(t.number, t.state, t.values, t.params) for t in journal.trials] == \
+        [(t.number, t.state, t.values, t.params) for t in study.trials]
     assert len(study.trials) == NUM_SAMPLES
     assert all(t.state == TrialState.COMPLETE for t in study.trials), [t.state for t in study.trials]
     assert {t.user_attrs["ray_trial_id"] for t in study.trials} == set(final)
+    report = {t.trial_id: t for t in load_search(name, str(storage)).trials}
+    for t in study.trials:
+        assert report[t.user_attrs["ray_trial_id"]].status == "finished"
+        assert t.values == [report[t.user_attrs["ray_trial_id"]].value("ibp_err")]
+        assert t.params == report[t.user_attrs["ray_trial_id"]].params
     assert f"search {name}: {NUM_SAMPLES} trials ({NUM_SAMPLES} finished)" in resumed.stdout
     # W&B (offline): each trial's newest run holds its whole history, the epochs before the kill included
     # (replayed from result.json into the resumed trial's new run, which keeps the trial's run id).

@@ -42,6 +42,17 @@ def add_search_commands(sub) -> None:
     p.add_argument("--constraint", action="append", default=None, metavar="METRIC<=X",
                    help="a trial is feasible only if its final METRIC<=X (or >=X), e.g. clean_err<=0.35; "
                         "repeatable; TPE prefers feasible trials and export picks the best feasible one")
+    p.add_argument("--optuna-storage", default=None,
+                   help="keep the Optuna study in this database (sqlite:///abs/path.db, postgresql://user@host/db, "
+                        "mysql://...), e.g. for optuna-dashboard or several drivers (default: a journal file "
+                        "in the experiment directory)")
+    p.add_argument("--warm-start", default=None, metavar="SEARCH_OR_STUDY",
+                   help="start from the finished and pruned trials of an earlier search in --storage (its name), "
+                        "or of any Optuna study given as STORAGE#STUDY (STORAGE: a database URL or a journal "
+                        "file); its space must agree on the shared params")
+    p.add_argument("--enqueue", default=None, metavar="FILE.yaml",
+                   help="evaluate these points first, after the space's defaults: a YAML list of "
+                        "{param: value} mappings")
     p.set_defaults(run=cmd_search)
 
     p = sub.add_parser("resume", help="continue an interrupted search")
@@ -76,7 +87,7 @@ def cmd_search(args) -> int:
         args.space, parse_overrides(args.overrides), args.name, args.num_samples, args.max_concurrent,
         args.resources_per_trial, args.scheduler, args.objective, args.storage, args.address,
         args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs, args.max_trial_seconds,
-        args.constraint)
+        args.constraint, args.optuna_storage, args.warm_start, args.enqueue)
     print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     run_search(record, storage)
     summary, code = finish(record, storage)

@@ -48,6 +48,12 @@ class SearchRecord:
     seconds_device: str | None = None  # what a trial's train_seconds are weighted by: "gpu" or "cpu" (device_weight)
     constraints: list[str] = field(default_factory=list)  # e.g. ["clean_err<=0.35"] (tuner/constraints.py)
 
+    # Where the Optuna study lives (tuner/study.py): "journal", an RDB URL, "memory"; "" = recorded before
+    # studies had a storage (only in Ray's searcher pickle).
+    study_storage: str = ""
+    warm_start: str | None = None  # --warm-start: a search name in storage, or STORAGE#STUDY
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # --enqueue: points evaluated first (after defaults)
+
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
         device = self.seconds_device or device_weight(self.resources_per_trial)[0]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -384,20 +383,15 @@ def last_line(path: Path) -> str:
 
 
 
-# ---- the Optuna study Ray snapshotted ------------------------------------------------------------------
-def load_searcher_state(experiment_dir: str | Path) -> dict:
-    """The newest searcher snapshot of a (local) experiment: HonestOptunaSearch's attributes. Ray's pickle,
-    written by the user's own experiment (the only pickle certtune loads)."""
-    files = sorted(Path(experiment_dir).glob("searcher-state-*.pkl"))
-    if not files:
-        raise SearchError(f"{experiment_dir}: no searcher-state-*.pkl (the search has not snapshotted yet)")
-    with open(files[-1], "rb") as f:
-        return pickle.load(f)
-
-
+# ---- the Optuna study ---------------------------------------------------------------------------------
 def load_study(experiment_dir: str | Path):
-    """The Optuna study saved with a (local) experiment."""
-    return load_searcher_state(experiment_dir)["_ot_study"]
+    """The Optuna study of a (local) experiment, loaded from its Optuna storage with `optuna.load_study`
+    (tuner/study.py); never from Ray's searcher pickle. SearchError for a search that predates the storage."""
+    from tuner.study import load_search_study
+
+    experiment_dir = Path(experiment_dir)
+    record = SearchRecord.from_json((experiment_dir / RECORD_FILE).read_text())
+    return load_search_study(record, str(experiment_dir.parent))
 
 
 # ---- small helpers -----------------------------------------------------------------------------------

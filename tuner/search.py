@@ -8,7 +8,9 @@ One path for a trial (tuner/trial.py): sampled params → `space.to_train_config
 function `certtune train` runs. The experiment lives in `<storage>/<name>/` (RunConfig(storage_path, name));
 `certtune_search.json` there records the search (the space file's contents included) before the Tuner starts,
 so `resume` and `export` rebuild the trainable and the space without the original files. The Optuna study
-is Ray's searcher state (`searcher-state-*.pkl`), snapshotted with the experiment. Full guide: docs/search.md.
+is named after the search and lives in an Optuna storage (tuner/study.py: a journal file in the experiment
+directory by default, or --optuna-storage URL); Ray's searcher snapshot holds only its address. Full guide:
+docs/search.md.
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
                    max_concurrent: Any, resources: str, scheduler: str, objective: str, storage: str | None,
                    address: str | None, wandb_project: str | None, data_dir: str | None, seed: Any,
                    sampler: str = "tpe", max_trial_epochs: Any = None, max_trial_seconds: Any = None,
-                   constraints: list[str] | None = None) -> tuple[SearchRecord, str]:
+                   constraints: list[str] | None = None, optuna_storage: str | None = None,
+                   warm_start: str | None = None, enqueue: str | None = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     Returns the record and the normalised storage; nothing has been started yet.
@@ -170,8 +173,27 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
     if experiment_exists(storage, record.name):
         raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
                           f"continue it with `certtune resume {record.name}` or choose another --name")
+    check_study_inputs(record, space, storage, optuna_storage, warm_start, enqueue)
     write_record(record, storage)
     return record, storage
+
+
+def check_study_inputs(record: SearchRecord, space: SearchSpace, storage: str, optuna_storage: str | None,
+                       warm_start: str | None, enqueue: str | None) -> None:
+    """--optuna-storage, --warm-start and --enqueue (tuner/study.py), checked and put into the record."""
+    from tuner.study import check_new_study, read_enqueue_file, study_storage_kind, warm_start_trials
+
+    record.study_storage = study_storage_kind(optuna_storage, storage)
+    if record.study_storage != "journal":  # a fresh experiment directory has no study yet
+        check_new_study(record, storage)
+    if enqueue:
+        record.enqueue = read_enqueue_file(enqueue, space)
+    if warm_start:
+        if record.study_storage == "memory":
+            raise SearchError("--warm-start: a search with a remote --storage needs --optuna-storage URL to "
+                              "hold its study")
+        warm_start_trials(warm_start, storage, space, record.objective, record.modes)  # checks the spaces
+        record.warm_start = warm_start
 
 
 def experiment_exists(storage: str, name: str) -> bool:
@@ -263,26 +285,29 @@ def trial_dirname(trial) -> str:
 def build_tuner(record: SearchRecord, storage: str, trainable=None):
     """The Tuner of a search. `trainable` replaces the real trial (tuner/trial.py) for benchmarks of the
     service itself; it gets the same resources, searcher, scheduler, checkpoints and callbacks."""
-    import optuna
+    import functools
+
     from ray import tune
 
     from tuner.schedulers import make_scheduler
     from tuner.searcher import HonestOptunaSearch
+    from tuner.study import open_storage, train_config_dict
     from tuner.tracking import wandb_callback
     from tuner.trial import make_trainable
 
     space = record.build_space()
     single = len(record.objective) == 1
-    seeds = space.seed_points()
-    # TPE with Optuna 5's defaults (multivariate for one objective), or random sampling; seeded; the
-    # space's defaults and seeds first. (Ray refuses a sampler together with its seed argument.) TPE reads the
-    # constraints the searcher sets on each trial; random sampling ignores them (export still honours them).
-    sampler = optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
+    # The space's defaults and seeds first, then the --enqueue points. TPE reads the constraints the searcher
+    # sets on each trial; random sampling ignores them (export still honours them).
+    points = [p for p in space.seed_points() + list(record.enqueue) if p]
+    sampler = make_sampler(record)
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
                                   mode=record.modes[0] if single else list(record.modes),
-                                  points_to_evaluate=seeds or None,
+                                  points_to_evaluate=points or None,
                                   sampler=sampler, seed=None if sampler else record.seed,
+                                  storage=open_storage(record, storage), study_name=record.name,
+                                  train_config=functools.partial(train_config_dict, space),
                                   constraints=parse_constraints(record.constraints))
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))
@@ -313,11 +338,33 @@ def make_budget(record: SearchRecord, storage: str):
         return None
     return SearchBudget(record.max_trial_epochs, experiment_path(storage, record.name),
                         record.max_trial_seconds, record.seconds_weight()[1])
+def make_sampler(record: SearchRecord):
+    """The Optuna sampler of a search: None for TPE with Optuna 5's defaults (multivariate for one objective;
+    Ray builds it with the search's seed, and refuses a sampler together with its seed argument), or
+    uniform random sampling, seeded."""
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
 
 
 def run_search(record: SearchRecord, storage: str):
+    from tuner.study import create_search_study, warm_start_trials
+
+    warm = None
+    if record.warm_start:
+        warm = warm_start_trials(record.warm_start, storage, record.build_space(), record.objective, record.modes)
+    create_search_study(record, storage, warm)
     connect_ray(record.address)
-    return build_tuner(record, storage).fit()
+    results = build_tuner(record, storage).fit()
+    settle(record, storage)
+    return results
+
+
+def settle(record: SearchRecord, storage: str) -> None:
+    """Trials Ray ended without telling the searcher are told to the Optuna storage (tuner/study.py)."""
+    from tuner.study import settle_study
+
+    settle_study(record, storage, load_search(record.name, storage).trials)
 
 
 def resume_search(name: str, storage: str | None, address: str | None):
@@ -344,7 +391,9 @@ def resume_search(name: str, storage: str | None, address: str | None):
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                restart_errored=False)
-    return tuner.fit()
+    results = tuner.fit()
+    settle(record, storage)
+    return results
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------

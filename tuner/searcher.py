@@ -11,8 +11,10 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from tuner.constraints import Constraint
+from trainers.config import ConfigError
 from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
 from tuner.schedulers import TargetEpochCounter, is_finite
+from tuner.study import flat_config
 
 
 class HonestOptunaSearch(OptunaSearch):
@@ -32,15 +34,22 @@ class HonestOptunaSearch(OptunaSearch):
     With `constraints` (tuner/constraints.py), a COMPLETE or PRUNED trial also gets its violation of each on
     that last result (`Trial.set_constraint`, key `clean_err<=0.35`), which TPE reads: it models feasible
     trials as the good ones (Optuna 5 replaced TPE's `constraints_func` by these per-trial constraints).
+    `train_config(params) -> dict` (optional): the trial's resolved training config, put on the Optuna trial as
+    user attrs `config.<dotted key>` when it ends, so a dashboard shows what each trial trained.
 
     All state lives in instance attributes, which Ray's save/restore pickle, so it survives Tuner.restore.
+    With an Optuna storage (`storage=`), the trials themselves live there and the pickle holds only the
+    storage's address; `restore` then reconciles the snapshot with the storage, which the killed driver may
+    have written after its last snapshot (see `_reconcile`).
     """
 
     _constraints: list[Constraint] = []  # class default: a searcher pickled before constraints existed restores
 
-    def __init__(self, *args, constraints: list[Constraint] | None = None, **kwargs):
+    def __init__(self, *args, constraints: list[Constraint] | None = None, train_config=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._constraints = list(constraints or [])
+        self._train_config = train_config
+        self._orphans: list[int] = []  # storage trial ids asked after the last snapshot, handed out again
         self._progress = TargetEpochCounter()
         # Last step reported per trial: Ray passes a trial's last result again (its "done" duplicate,
         # then on_trial_complete), and Optuna warns on a repeated step.
@@ -73,6 +82,8 @@ class HonestOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         # User attrs go in before tell: a finished Optuna trial is read-only.
         ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        for key, setting in self._config_attrs(ot_trial).items():
+            ot_trial.set_user_attr(key, setting)
         if reason:
             ot_trial.set_user_attr(FAIL_REASON, reason)
         if state != TrialState.FAIL:
@@ -106,3 +117,45 @@ class HonestOptunaSearch(OptunaSearch):
         values = [float(v) for v in values]
         return TrialState.COMPLETE, values if isinstance(self.metric, list) else values[0], None
 
+
+    def _config_attrs(self, ot_trial) -> dict:
+        if self._train_config is None:
+            return {}
+        try:
+            return flat_config(self._train_config(dict(ot_trial.params)))
+        except ConfigError:
+            return {}  # a point the config rejects: the trial failed and says why (fail_reason)
+
+    # ---- an Optuna storage and a restored snapshot ------------------------------------------------
+    def suggest(self, trial_id: str):
+        # A trial the killed driver asked for after its last snapshot is RUNNING in the storage, unknown to
+        # the restored Ray experiment: the next new Ray trial takes it over (same Optuna trial, its params),
+        # so the storage has no trial left RUNNING and none counted twice.
+        if self._orphans and trial_id not in self._ot_trials and callable(self._space):
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
+        params = super().suggest(trial_id)
+        if self._storage is not None and trial_id in self._ot_trials:
+            # Linked from the start, so a trial Ray ends without telling the searcher (the experiment stopped
+            # by the trial-epoch budget) is found again by tuner.study.settle_study.
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return params
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_train_config", None)  # a snapshot from before these attributes
+        self.__dict__.setdefault("_orphans", [])
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """After a restore from a snapshot older than the storage: a trial told after the snapshot is
+        finished in the storage (not told again; Ray may rerun its last epoch, reports are ignored), and a
+        trial asked after it is an orphan for `suggest`. An in-memory study is the snapshot: nothing to do."""
+        if self._storage is None or self._ot_study is None:
+            return
+        storage = self._ot_study._storage
+        for trial_id, ot_trial in self._ot_trials.items():
+            if trial_id not in self._completed_trials and storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)
+        known = {t._trial_id for t in self._ot_trials.values()}
+        self._orphans = [t._trial_id for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                         if t._trial_id not in known]
