@@ -13,7 +13,7 @@ Sources, per dataset (the first that exists wins):
   else a torchvision download;
   downloads go to `<dir>` (created if missing); $CERTTUNE_MNIST_MIRROR (a URL folder holding the four MNIST .gz
   files) and $CERTTUNE_CIFAR10_URL (the cifar-10-python.tar.gz URL) replace torchvision's sources. Each source
-  is probed first (DNS + TCP connect, at most PROBE_TIMEOUT_S), so no network fails in seconds;
+  is probed first (an HTTP HEAD, at most PROBE_TIMEOUT_S), so no network fails in seconds;
 - tinyimagenet: `<dir>/tiny-imagenet-200/{train,val}` image folders (no download).
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,7 @@ NPZ_KEYS = ("train_data", "train_targets", "test_data", "test_targets")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0  # per connect/read, so a download without network fails instead of hanging
-PROBE_TIMEOUT_S = 5.0  # DNS lookup + TCP connect to a download source, in a thread (getaddrinfo has no timeout)
+PROBE_TIMEOUT_S = 5.0  # an HTTP HEAD to a download source, in a thread (a DNS lookup has no timeout)
 MNIST_MIRROR_ENV = "CERTTUNE_MNIST_MIRROR"
 CIFAR10_URL_ENV = "CERTTUNE_CIFAR10_URL"
 HINT = "Pass --data-dir or set CERTTUNE_DATA"
@@ -303,19 +305,22 @@ def _download_sources():
 
 
 def _reachable(urls: list[str]) -> list[str]:
-    """The URLs whose host resolves and accepts a TCP connection within PROBE_TIMEOUT_S (all probed at once,
-    in threads: a DNS lookup has no timeout of its own). OSError naming each failure when none does."""
+    """The URLs whose server answers an HTTP HEAD (any status) within PROBE_TIMEOUT_S, probed at once in
+    threads: a DNS lookup has no timeout of its own, and a host that accepts but never answers would hold
+    each file's download for DOWNLOAD_SOCKET_TIMEOUT_S. OSError naming each failure when none answers."""
     failures: dict[str, str] = {}
 
     def probe(url: str) -> None:
-        parts = urlsplit(url)
-        failures[url] = f"{parts.hostname or url}: no answer within {PROBE_TIMEOUT_S:g} s"
+        host = urlsplit(url).hostname or url
+        failures[url] = f"{host}: no answer within {PROBE_TIMEOUT_S:g} s"
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            socket.create_connection((parts.hostname, port), timeout=PROBE_TIMEOUT_S).close()
-            del failures[url]
-        except (OSError, ValueError, TypeError) as e:
-            failures[url] = f"{parts.hostname or url}: {_one_line(e)}"
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answers (a folder URL may well be 403 or 404)
+        except (OSError, ValueError) as e:  # URLError, timeouts; ValueError: not a URL
+            failures[url] = f"{host}: {_one_line(getattr(e, 'reason', e))}"
+            return
+        del failures[url]
 
     threads = [threading.Thread(target=probe, args=(u,), daemon=True) for u in urls]
     for t in threads:
@@ -325,7 +330,7 @@ def _reachable(urls: list[str]) -> list[str]:
         t.join(max(0.0, deadline - time.monotonic()))
     alive = [u for u, t in zip(urls, threads) if not t.is_alive() and u not in failures]
     if not alive:
-        raise OSError("cannot reach " + "; ".join(failures.get(u, u) for u in urls))
+        raise OSError("cannot reach " + "; ".join(failures.get(u, f"{u}: no answer") for u in urls))
     return alive
 
 
@@ -360,7 +365,7 @@ def _load_mnist(root: Path, download: bool) -> _Raw:
                     MNIST.mirrors = _reachable(sources["mnist"])
                     MNIST(root, train=True, download=True)
         except (RuntimeError, OSError) as e:  # URLError and socket timeouts are OSErrors
-            reason = f"download failed: {_one_line(e)[:300]}"
+            reason = f"download failed: {_one_line(e)[:300].rstrip('.')}"
         missing = [f for f in MNIST_FILES if not (raw_dir / f).is_file()]
         if missing:
             _remove_if_empty(new_dirs)
@@ -402,7 +407,7 @@ def _load_cifar10(root: Path, download: bool) -> _Raw:
                     CIFAR10.url = _reachable(sources["cifar10"])[0]
                     return _torchvision_cifar10(root, download=True)
         except (RuntimeError, OSError) as e:
-            reason = f"download failed: {_one_line(e)[:300]}"
+            reason = f"download failed: {_one_line(e)[:300].rstrip('.')}"
             _remove_if_empty(new_dirs)
     raise DataError(f"CIFAR-10 not found under {root} (looked for {', '.join(looked)}); {reason}. {BRING}")
 
