@@ -120,7 +120,8 @@ def positive_int(flag: str, value: Any) -> int:
     except (TypeError, ValueError):
         n = None
     if n is None or n < 1 or str(value).strip() != str(n):
-        raise SearchError(f"{flag}: must be an integer >= 1, got {value!r}")
+        # str(): the CLI's '0' and the API's 0 read the same
+        raise SearchError(f"{flag}: must be an integer >= 1, got {str(value)!r}")
     return n
 
 

@@ -187,7 +187,7 @@ def seed_value(seed: Any) -> int:
     try:
         return int(seed)
     except (TypeError, ValueError):
-        raise SearchError(f"--seed: must be an integer, got {seed!r}") from None
+        raise SearchError(f"--seed: must be an integer, got {str(seed)!r}") from None
 
 
 def connect_ray(address: str | None) -> None:
