@@ -7,6 +7,7 @@ a source serving files whose md5 is not torchvision's (refused: the download is 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,19 +52,25 @@ def test_offline_first_search_is_one_line_naming_dataset_path_and_the_npz_route(
                              "CERTTUNE_MNIST_MIRROR", "--data-dir"]:
         assert text in line, (text, line)
     assert list(tmp_path.iterdir()) == []  # the folders made for the download are gone again; no experiment
-    assert seconds < 60, seconds  # imports included; the network part is bounded by PROBE_TIMEOUT_S
+    assert seconds < 240, seconds  # a hang guard only: imports take most of it on a busy machine; the network
+    # part is timed on its own below
 
 
-def test_a_source_that_does_not_answer_fails_within_the_probe_timeout(tmp_path, monkeypatch):
+
+
+@pytest.mark.parametrize("source", ["unresolvable", "silent"])
+def test_a_source_that_does_not_answer_fails_within_the_probe_timeout(tmp_path, monkeypatch, source):
     from trainers.config import DataConfig
     from trainers.data import PROBE_TIMEOUT_S, DataError, load_splits
     import torchvision.datasets  # noqa: F401 - imported before the clock starts (seconds on a busy machine)
 
-    # A server that takes the connection (the kernel's backlog) and never answers: a stalled proxy or mirror.
+    # silent: a server that takes the connection (the kernel's backlog) and never answers, a stalled mirror.
     with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
-        monkeypatch.setenv("CERTTUNE_MNIST_MIRROR", f"http://127.0.0.1:{silent.getsockname()[1]}/mnist/")
+        host = "certtune-no-such-host.invalid" if source == "unresolvable" else "127.0.0.1"
+        port = 80 if source == "unresolvable" else silent.getsockname()[1]
+        monkeypatch.setenv("CERTTUNE_MNIST_MIRROR", f"http://{host}:{port}/mnist/")
         start = time.monotonic()
-        with pytest.raises(DataError, match=r"download failed: cannot reach 127\.0\.0\.1: (timed out|no answer)"):
+        with pytest.raises(DataError, match=rf"download failed: cannot reach {re.escape(host)}: "):
             load_splits("mnist", tmp_path / "d", DataConfig(), seed=0)
         assert time.monotonic() - start < PROBE_TIMEOUT_S + 3
     assert not (tmp_path / "d").exists()
