@@ -1,6 +1,7 @@
 # Two commands: `make demo` and `make test`. Both create .venv and install what they need.
 PY := .venv/bin/python
-DATA ?= $(if $(CERTTUNE_DATA),$(CERTTUNE_DATA),../shared/data)
+# Data: $CERTTUNE_DATA, else ../shared/data where it exists, else ./data (a first search downloads MNIST there).
+DATA ?= $(if $(CERTTUNE_DATA),$(CERTTUNE_DATA),$(if $(wildcard ../shared/data),../shared/data,./data))
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv

@@ -1,6 +1,7 @@
 """A search fails fast and says so (issue 9 §6), through the real CLI as subprocesses with a real local Ray.
 
-- Deterministic failures are found before Ray starts: no data under --data-dir (MNIST, CIFAR-10), a
+- Deterministic failures are found before Ray starts: no data under --data-dir and no way to download it
+  (MNIST, CIFAR-10; the source is a refused local port), a
   `data.subset` larger than the data. One line on stderr, exit 2, no traceback, nothing written.
 - What only a trial can find (here: a sampled `data.subset` larger than the data) ends that trial at once,
   without Ray's retries; a search whose every trial failed exits 1 and prints the reasons.
@@ -130,7 +131,8 @@ def test_deterministic_input_failures_are_one_line_before_ray(tmp_path, data_dir
     search = ["--num-samples", 1, "--storage", storage]
     cases = {  # case: (argv, texts the one line must hold)
         "mnist_missing": (["search", "mnist_tiny", "--data-dir", empty, "--name", "m", *search],
-                          ["mnist data", "MNIST not found under " + str(empty), "data.npz", "before starting Ray"]),
+                          ["mnist data", "MNIST not found under " + str(empty), "download failed: cannot reach",
+                           "data.npz", "before starting Ray"]),
         "cifar_missing": (["search", "cifar10_eps2", "--data-dir", empty, "--name", "c", *search],
                           ["cifar10 data", "CIFAR-10 not found under " + str(empty), "cifar10-subset/*.npz",
                            "data.npz"]),
@@ -142,7 +144,10 @@ def test_deterministic_input_failures_are_one_line_before_ray(tmp_path, data_dir
         "resume_up": (["resume", "../other", "--storage", storage], ["'../other'"]),
     }
     before = tree(work)
-    procs = {case: subprocess.Popen(certtune(*argv), cwd=REPO, env=child_env(tmp_path), stdout=subprocess.PIPE,
+    # A refused local port as the download source: "no network", the same with or without internet.
+    offline = child_env(tmp_path, CERTTUNE_MNIST_MIRROR="http://127.0.0.1:9/",
+                        CERTTUNE_CIFAR10_URL="http://127.0.0.1:9/cifar-10-python.tar.gz")
+    procs = {case: subprocess.Popen(certtune(*argv), cwd=REPO, env=offline, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for case, (argv, _) in cases.items()}
     for case, proc in procs.items():
         out, err = proc.communicate(timeout=180)

@@ -11,17 +11,25 @@ Sources, per dataset (the first that exists wins):
 - mnist: torchvision's `<dir>/MNIST/raw/*-idx?-ubyte`, downloaded when missing and allowed;
 - cifar10: torchvision's `<dir>/cifar-10-batches-py`, else `<dir>/cifar10-subset/*.npz` or `<dir>/cifar10*.npz`,
   else a torchvision download;
+  downloads go to `<dir>` (created if missing); $CERTTUNE_MNIST_MIRROR (a URL folder holding the four MNIST .gz
+  files) and $CERTTUNE_CIFAR10_URL (the cifar-10-python.tar.gz URL) replace torchvision's sources. Each source
+  is probed first (an HTTP HEAD, at most PROBE_TIMEOUT_S), so no network fails in seconds;
 - tinyimagenet: `<dir>/tiny-imagenet-200/{train,val}` image folders (no download).
 """
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 import zipfile
 from typing import Callable
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -42,7 +50,13 @@ NPZ_KEYS = ("train_data", "train_targets", "test_data", "test_targets")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0  # per connect/read, so a download without network fails instead of hanging
+PROBE_TIMEOUT_S = 5.0  # an HTTP HEAD to a download source, in a thread (a DNS lookup has no timeout)
+MNIST_MIRROR_ENV = "CERTTUNE_MNIST_MIRROR"
+CIFAR10_URL_ENV = "CERTTUNE_CIFAR10_URL"
 HINT = "Pass --data-dir or set CERTTUNE_DATA"
+BRING = ("To bring the data: run once with network access (MNIST and CIFAR-10 download into the data dir; "
+         f"${MNIST_MIRROR_ENV} or ${CIFAR10_URL_ENV} name another source), copy torchvision's files there, or set "
+         "data.npz=FILE to an .npz of uint8 images (train_data, train_targets, test_data, test_targets). " + HINT)
 
 
 class DataError(ValueError):
@@ -275,6 +289,64 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
+@contextmanager
+def _download_sources():
+    """torchvision's download sources, replaced by $CERTTUNE_MNIST_MIRROR / $CERTTUNE_CIFAR10_URL when set, as
+    {"mnist": [mirror URL, ...], "cifar10": [URL]}; torchvision's class attributes are restored afterwards."""
+    from torchvision.datasets import CIFAR10, MNIST
+
+    saved = MNIST.mirrors, CIFAR10.url
+    mirror, url = os.environ.get(MNIST_MIRROR_ENV), os.environ.get(CIFAR10_URL_ENV)
+    try:
+        yield {"mnist": [mirror.rstrip("/") + "/"] if mirror else list(MNIST.mirrors),
+               "cifar10": [url] if url else [CIFAR10.url]}
+    finally:
+        MNIST.mirrors, CIFAR10.url = saved
+
+
+def _reachable(urls: list[str]) -> list[str]:
+    """The URLs whose server answers an HTTP HEAD (any status) within PROBE_TIMEOUT_S, probed at once in
+    threads: a DNS lookup has no timeout of its own, and a host that accepts but never answers would hold
+    each file's download for DOWNLOAD_SOCKET_TIMEOUT_S. OSError naming each failure when none answers."""
+    failures: dict[str, str] = {}
+
+    def probe(url: str) -> None:
+        host = urlsplit(url).hostname or url
+        failures[url] = f"{host}: no answer within {PROBE_TIMEOUT_S:g} s"
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answers (a folder URL may well be 403 or 404)
+        except (OSError, ValueError) as e:  # URLError, timeouts; ValueError: not a URL
+            failures[url] = f"{host}: {_one_line(getattr(e, 'reason', e))}"
+            return
+        del failures[url]
+
+    threads = [threading.Thread(target=probe, args=(u,), daemon=True) for u in urls]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [u for u, t in zip(urls, threads) if not t.is_alive() and u not in failures]
+    if not alive:
+        raise OSError("cannot reach " + "; ".join(failures.get(u, f"{u}: no answer") for u in urls))
+    return alive
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first (a failed download removes them again)."""
+    return [p for p in [path, *path.parents] if not p.exists()]
+
+
+def _remove_if_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # holds a partial download, or was never made
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -286,14 +358,19 @@ def _load_mnist(root: Path, download: bool) -> _Raw:
     missing = [f for f in MNIST_FILES if not (raw_dir / f).is_file()]
     reason = "download=False"
     if missing and download:
+        new_dirs = _missing_dirs(raw_dir)
         try:
-            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                MNIST(root, train=True, download=True)
+            with _download_sources() as sources:
+                with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+                    MNIST.mirrors = _reachable(sources["mnist"])
+                    MNIST(root, train=True, download=True)
         except (RuntimeError, OSError) as e:  # URLError and socket timeouts are OSErrors
-            reason = f"download failed: {_one_line(e)}"
+            reason = f"download failed: {_one_line(e)[:300].rstrip('.')}"
         missing = [f for f in MNIST_FILES if not (raw_dir / f).is_file()]
+        if missing:
+            _remove_if_empty(new_dirs)
     if missing:
-        raise DataError(f"MNIST not found under {root} (expected {raw_dir / missing[0]}); {reason}. {HINT}")
+        raise DataError(f"MNIST not found under {root} (expected {raw_dir / missing[0]}); {reason}. {BRING}")
     try:
         train, test = MNIST(root, train=True), MNIST(root, train=False)
     except (RuntimeError, ValueError, OSError) as e:
@@ -321,13 +398,18 @@ def _load_cifar10(root: Path, download: bool) -> _Raw:
     looked += [str(root / "cifar10-subset" / "*.npz"), str(root / "cifar10*.npz")]
     reason = "download=False"
     if download:
+        from torchvision.datasets import CIFAR10
+
+        new_dirs = _missing_dirs(root)
         try:
-            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                return _torchvision_cifar10(root, download=True)
+            with _download_sources() as sources:
+                with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+                    CIFAR10.url = _reachable(sources["cifar10"])[0]
+                    return _torchvision_cifar10(root, download=True)
         except (RuntimeError, OSError) as e:
-            reason = f"download failed: {_one_line(e)}"
-    raise DataError(f"CIFAR-10 not found under {root} (looked for {', '.join(looked)}); {reason}. "
-                    f"Pass data.npz, --data-dir or set CERTTUNE_DATA")
+            reason = f"download failed: {_one_line(e)[:300].rstrip('.')}"
+            _remove_if_empty(new_dirs)
+    raise DataError(f"CIFAR-10 not found under {root} (looked for {', '.join(looked)}); {reason}. {BRING}")
 
 
 def _torchvision_cifar10(root: Path, download: bool) -> _Raw:

@@ -12,7 +12,7 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
-from trainers.config import ConfigError
+from trainers.config import ConfigError, parse_overrides
 
 
 class UsageError(ConfigError):
@@ -91,31 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from trainers.config import TrainConfig, parse_overrides
-
-    cfg = TrainConfig.from_yaml(args.config).with_overrides(parse_overrides(args.overrides)).resolve()
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory")
-    from trainers.train import Trainer  # torch loads only once the config is known to be good
-
-    trainer = Trainer(cfg, data_dir=args.data_dir, out_dir=out, device=args.device,
-                      progress=not args.no_progress and sys.stderr.isatty())
+    from tuner import api
 
     def show(metrics, _):
         keys = ("epoch", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "time_epoch_s")
         print(json.dumps({k: _round(metrics[k]) for k in keys if k in metrics}), flush=True)
 
-    trainer.fit(on_epoch=show, restart=args.restart)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    api.train(args.config, parse_overrides(args.overrides), data_dir=args.data_dir, out=out, device=args.device,
+              progress=not args.no_progress and sys.stderr.isatty(), restart=args.restart, on_epoch=show)
     print(f"run directory: {out}", flush=True)
     return 0
 
 
 def cmd_verify(args) -> int:
-    from trainers.verify import verify_checkpoint
+    from tuner import api
 
-    result = verify_checkpoint(args.checkpoint, args.data_dir, args.split, args.eps, args.methods, args.device)
-    print(json.dumps(result))
+    print(json.dumps(api.verify(args.checkpoint, data_dir=args.data_dir, split=args.split, eps=args.eps,
+                                methods=args.methods, device=args.device)))
     return 0
 
 

@@ -6,7 +6,8 @@ Ray, Optuna and W&B are imported only when a command runs. Bad input raises Sear
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from trainers.config import parse_overrides
 
 
 def add_search_commands(sub) -> None:
@@ -80,39 +81,29 @@ def add_search_commands(sub) -> None:
 
 
 def cmd_search(args) -> int:
-    from trainers.config import parse_overrides
-    from tuner.search import finish, prepare_search, run_search
+    from tuner import api
+    from tuner.search import exit_code
 
-    record, storage = prepare_search(
-        args.space, parse_overrides(args.overrides), args.name, args.num_samples, args.max_concurrent,
-        args.resources_per_trial, args.scheduler, args.objective, args.storage, args.address,
-        args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs, args.max_trial_seconds,
-        args.constraint, args.optuna_storage, args.warm_start, args.enqueue)
-    print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
-    run_search(record, storage)
-    summary, code = finish(record, storage)
-    print(summary, flush=True)
-    return code
+    return exit_code(api.search(
+        args.space, parse_overrides(args.overrides), name=args.name, num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent, resources_per_trial=args.resources_per_trial, scheduler=args.scheduler,
+        objective=args.objective, storage=args.storage, address=args.address, wandb_project=args.wandb_project,
+        data_dir=args.data_dir, seed=args.seed, sampler=args.sampler, max_trial_epochs=args.max_trial_epochs,
+        max_trial_seconds=args.max_trial_seconds, constraints=args.constraint, optuna_storage=args.optuna_storage,
+        warm_start=args.warm_start, enqueue=args.enqueue))
 
 
 def cmd_resume(args) -> int:
-    from tuner.record import normalize_storage, read_record
-    from tuner.search import finish, resume_search
+    from tuner import api
+    from tuner.search import exit_code
 
-    resume_search(args.name, args.storage, args.address)
-    storage = normalize_storage(args.storage)
-    summary, code = finish(read_record(storage, args.name), storage)
-    print(summary, flush=True)
-    return code
+    return exit_code(api.resume(args.name, storage=args.storage, address=args.address))
 
 
 def cmd_export(args) -> int:
-    from tuner.export import export_search
-    from tuner.record import positive_int
+    from tuner import api
 
-    out = Path(args.out) if args.out else None
-    epochs = None if args.epochs is None else positive_int("--epochs", args.epochs)
-    summary = export_search(args.name, args.storage, out, positive_int("--top-k", args.top_k), epochs)
+    summary = api.export(args.name, storage=args.storage, out=args.out, top_k=args.top_k, epochs=args.epochs)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0
 

@@ -134,23 +134,29 @@ def metric_columns(trials: list[TrialRecord], objectives: list[str]) -> list[str
     return [n for n in names if any(n in t.last for t in trials)]
 
 
-def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> str:
-    """One row per trial: id, status, rank among finished, each searched param (blank when inactive), final
-    metrics, Ray's wall seconds, and why it failed."""
+def trial_table(search: Search, trials: list[TrialRecord]) -> tuple[list[str], list[list[Any]]]:
+    """One row per trial: id, status, rank among finished (None if not finished), each searched param (None when
+    inactive), final metrics, Ray's wall seconds, and why it failed. trials.csv and `certtune.report()` show it."""
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
     params = search.searched_names()
     metrics = metric_columns(search.trials, search.objectives)
     constrained = bool(search.record.constraints)
     header = ["trial_id", "status", "rank", *[f"param.{p}" for p in params], *metrics, "wall_seconds",
               *(["constraints_ok"] if constrained else []), "diverged", "error"]
+    rows = [[t.trial_id, t.status, rank.get(t.trial_id), *[t.params.get(p) for p in params],
+             *[t.last.get(m) for m in metrics], t.last.get("time_total_s"),
+             *([search.feasible(t) if t.last else None] if constrained else []),
+             t.diverged, None if t.diverged else t.error] for t in trials]
+    return header, rows
+
+
+def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> str:
+    """trial_table as CSV (blank cells for missing values)."""
+    header, rows = trial_table(search, trials)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for t in trials:
-            writer.writerow([t.trial_id, t.status, rank.get(t.trial_id, ""), *[_cell(t.params.get(p)) for p in params],
-                             *[_cell(t.last.get(m)) for m in metrics], _cell(t.last.get("time_total_s")),
-                             *([_cell(search.feasible(t)) if t.last else ""] if constrained else []),
-                             t.diverged or "", "" if t.diverged else (t.error or "")])
+        writer.writerows([_cell(v) for v in row] for row in rows)
     return str(path)
 
 

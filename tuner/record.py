@@ -112,6 +112,22 @@ def read_space_file(path: str) -> tuple[str, dict]:
     return str(resolved), parse_space_yaml(resolved.read_text(), str(resolved))
 
 
+DICT_SPACE = "api-space"  # the source (and default search name) of a space handed over as a dict
+
+
+def space_source(space: Any) -> tuple[str, dict]:
+    """(source, parsed mapping) of a space given as a file, a shipped space name, or a dict (Python API). A dict
+    is stored in the record as JSON, so it must hold plain values; the space itself is validated by the caller."""
+    if isinstance(space, dict):
+        try:
+            return DICT_SPACE, json.loads(json.dumps(space, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise SearchError(f"space: a dict space holds plain YAML values only ({first_line(e)})") from None
+    if not isinstance(space, (str, Path)):
+        raise SearchError(f"space: expected a space file, a shipped space name or a dict, got {type(space).__name__}")
+    return read_space_file(str(space))
+
+
 def check_name(name: str, flag: str = "--name") -> str:
     """A search name is one path component: `../other` or `/abs/path` never leave `--storage`."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -126,7 +142,8 @@ def positive_int(flag: str, value: Any) -> int:
     except (TypeError, ValueError):
         n = None
     if n is None or n < 1 or str(value).strip() != str(n):
-        raise SearchError(f"{flag}: must be an integer >= 1, got {value!r}")
+        # str(): the CLI's '0' and the API's 0 read the same
+        raise SearchError(f"{flag}: must be an integer >= 1, got {str(value)!r}")
     return n
 
 

@@ -25,8 +25,8 @@ from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
-from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
-                          normalize_storage, positive_int, read_record, read_space_file, space_with_overrides,
+from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line, is_uri,
+                          normalize_storage, positive_int, read_record, space_source, space_with_overrides,
                           write_record)
 from tuner.results import ENDED, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
@@ -130,7 +130,7 @@ def max_epochs_at_target(space: SearchSpace) -> int:
 
 
 # ---- preparing, running, resuming ----------------------------------------------------------------
-def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None, num_samples: Any,
+def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str | None, num_samples: Any,
                    max_concurrent: Any, resources: str, scheduler: str, objective: str, storage: str | None,
                    address: str | None, wandb_project: str | None, data_dir: str | None, seed: Any,
                    sampler: str = "tpe", max_trial_epochs: Any = None, max_trial_seconds: Any = None,
@@ -142,7 +142,7 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
     """
     from trainers.data import resolve_data_dir
 
-    path, raw = read_space_file(space_path)
+    path, raw = space_source(space_path)  # a file, a shipped name, or a dict (tuner/api.py)
     space = space_with_overrides(raw, overrides, path)
     objectives, modes = parse_objective(objective, space)
     checked_constraints = check_constraints(constraints, space)
@@ -165,7 +165,7 @@ def prepare_search(space_path: str, overrides: dict[str, Any], name: str | None,
         max_trial_seconds=None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds),
         seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints)
     if check_address(address) is None:  # a fresh local instance (tuner/cluster.py: --address, RAY_ADDRESS)
-        if not Path(record.data_dir).is_dir():
+        if Path(record.data_dir).exists() and not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
         check_fits(record.resources_per_trial, local_resources())
         check_data(space, record.data_dir)
@@ -202,9 +202,11 @@ def experiment_exists(storage: str, name: str) -> bool:
 
 
 def check_data(space: SearchSpace, data_dir: str) -> None:
-    """The data every trial of a local search reads is under `data_dir`, and `data.subset`/`data.val_size`/
-    `data.test_subset` fit it: found here, before Ray starts, instead of in every trial (where torchvision
-    would try a download and Ray would retry). The default point and the space's corners are checked."""
+    """The data every trial of a local search reads is under `data_dir`, downloaded there once (MNIST,
+    CIFAR-10; the directory is created if missing) before Ray starts rather than by every trial, and
+    `data.subset`/`data.val_size`/`data.test_subset` fit it. The default point and the space's corners are
+    checked. Missing data that cannot be downloaded is one line naming the dataset, the path and the ways to
+    bring it (trainers/data.py: a source that does not answer fails in seconds)."""
     from trainers.data import DataError, load_splits
 
     points = [space.default_point() or {}, space.corner("low"), space.corner("high")]
@@ -222,22 +224,19 @@ def check_data(space: SearchSpace, data_dir: str) -> None:
             if cfg.dataset == "tinyimagenet" and not cfg.data.npz:  # thousands of image files: only look
                 if not (Path(data_dir) / "tiny-imagenet-200" / "train").is_dir():
                     raise DataError(f"TinyImageNet not found under {data_dir} (expected "
-                                    f"{Path(data_dir) / 'tiny-imagenet-200' / 'train'})")
+                                    f"{Path(data_dir) / 'tiny-imagenet-200' / 'train'}; not downloaded "
+                                    f"automatically), or set data.npz=FILE to an .npz of uint8 images")
                 continue
-            load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed, download=False)
+            load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed, download=True)
         except DataError as e:
-            text = first_line(e).split("; download=False")[0]
-            hint = ("; a search does not download data: put the files there first (torchvision's layout; "
-                    "`certtune train` with network access downloads MNIST and CIFAR-10), set data.npz=FILE to an "
-                    ".npz of uint8 images (README: Data), or pass another --data-dir" if "not found" in text else "")
-            raise SearchError(f"{cfg.dataset} data, checked before starting Ray: {text}{hint}") from None
+            raise SearchError(f"{cfg.dataset} data, checked before starting Ray: {first_line(e)}") from None
 
 
 def seed_value(seed: Any) -> int:
     try:
         return int(seed)
     except (TypeError, ValueError):
-        raise SearchError(f"--seed: must be an integer, got {seed!r}") from None
+        raise SearchError(f"--seed: must be an integer, got {str(seed)!r}") from None
 
 
 def connect_ray(address: str | None) -> None:

@@ -1,0 +1,159 @@
+"""The Python API: the CLI's operations as functions (`import certtune; certtune.search(...)`).
+
+Each function is the CLI subcommand of the same name with keyword arguments for its flags; the CLI
+(tuner/commands.py, tuner/cli.py) calls these, so both check input the same way and raise the same errors:
+a ConfigError subclass (SearchError, SpaceError, ExportError, DataError, ...) with a one-line message, raised
+before anything is trained. Ray, Optuna, W&B and torch are imported only when a function runs.
+
+    search(space, ...)  → Search           report(name)  → pandas DataFrame, one row per trial
+    resume(name)        → Search           export(name)  → dict of the files written and the best trial
+    train(config, ...)  → final metrics    verify(checkpoint, ...) → certified errors
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from trainers.config import ConfigError, TrainConfig, parse_overrides
+
+SPLITS = ("test", "val")
+
+
+def _overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """A dict of dotted keys, or CLI-style `KEY=VALUE` strings (values parsed as YAML, as on the command line)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    if isinstance(overrides, (list, tuple)) and all(isinstance(o, str) for o in overrides):
+        return parse_overrides(list(overrides))
+    raise ConfigError(f"overrides: expected a dict or a list of 'KEY=VALUE' strings, got {overrides!r}")
+
+
+def _comma_list(flag: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    raise ConfigError(f"{flag}: expected a name or a list of names, got {value!r}")
+
+
+def _resources(value: str | dict[str, float]) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+# ---- searches ------------------------------------------------------------------------------------------
+def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | None = None, *, name: str | None = None,
+           num_samples: int = 20, max_concurrent: int = 2, resources_per_trial: str | dict = "cpu=1,gpu=0",
+           scheduler: str = "asha", objective: str | list[str] = "ibp_err", storage: str | None = None,
+           address: str | None = None, wandb_project: str | None = None, data_dir: str | Path | None = None,
+           seed: int = 0, sampler: str = "tpe", max_trial_epochs: int | None = None,
+           max_trial_seconds: float | None = None, constraints: list[str] | None = None,
+           optuna_storage: str | None = None, warm_start: str | None = None, enqueue: str | Path | None = None,
+           echo: bool = True):
+    """`certtune search`: a space file, a shipped space name (`mnist_tiny`) or a space as a dict (the YAML's
+    mapping). Every input is checked first (and, for a local search, the data is downloaded once); then the
+    trials run. Returns the search read back (tuner.results.Search: `.best()`, `.trials`, `.counts()`).
+    `echo` prints the experiment path and the summary, as the CLI does."""
+    from tuner.search import finish, prepare_search, run_search
+
+    record, storage = prepare_search(
+        space, _overrides(overrides), name, num_samples, max_concurrent, _resources(resources_per_trial), scheduler,
+        _comma_list("objective", objective), None if storage is None else str(storage), address, wandb_project,
+        None if data_dir is None else str(data_dir), seed, sampler, max_trial_epochs, max_trial_seconds,
+        constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue))
+    if echo:
+        print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
+    run_search(record, storage)
+    return _finished(record.name, storage, echo)
+
+
+def resume(name: str, *, storage: str | None = None, address: str | None = None, echo: bool = True):
+    """`certtune resume`: continue an interrupted search; returns it read back, as `search` does."""
+    from tuner.record import normalize_storage
+    from tuner.search import resume_search
+
+    resume_search(name, None if storage is None else str(storage), address)
+    return _finished(name, normalize_storage(None if storage is None else str(storage)), echo)
+
+
+def _finished(name: str, storage: str, echo: bool):
+    from tuner.results import load_search
+    from tuner.search import summarize
+
+    result = load_search(name, storage)
+    if echo:
+        print(summarize(result, storage), flush=True)
+    return result
+
+
+def report(name: str, *, storage: str | None = None):
+    """`certtune report` as a pandas DataFrame: one row per trial in the report's order (finished trials
+    ranked by objective(s), ties by creation order; then running, stopped, failed, pending), with the columns
+    of trials.csv (trial_id, status, rank, param.*, final metrics, wall_seconds, diverged, error)."""
+    import pandas as pd
+
+    from tuner.export import trial_table
+    from tuner.report import ordered_trials
+    from tuner.results import load_search
+
+    found = load_search(name, None if storage is None else str(storage))
+    header, rows = trial_table(found, ordered_trials(found))
+    table = pd.DataFrame(rows, columns=header)
+    table.attrs.update(name=found.name, objectives=found.objectives, location=found.location)
+    return table
+
+
+def export(name: str, *, storage: str | None = None, out: str | Path | None = None, top_k: int = 5,
+           epochs: int | None = None) -> dict:
+    """`certtune export`: best.yaml, top_k/, trials.csv and plots into `out` (default <storage>/<name>/export/);
+    returns the paths written and the best trial."""
+    from tuner.export import export_search
+    from tuner.record import positive_int
+
+    return export_search(name, None if storage is None else str(storage), None if out is None else Path(out),
+                         positive_int("--top-k", top_k), None if epochs is None else positive_int("--epochs", epochs))
+
+
+# ---- one configuration --------------------------------------------------------------------------------
+def train_config(config: str | Path | dict | TrainConfig, overrides: dict[str, Any] | list[str] | None = None
+                 ) -> TrainConfig:
+    """A config file, a dict of config keys or a TrainConfig, with overrides applied, resolved and checked."""
+    if isinstance(config, TrainConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = TrainConfig.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        cfg = TrainConfig.from_yaml(config)
+    else:
+        raise ConfigError(f"config: expected a YAML file, a dict or a TrainConfig, got {type(config).__name__}")
+    return cfg.with_overrides(_overrides(overrides)).resolve()
+
+
+def train(config: str | Path | dict | TrainConfig, overrides: dict[str, Any] | list[str] | None = None, *,
+          data_dir: str | Path | None = None, out: str | Path | None = None, device: str = "cpu",
+          progress: bool = False, restart: bool = False,
+          on_epoch: Callable[[dict, Path | None], None] | None = None) -> dict:
+    """`certtune train`: train one configuration; returns the last epoch's metrics. With `out`, the run directory
+    (config.yaml, metrics.jsonl, last.pt, best.pt) is written and a rerun resumes it; without, nothing is
+    written. `on_epoch(metrics, out)` is called after every epoch."""
+    cfg = train_config(config, overrides)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    from trainers.train import Trainer  # torch loads only once the config is known to be good
+
+    trainer = Trainer(cfg, data_dir=data_dir, out_dir=out, device=device, progress=progress)
+    return trainer.fit(on_epoch=on_epoch, restart=restart)
+
+
+def verify(checkpoint: str | Path, *, data_dir: str | Path | None = None, split: str = "test",
+           eps: float | None = None, methods: str | list[str] = "ibp,crown-ibp,pgd", device: str = "cpu") -> dict:
+    """`certtune verify`: clean, IBP-, CROWN-IBP-verified and PGD errors of a checkpoint on the test (or val)
+    split, at its target eps unless `eps` is given."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+    from trainers.verify import verify_checkpoint
+
+    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device)
