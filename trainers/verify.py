@@ -1,4 +1,5 @@
-"""Re-evaluate a saved checkpoint: clean, IBP-, CROWN-IBP-verified and PGD errors on test or validation."""
+"""Re-evaluate a saved checkpoint: clean, IBP-, CROWN-IBP-, CROWN-, α-CROWN-, BaB-verified and PGD errors on
+test or validation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,7 @@ import torch
 
 from .config import TrainConfig
 from .data import load_splits, make_loader
-from .evaluate import InputBox, evaluate
+from .evaluate import InputBox, VerifierOptions, evaluate
 from .models import build_model
 from .train import pick_device
 
@@ -24,7 +25,7 @@ def load_model(checkpoint: str | Path, device="cpu"):
 
 
 def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods=("ibp", "crown-ibp", "pgd"),
-                      device="cpu") -> dict:
+                      device="cpu", verifier_options: VerifierOptions | None = None) -> dict:
     device = pick_device(device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -34,7 +35,13 @@ def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods
     box = InputBox.for_stats(splits.mean, splits.std, device)
     e = cfg.eval
     out = evaluate(model, loader, eps if eps is not None else cfg.eps, box, splits.num_classes,
-                   ("clean",) + tuple(methods), e.pgd_steps, e.pgd_restarts, e.pgd_step_size, device)
-    keys = ["n", "clean_err"] + [{"ibp": "ibp_err", "crown-ibp": "crown_ibp_err", "pgd": "pgd_err"}[m]
-                                 for m in methods]
+                   ("clean",) + tuple(methods), e.pgd_steps, e.pgd_restarts, e.pgd_step_size, device,
+                   verifier_options)
+    keys = ["n", "clean_err"] + [METRIC_NAMES[m] for m in methods]
+    if "bab" in methods:
+        keys += ["bab_falsified", "bab_unknown"]
     return {k: out[k] for k in keys}
+
+
+METRIC_NAMES = {"ibp": "ibp_err", "crown-ibp": "crown_ibp_err", "crown": "crown_err",
+                "alpha-crown": "alpha_crown_err", "bab": "bab_err", "pgd": "pgd_err"}

@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--eps", type=float, default=None, help="default: the checkpoint's target eps")
-    p.add_argument("--methods", default="ibp,crown-ibp,pgd", help="comma list of ibp, crown-ibp, pgd")
+    p.add_argument("--methods", default="ibp,crown-ibp,pgd",
+                   help="comma list of ibp, crown-ibp, crown, alpha-crown, bab, pgd")
+    p.add_argument("--alpha-iterations", type=int, default=20, help="alpha-crown/bab: slope optimisation steps")
+    p.add_argument("--alpha-lr", type=float, default=0.1, help="alpha-crown/bab: Adam step size of the slopes")
+    p.add_argument("--bab-time-limit", type=float, default=10.0, help="bab: seconds per example")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_verify)
 
@@ -105,12 +109,20 @@ def cmd_verify(args) -> int:
     from trainers.verify import verify_checkpoint
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    allowed = {"ibp", "crown-ibp", "pgd"}
-    if not set(methods) <= allowed:
-        raise UsageError(f"--methods: unknown {sorted(set(methods) - allowed)}; allowed: ibp, crown-ibp, pgd")
+    allowed = ("ibp", "crown-ibp", "crown", "alpha-crown", "bab", "pgd")
+    if not set(methods) <= set(allowed):
+        raise UsageError(f"--methods: unknown {sorted(set(methods) - set(allowed))}; allowed: {', '.join(allowed)}")
     if args.eps is not None and not args.eps > 0:
         raise UsageError(f"--eps: must be > 0, got {args.eps}")
-    result = verify_checkpoint(args.checkpoint, args.data_dir, args.split, args.eps, methods, args.device)
+    if args.alpha_iterations < 0 or not args.alpha_lr > 0 or not args.bab_time_limit > 0:
+        raise UsageError("--alpha-iterations must be >= 0, --alpha-lr and --bab-time-limit > 0")
+    from trainers.bab import BabConfig
+    from trainers.evaluate import VerifierOptions
+    options = VerifierOptions(args.alpha_iterations, args.alpha_lr,
+                              BabConfig(time_limit=args.bab_time_limit, iterations=args.alpha_iterations,
+                                        lr=args.alpha_lr))
+    result = verify_checkpoint(args.checkpoint, args.data_dir, args.split, args.eps, methods, args.device,
+                               options)
     print(json.dumps(result))
     return 0
 
