@@ -274,17 +274,17 @@ def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
     cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
                                  "epochs": 2, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
                                  "schedule": {"start": 1, "length": 1}, "data": {"subset": 512, "val_size": 128,
-                                                                                 "test_subset": 12},
+                                                                                 "test_subset": 8},
                                  "eval": {"metrics": ["clean", "ibp"]}}).resolve()
     Trainer(cfg, data_dir=data_dir, out_dir=tmp_path / "run").fit()
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--data-dir", str(data_dir), "--eps", "0.01",
                  "--methods", "ibp,crown-ibp,crown,alpha-crown,bab,pgd", "--alpha-iterations", "5",
-                 "--bab-time-limit", "1"]) == 0
+                 "--bab-time-limit", "0.5"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"n", "clean_err", "ibp_err", "crown_ibp_err", "crown_err", "alpha_crown_err",
                            "bab_err", "bab_falsified", "bab_unknown", "pgd_err"}
-    assert result["n"] == 12 and result["crown_err"] >= result["alpha_crown_err"] >= result["bab_err"]
+    assert result["n"] == 8 and result["crown_err"] >= result["alpha_crown_err"] >= result["bab_err"]
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--methods", "crown,beta"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown ['beta']" in err[0]
