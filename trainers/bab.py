@@ -122,9 +122,9 @@ def split(d: Domains) -> Domains:
     flat = torch.cat([d.scores[r].flatten(1) for r in relus], 1)  # (D, N_total)
     choice = flat.argmax(1)
     sizes = [d.scores[r][0].numel() for r in relus]
-    offsets = torch.tensor([0] + sizes).cumsum(0)
+    offsets = torch.tensor([0] + sizes, device=choice.device).cumsum(0)
     bounds, splits = {}, {}
-    rows = torch.arange(len(d))
+    rows = torch.arange(len(d), device=choice.device)
     for k, r in enumerate(relus):
         lo, up = d.bounds[r][0].flatten(1), d.bounds[r][1].flatten(1)
         s = d.splits[r].flatten(1)
@@ -159,19 +159,19 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str,
         chosen = (s != 0).nonzero().flatten()
         if len(chosen) == 0:
             continue
-        E = torch.zeros(1, len(chosen), s.numel(), dtype=x_lower.dtype)
-        E[0, torch.arange(len(chosen)), chosen] = 1.0
+        E = torch.zeros(1, len(chosen), s.numel(), dtype=x_lower.dtype, device=x_lower.device)
+        E[0, torch.arange(len(chosen), device=chosen.device), chosen] = 1.0
         A, bias = back_through(chain, E.view(1, len(chosen), *splits[relu].shape[1:]), records, step)
         sign = s[chosen].to(A.dtype).unsqueeze(1)  # s·(a·x + b) ≥ 0  ⇔  −s·a·x ≤ s·b
         A_ub.append(-sign * A[0].flatten(1))
         b_ub.append(sign.squeeze(1) * bias[0])
     A_obj, bias_obj = back_through((model,), C, records, step)
-    lo, up = x_lower.flatten().double().numpy(), x_upper.flatten().double().numpy()
-    A_ub = torch.cat(A_ub).double().numpy() if A_ub else None
-    b_ub = torch.cat(b_ub).double().numpy() if b_ub else None
+    lo, up = x_lower.flatten().double().cpu().numpy(), x_upper.flatten().double().cpu().numpy()
+    A_ub = torch.cat(A_ub).double().cpu().numpy() if A_ub else None
+    b_ub = torch.cat(b_ub).double().cpu().numpy() if b_ub else None
     all_positive = True
     for row in range(C.shape[1]):
-        c = A_obj[0, row].flatten().double().numpy()
+        c = A_obj[0, row].flatten().double().cpu().numpy()
         res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=list(zip(lo, up)), method="highs")
         if res.status == 2:  # infeasible: the split pattern is empty
             return VERIFIED, None
@@ -179,7 +179,7 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str,
             all_positive = False
             continue
         if res.fun + bias_obj[0, row].item() <= 0:
-            point = torch.tensor(res.x, dtype=x_lower.dtype).view_as(x_lower)
+            point = torch.tensor(res.x, dtype=x_lower.dtype, device=x_lower.device).view_as(x_lower)
             point = torch.max(torch.min(point, x_upper), x_lower)
             if violated(model, C, point).any():
                 return FALSIFIED, point
@@ -215,7 +215,8 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         keep = ~(children.lower > 0).all(1)
         leaf = keep & is_leaf(children)
         for i in leaf.nonzero().flatten().tolist():
-            status, point = solve_leaf(model, inter.records, children.take(torch.tensor([i])), C, x_lower, x_upper)
+            status, point = solve_leaf(model, inter.records, children.take(torch.tensor([i], device=leaf.device)),
+                                       C, x_lower, x_upper)
             if status != VERIFIED:
                 return status, point
         keep &= ~leaf
