@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .alpha_crown import ITERATIONS, LR, optimise_bound
-from .backward import concretize, minimizing_corner
+from .backward import minimizing_corner
 from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, relu_chains
 from .bounds import split_last_linear
 
