@@ -8,9 +8,11 @@ IBP carries an interval as (center, radius). Alongside it we carry the clean bat
 in train mode a BatchNorm layer is the fixed affine map given by the *clean* batch's statistics, and the
 trainer gets the clean logits from the same walk instead of a separate forward pass.
 
-CROWN-IBP keeps IBP bounds for every hidden layer and runs one backward linear pass from the output: the
-margins C·f(x) are written as A·x + bias over the input box, with each ReLU relaxed by its IBP
-pre-activation bounds (upper line through (l, 0) and (u, u); lower slope 1 if u > −l else 0).
+The walk records what the backward passes need per layer, keyed by the layer (`Tape.records`).
+CROWN-IBP keeps IBP bounds for every hidden layer and runs one backward linear pass (trainers/backward.py)
+from the output: the margins C·f(x) are written as A·x + bias over the input box, with each ReLU relaxed by
+its IBP pre-activation bounds (upper line through (l, 0) and (u, u); lower slope 1 if u > −l else 0).
+The verifiers built on the same passes: CROWN (trainers/crown.py), α-CROWN (alpha_crown.py), BaB (bab.py).
 
 The specification C (B, S, K) is folded into the last linear layer (W' = C·W, b' = C·b) so IBP bounds the
 margins directly, which is tighter than differencing logit bounds.
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backward import _back_relu, concretize, relu_relaxation, walk_back  # noqa: F401 (re-exported)
 from .layers import ResidualBlock
 
 
@@ -59,13 +62,27 @@ class ReluInput(NamedTuple):
     radius: Tensor
 
 
+class BatchNormRecord(NamedTuple):
+    """BN as the per-channel affine map z ↦ scale·z + shift it was in this walk."""
+
+    scale: Tensor
+    shift: Tensor
+
+
 @dataclass
 class Tape:
-    """What the backward pass needs, recorded in forward order (one entry per leaf module)."""
+    """What the backward passes need, one record per layer, keyed by the layer module itself: a conv's
+    input size (H, W), a BN's `BatchNormRecord`, a Flatten's input shape, a ReLU's `ReluInput`. Linear
+    layers need none. `relu_inputs` lists the ReLU inputs in forward order (for the regularizers)."""
 
-    entries: list = field(default_factory=list)
+    records: dict = field(default_factory=dict)
     relu_inputs: list[ReluInput] = field(default_factory=list)  # every ReLU's input interval
     update_bn_stats: bool = False
+
+    def record(self, layer: nn.Module, value) -> None:
+        if layer in self.records:  # a module object used twice would have two records under one key
+            raise TypeError(f"bound propagation needs each layer object once; {layer!r} appears twice in the model")
+        self.records[layer] = value
 
 
 def ibp_linear(layer: nn.Linear, s: State) -> State:
@@ -141,7 +158,7 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
 
 def ibp_batchnorm(layer, s: State, tape: Tape) -> State:
     scale, shift = bn_affine(layer, s.clean, tape.update_bn_stats)
-    tape.entries.append((scale, shift))
+    tape.record(layer, BatchNormRecord(scale, shift))
     a, b = _per_channel(scale, s.center), _per_channel(shift, s.center)
     clean = None if s.clean is None else torch.addcmul(b, s.clean, a)
     return State(clean, torch.addcmul(b, s.center, a), s.radius * a.abs())
@@ -154,10 +171,11 @@ def ibp_affine_batchnorm(layer: nn.Conv2d | nn.Linear, bn, s: State, tape: Tape)
     not a wide-input linear layer), else scaling W would cost more than it saves. The same map as
     `ibp_conv`/`ibp_linear` then `ibp_batchnorm`, rounded differently."""
     affine = _affine_op(layer)
-    tape.entries.append(s.center.shape[-2:] if isinstance(layer, nn.Conv2d) else None)
+    if isinstance(layer, nn.Conv2d):
+        tape.record(layer, s.center.shape[-2:])
     clean = None if s.clean is None else affine(s.clean, layer.weight, layer.bias)
     scale, shift = bn_affine(bn, clean, tape.update_bn_stats)
-    tape.entries.append((scale, shift))
+    tape.record(bn, BatchNormRecord(scale, shift))
     weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
     bias = shift if layer.bias is None else torch.addcmul(shift, layer.bias, scale)
     if clean is not None:
@@ -183,10 +201,10 @@ def folds_into_weights(layer: nn.Module, following: nn.Module | None, s: State) 
     return layer.weight.numel() < len(s.center) * out_per_example
 
 
-def ibp_relu(s: State, tape: Tape) -> State:
+def ibp_relu(layer: nn.ReLU, s: State, tape: Tape) -> State:
     lower, upper = s.center - s.radius, s.center + s.radius
     tape.relu_inputs.append(ReluInput(lower, upper, s.center, s.radius))
-    tape.entries.append((lower, upper))
+    tape.record(layer, tape.relu_inputs[-1])
     lo, up = torch.relu(lower), torch.relu(upper)
     clean = None if s.clean is None else torch.relu(s.clean)
     center = torch.lerp(lo, up, 0.5)  # (lo + up)/2 in one pass
@@ -194,7 +212,7 @@ def ibp_relu(s: State, tape: Tape) -> State:
 
 
 def ibp_flatten(layer: nn.Flatten, s: State, tape: Tape) -> State:
-    tape.entries.append(s.center.shape[1:])
+    tape.record(layer, s.center.shape[1:])
     flat = layer  # nn.Flatten(start_dim=1) is the only form we support
     return State(None if s.clean is None else flat(s.clean), flat(s.center), flat(s.radius))
 
@@ -218,15 +236,14 @@ def ibp_walk(module: nn.Module, s: State, tape: Tape) -> State:
                 s, i = ibp_walk(layers[i], s, tape), i + 1
         return s
     if isinstance(module, nn.Linear):
-        tape.entries.append(None)
         return ibp_linear(module, s)
     if isinstance(module, nn.Conv2d):
-        tape.entries.append(s.center.shape[-2:])
+        tape.record(module, s.center.shape[-2:])
         return ibp_conv(module, s)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return ibp_batchnorm(module, s, tape)
     if isinstance(module, nn.ReLU):
-        return ibp_relu(s, tape)
+        return ibp_relu(module, s, tape)
     if isinstance(module, nn.Flatten):
         if module.start_dim != 1 or module.end_dim != -1:
             raise TypeError("only nn.Flatten() with start_dim=1, end_dim=-1 is supported")
@@ -294,87 +311,16 @@ def ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | N
     return p.lower, p.upper
 
 
-# ---- CROWN-IBP: one backward linear pass -----------------------------------------------------------
-def relu_relaxation(lower: Tensor, upper: Tensor):
-    """Linear bounds a_l·z ≤ relu(z) ≤ a_u·z + b_u on [l, u]; adaptive lower slope (1 if u > −l).
-
-    Written with clamps instead of masks: with u⁺ = max(u, 0) and l⁻ = min(l, 0) the upper slope
-    u⁺/(u⁺ − l⁻) is 1 for active, 0 for inactive and u/(u − l) for unstable neurons, and the lower slope
-    [u⁺ + l⁻ > 0] is 1, 0 and [u > −l] respectively (torch.where costs several passes on the CPU).
-    """
-    up, low = upper.clamp(min=0), lower.clamp(max=0)
-    up_slope = up / (up - low).clamp(min=1e-12)
-    up_bias = -low * up_slope
-    low_slope = torch.gt(up + low, 0, out=torch.empty_like(up))
-    return low_slope, up_slope, up_bias
-
-
-def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor):
-    if layer.bias is not None:
-        bias = bias + A @ layer.bias
-    return A @ layer.weight, bias
-
-
-def _back_conv(layer: nn.Conv2d, A: Tensor, bias: Tensor, in_hw):
-    B, S = A.shape[:2]
-    if layer.bias is not None:
-        bias = bias + torch.einsum("bschw,c->bs", A, layer.bias)
-    out_hw = A.shape[-2:]
-    out_pad = [in_hw[i] - ((out_hw[i] - 1) * layer.stride[i] - 2 * layer.padding[i]
-                           + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(2)]
-    A_in = F.conv_transpose2d(A.reshape(B * S, *A.shape[2:]), layer.weight, None, layer.stride,
-                              layer.padding, out_pad, layer.groups, layer.dilation)
-    return A_in.view(B, S, *A_in.shape[1:]), bias
-
-
-def _back_batchnorm(A: Tensor, bias: Tensor, scale: Tensor, shift: Tensor):
-    shape = (1, 1, -1) + (1,) * (A.dim() - 3)
-    bias = bias + torch.einsum("bsc...,c->bs", A, shift)
-    return A * scale.view(shape), bias
-
-
-def _back_relu(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor):
-    # Lower bound of A·relu(z): positive coefficients take the lower line, negative ones the upper line:
-    # A·a_l + min(A, 0)·(a_u − a_l), and the upper line's intercept for the negative part.
-    low_slope, up_slope, up_bias = relu_relaxation(lower, upper)
-    A_neg = A.clamp(max=0)
-    bias = bias + torch.einsum("bsn,bn->bs", A_neg.flatten(2), up_bias.flatten(1))
-    return torch.addcmul(A * low_slope.unsqueeze(1), A_neg, (up_slope - low_slope).unsqueeze(1)), bias
-
-
-def linear_walk_back(module: nn.Module, A: Tensor, bias: Tensor, entries: list):
-    """Push the linear lower bound A·z_out + bias back to the module's input. Pops `entries` in reverse."""
-    if isinstance(module, nn.Sequential):
-        for layer in reversed(module):
-            A, bias = linear_walk_back(layer, A, bias, entries)
-        return A, bias
-    if isinstance(module, ResidualBlock):
-        # Backward order mirrors the forward record: the shortcut's entries were recorded last.
-        A_short, bias = linear_walk_back(module.shortcut, A, bias, entries)
-        A_main, bias = linear_walk_back(module.main, A, bias, entries)
-        return A_main + A_short, bias
-    entry = entries.pop()
-    if isinstance(module, nn.Linear):
-        return _back_linear(module, A, bias)
-    if isinstance(module, nn.Conv2d):
-        return _back_conv(module, A, bias, entry)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return _back_batchnorm(A, bias, *entry)
-    if isinstance(module, nn.ReLU):
-        return _back_relu(A, bias, *entry)
-    if isinstance(module, nn.Flatten):
-        return A.view(*A.shape[:2], *entry), bias
-    raise TypeError(f"bound propagation does not support {type(module).__name__}")
-
-
+# ---- CROWN-IBP: one backward linear pass (trainers/backward.py) ----------------------------------
 def crown_lower(model: nn.Module, p: Propagation, C: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
     """Lower bound of C·f over the box by one backward pass, using the IBP bounds recorded in `p`."""
-    body, last = split_last_linear(model)
-    A, bias = _back_linear(last, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype))
-    A, bias = linear_walk_back(body, A, bias, list(p.tape.entries))
-    center, radius = (x_upper + x_lower) / 2, (x_upper - x_lower) / 2
-    A, center, radius = A.flatten(2), center.flatten(1).unsqueeze(-1), radius.flatten(1).unsqueeze(-1)
-    return (A @ center).squeeze(-1) - (A.abs() @ radius).squeeze(-1) + bias
+    records = p.tape.records
+
+    def relu_step(relu, A, bias):
+        return _back_relu(A, bias, records[relu].lower, records[relu].upper)
+
+    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), records, relu_step)
+    return concretize(A, bias, x_lower, x_upper)
 
 
 def crown_ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,

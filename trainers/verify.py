@@ -1,6 +1,8 @@
-"""Re-evaluate a saved checkpoint: clean, IBP-, CROWN-IBP-verified and PGD errors on test or validation."""
+"""Re-evaluate a saved checkpoint: clean, IBP-, CROWN-IBP-, CROWN-, α-CROWN-, BaB-verified and PGD errors on
+test or validation."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -8,11 +10,14 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import ConfigError, TrainConfig
 from .data import load_splits, make_loader
-from .evaluate import InputBox, evaluate
+from .alpha_crown import ITERATIONS, LR
+from .bab import BabConfig
+from .evaluate import InputBox, VerifierOptions, evaluate
 from .models import build_model
 from .train import pick_device
 
-METRIC_OF = {"ibp": "ibp_err", "crown-ibp": "crown_ibp_err", "pgd": "pgd_err"}  # method → reported key
+METRIC_OF = {"ibp": "ibp_err", "crown-ibp": "crown_ibp_err", "crown": "crown_err",  # method → reported key
+             "alpha-crown": "alpha_crown_err", "bab": "bab_err", "pgd": "pgd_err"}
 
 
 def load_model(checkpoint: str | Path, device="cpu"):
@@ -28,7 +33,7 @@ def load_model(checkpoint: str | Path, device="cpu"):
 
 
 def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods=("ibp", "crown-ibp", "pgd"),
-                      device="cpu") -> dict:
+                      device="cpu", verifier_options: VerifierOptions | None = None) -> dict:
     methods = check_methods(methods)
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1):
         raise ConfigError(f"--eps: must be in (0, 1], the L∞ radius on the [0, 1] pixel scale, got {eps}")
@@ -41,8 +46,11 @@ def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods
     box = InputBox.for_stats(splits.mean, splits.std, device)
     e = cfg.eval
     out = evaluate(model, loader, eps if eps is not None else cfg.eps, box, splits.num_classes,
-                   ("clean",) + tuple(methods), e.pgd_steps, e.pgd_restarts, e.pgd_step_size, device)
+                   ("clean",) + tuple(methods), e.pgd_steps, e.pgd_restarts, e.pgd_step_size, device,
+                   verifier_options)
     keys = ["n", "clean_err"] + [METRIC_OF[m] for m in methods]
+    if "bab" in methods:
+        keys += ["bab_falsified", "bab_unknown"]
     return {k: out[k] for k in keys}
 
 
@@ -57,3 +65,15 @@ def check_methods(methods) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(METRIC_OF)}")
     return methods
+
+
+def verifier_options(alpha_iterations=ITERATIONS, alpha_lr=LR, bab_time_limit=10.0) -> VerifierOptions:
+    """α-CROWN's and BaB's knobs, checked: a step count, a step size and a per-example time limit."""
+    if isinstance(alpha_iterations, bool) or not isinstance(alpha_iterations, int) or not 0 <= alpha_iterations <= 10_000:
+        raise ConfigError(f"--alpha-iterations: must be an integer in [0, 10000], got {alpha_iterations!r}")
+    if not isinstance(alpha_lr, (int, float)) or not 0 < alpha_lr < math.inf:
+        raise ConfigError(f"--alpha-lr: must be a finite number > 0, got {alpha_lr!r}")
+    if not isinstance(bab_time_limit, (int, float)) or not 0 < bab_time_limit <= 86_400:
+        raise ConfigError(f"--bab-time-limit: must be in (0, 86400] seconds, got {bab_time_limit!r}")
+    return VerifierOptions(alpha_iterations, float(alpha_lr),
+                           BabConfig(time_limit=float(bab_time_limit), iterations=alpha_iterations, lr=float(alpha_lr)))

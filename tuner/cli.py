@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--eps", type=float, default=None, help="in (0, 1]; default: the checkpoint's target eps")
-    p.add_argument("--methods", default="ibp,crown-ibp,pgd", help="comma list of ibp, crown-ibp, pgd")
+    p.add_argument("--methods", default="ibp,crown-ibp,pgd",
+                   help="comma list of ibp, crown-ibp, crown, alpha-crown, bab, pgd")
+    p.add_argument("--alpha-iterations", type=int, default=20, help="alpha-crown/bab: slope optimisation steps")
+    p.add_argument("--alpha-lr", type=float, default=0.1, help="alpha-crown/bab: Adam step size of the slopes")
+    p.add_argument("--bab-time-limit", type=float, default=10.0, help="bab: seconds per example")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_verify)
 
@@ -108,7 +112,8 @@ def cmd_verify(args) -> int:
     from tuner import api
 
     print(json.dumps(api.verify(args.checkpoint, data_dir=args.data_dir, split=args.split, eps=args.eps,
-                                methods=args.methods, device=args.device)))
+                                methods=args.methods, device=args.device, alpha_iterations=args.alpha_iterations,
+                                alpha_lr=args.alpha_lr, bab_time_limit=args.bab_time_limit)))
     return 0
 
 

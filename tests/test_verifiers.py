@@ -1,0 +1,270 @@
+"""CROWN, α-CROWN and BaB: sound (samples, corners and a real PGD attack stay inside every bound, for every
+layer kind and both BN modes), exact where the truth can be enumerated (every ReLU pattern's LP), nested
+where nesting is a theorem, and wired into `certtune verify`.
+
+Which inclusions are theorems: α-CROWN starts from CROWN's slopes and keeps the best bound, so
+CROWN ⊆ α-CROWN; BaB's root is α-CROWN, so α-CROWN ⊆ BaB; BaB is complete (verified iff the exact minimum
+margin is > 0). IBP ⊆ CROWN-IBP and CROWN-IBP ⊆ CROWN are *not* theorems (a backward pass with the
+adaptive slopes can be looser than IBP, and tighter intermediate bounds change the slopes), so they are
+not asserted.
+"""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+from test_bounds import frozen_bn_copy, pgd_on_margins, points_in_box, warm_bn
+from trainers.alpha_crown import alpha_crown_bounds
+from trainers.bab import FALSIFIED, VERIFIED, BabConfig, bab
+from trainers.bounds import crown_ibp_bounds, ibp_bounds, margin_spec
+from trainers.crown import crown_bounds, crown_intermediate
+from trainers.evaluate import InputBox, VerifierOptions, evaluate
+from trainers.layers import ResidualBlock
+from trainers.models import build_model
+
+
+def small_model(kind: str) -> nn.Sequential:
+    """Small instances of every layer kind our models use, on 1×8×8 inputs and 5 classes."""
+    torch.manual_seed(11)
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                             nn.ReLU(), nn.Linear(16, 5))
+    if kind == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, 2, 1),
+                             nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 16), nn.BatchNorm1d(16),
+                             nn.ReLU(), nn.Linear(16, 5))
+    identity = ResidualBlock(nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+                                           nn.Conv2d(4, 4, 3, 1, 1), nn.BatchNorm2d(4)))
+    projection = ResidualBlock(nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                             nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)),
+                               nn.Sequential(nn.Conv2d(4, 8, 1, 2, 0), nn.BatchNorm2d(8)))
+    return nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(), identity, nn.ReLU(), projection,
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, 5))
+
+
+def alpha_crown_few(model, lower, upper, C, x=None):
+    return alpha_crown_bounds(model, lower, upper, C, x, iterations=8, lr=0.2)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("bound_fn", [crown_bounds, alpha_crown_few])
+def test_bounds_contain_samples_corners_and_pgd(kind, mode, bound_fn):
+    gen = torch.Generator().manual_seed(0)
+    model = small_model(kind)
+    x = torch.rand(6, 1, 8, 8, generator=gen)
+    warm_bn(model, x)
+    getattr(model, mode)()
+    y = torch.randint(0, 5, (6,), generator=gen)
+    C = margin_spec(y, 5)
+    lower, upper = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    f = frozen_bn_copy(model, x) if mode == "train" else model
+    lo, up = bound_fn(model, lower, upper, C, x=x if mode == "train" else None)
+    assert torch.isfinite(lo).all() and (lo <= up).all()
+    tol = 1e-4 * (1 + up.abs().max())
+    with torch.no_grad():
+        for z in points_in_box(lower, upper, n_random=50, n_corners=50, gen=gen):
+            m = torch.einsum("bsk,bk->bs", C, f(z))
+            assert (m >= lo - tol).all(), f"sample below the lower bound by {(lo - m).max():.3g}"
+            assert (m <= up + tol).all(), f"sample above the upper bound by {(m - up).max():.3g}"
+    low_pgd, high_pgd = pgd_on_margins(f, C, x, lower, upper)
+    assert (low_pgd >= lo - tol).all() and (high_pgd <= up + tol).all()
+    # CROWN with CROWN intermediate bounds is tighter than CROWN-IBP here (not a theorem; a sanity check
+    # that intermediate layers really are bounded by backward passes).
+    c_lo, c_up = crown_ibp_bounds(model, lower, upper, C, x=x if mode == "train" else None)
+    assert (up - lo).mean() < (c_up - c_lo).mean()
+
+
+def test_cnn_small_crown_alpha_sound_and_alpha_never_worse():
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = build_model("cnn_small", "mnist")
+    x = torch.rand(2, 1, 28, 28, generator=gen)
+    warm_bn(model, x)
+    model.eval()
+    C = margin_spec(torch.tensor([3, 7]), 10)
+    lower, upper = x - 0.004, x + 0.004
+    lo_c, up_c = crown_bounds(model, lower, upper, C)
+    lo_a, up_a = alpha_crown_bounds(model, lower, upper, C, iterations=5)
+    assert (lo_a >= lo_c).all() and (up_a <= up_c).all()  # never worse than CROWN, elementwise
+    with torch.no_grad():
+        for z in points_in_box(lower, upper, 50, 50, gen):
+            m = torch.einsum("bsk,bk->bs", C, model(z))
+            assert (m >= lo_a - 1e-4).all() and (m <= up_a + 1e-4).all()
+
+
+def test_crown_intermediate_bounds_are_within_ibp_and_contain_samples():
+    gen = torch.Generator().manual_seed(2)
+    model = small_model("resnet")
+    x = torch.rand(4, 1, 8, 8, generator=gen)
+    warm_bn(model, x)
+    model.eval()
+    lower, upper = x - 0.05, x + 0.05
+    inter = crown_intermediate(model, lower, upper)
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert list(inter.bounds) == relus  # every ReLU layer, in forward order
+    seen = {}
+    hooks = [r.register_forward_hook(lambda m, inp, out: seen.setdefault(m, []).append(inp[0])) for r in relus]
+    with torch.no_grad():
+        for z in points_in_box(lower, upper, 50, 50, gen):
+            model(z)
+    for h in hooks:
+        h.remove()
+    tighter = False
+    for relu in relus:
+        lo, up = inter.bounds[relu]
+        ibp = inter.records[relu]
+        assert (lo >= ibp.lower - 1e-6).all() and (up <= ibp.upper + 1e-6).all()
+        tighter |= bool((up - lo).sum() < (ibp.upper - ibp.lower).sum() - 1e-3)
+        z = torch.stack(seen[relu])
+        assert (z >= lo - 1e-4).all() and (z <= up + 1e-4).all()
+    assert tighter
+
+
+# ---- exact: 2-D inputs, two hidden layers of 3 ReLUs: every activation pattern's LP ------------------
+def tiny_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)).eval()
+
+
+def exact_min_margins(net, c_rows, lo, up):
+    """min over the box of each row c·f(x), by one LP per ReLU pattern (independent of trainers/)."""
+    W1, b1, W2, b2, W3, b3 = [p.detach().double().numpy() for p in net.parameters()]
+    best = np.full(len(c_rows), np.inf)
+    for d1 in itertools.product([0, 1], repeat=3):
+        for d2 in itertools.product([0, 1], repeat=3):
+            D1, D2 = np.diag(d1), np.diag(d2)
+            M2, c2 = W2 @ D1 @ W1, W2 @ D1 @ b1 + b2  # z2 = M2 x + c2 under pattern d1
+            sign1, sign2 = 1 - 2 * np.array(d1), 1 - 2 * np.array(d2)  # active: −z ≤ 0, inactive: z ≤ 0
+            A_ub = np.vstack([sign1[:, None] * W1, sign2[:, None] * M2])
+            b_ub = np.concatenate([-sign1 * b1, -sign2 * c2])
+            M3, c3 = W3 @ D2 @ M2, W3 @ D2 @ c2 + b3
+            for r, c in enumerate(c_rows):
+                res = linprog(c @ M3, A_ub=A_ub, b_ub=b_ub, bounds=list(zip(lo, up)), method="highs")
+                if res.status == 0:
+                    best[r] = min(best[r], res.fun + c @ c3)
+    return best
+
+
+def test_bab_is_exact_and_crown_alpha_bound_the_exact_minimum():
+    decided = {VERIFIED: 0, FALSIFIED: 0}
+    alpha_gains = 0
+    for seed in range(4):
+        net = tiny_net(seed)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(6, 2, generator=gen)
+        with torch.no_grad():
+            y = net(x).argmax(1)
+        C = margin_spec(y, 3)
+        eps = torch.linspace(0.2, 1.6, 6).unsqueeze(1)
+        lower, upper = x - eps, x + eps
+        crown_lo = crown_bounds(net, lower, upper, C)[0]
+        alpha_lo = alpha_crown_bounds(net, lower, upper, C)[0]
+        statuses, points = bab(net, lower, upper, C, BabConfig(time_limit=20))
+        for i in range(6):
+            exact = exact_min_margins(net, C[i].double().numpy(), lower[i].double().numpy(), upper[i].double().numpy())
+            exact = torch.tensor(exact, dtype=torch.float32)
+            assert (crown_lo[i] <= exact + 1e-5).all() and (alpha_lo[i] <= exact + 1e-5).all()
+            assert (alpha_lo[i] >= crown_lo[i]).all()
+            alpha_gains += int((alpha_lo[i] > crown_lo[i] + 1e-4).any())
+            if abs(exact.min()) < 1e-4:
+                continue  # a tie: neither answer is checkable in fp32
+            assert statuses[i] == (VERIFIED if exact.min() > 0 else FALSIFIED), (seed, i, exact, statuses[i])
+            decided[statuses[i]] += 1
+            if statuses[i] == FALSIFIED:
+                p = points[i]
+                assert (p >= lower[i] - 1e-6).all() and (p <= upper[i] + 1e-6).all()
+                with torch.no_grad():
+                    assert (C[i] @ net(p.view(1, 2))[0] < 0).any()
+    # Both answers occur, and BaB decides cases α-CROWN could not: the check is not vacuous.
+    assert decided[VERIFIED] >= 5 and decided[FALSIFIED] >= 3 and alpha_gains >= 3
+
+
+def test_bab_needs_eval_mode():
+    net = small_model("mlp").train()
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="eval mode"):
+        bab(net, x - 0.1, x + 0.1, margin_spec(torch.tensor([0, 1]), 5))
+
+
+# ---- a trained model on real MNIST: nested verified sets, and PGD never breaks a certificate ---------
+def trained_mlp(data_dir):
+    import torchvision
+
+    mnist = torchvision.datasets.MNIST(str(data_dir), train=True, download=False)
+    x = mnist.data[:2000].float().div(255).unsqueeze(1)
+    y = mnist.targets[:2000]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(200):  # natural training, then IBP at ε = 0.02
+        idx = torch.randint(0, len(x), (64,))
+        xb, yb = x[idx], y[idx]
+        if step < 100:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        else:
+            lo, _ = ibp_bounds(model, (xb - 0.02).clamp(0, 1), (xb + 0.02).clamp(0, 1), margin_spec(yb, 10))
+            loss = nn.functional.cross_entropy(torch.cat([torch.zeros(64, 1), -lo], 1), torch.zeros(64, dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_trained_model_verified_sets_nest_and_evaluation_guard_holds(data_dir):
+    import torchvision
+
+    model = trained_mlp(data_dir)
+    test = torchvision.datasets.MNIST(str(data_dir), train=False, download=False)
+    x01, y = test.data[:20].float().div(255).unsqueeze(1), test.targets[:20]
+    eps = 0.04
+    lower, upper = (x01 - eps).clamp(0, 1), (x01 + eps).clamp(0, 1)
+    C = margin_spec(y, 10)
+    with torch.no_grad():
+        wrong = model(x01).argmax(1) != y
+    crown_ok = (crown_bounds(model, lower, upper, C)[0] > 0).all(1) & ~wrong
+    alpha_ok = (alpha_crown_bounds(model, lower, upper, C)[0] > 0).all(1) & ~wrong
+    statuses, _ = bab(model, lower, upper, C, BabConfig(time_limit=1))
+    bab_ok = torch.tensor([s == VERIFIED for s in statuses]) & ~wrong
+    assert not (crown_ok & ~alpha_ok).any() and not (alpha_ok & ~bab_ok).any()  # CROWN ⊆ α-CROWN ⊆ BaB
+    decided = sum(s != "unknown" for s in statuses)
+    assert 0 < crown_ok.sum() < decided  # non-trivial, and BaB decides more than CROWN certifies
+    # The evaluation: every verifier's error, BaB's counts, and PGD checked against every certificate.
+    box = InputBox.for_stats([0.0], [1.0], "cpu")
+    options = VerifierOptions(bab=BabConfig(time_limit=1))
+    out = evaluate(model, [(x01, y)], eps, box, 10, ("clean", "ibp", "crown-ibp", "crown", "alpha-crown", "bab", "pgd"),
+                   pgd_steps=20, verifier_options=options)
+    assert out["crown_err"] >= out["alpha_crown_err"] >= out["bab_err"] >= out["pgd_err"]
+    n_bab_verified = round((1 - out["bab_err"]) * 20)
+    assert n_bab_verified + out["bab_falsified"] + out["bab_unknown"] == 20
+    assert out["bab_falsified"] >= round(out["pgd_err"] * 20) - out["bab_unknown"]
+
+
+def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
+    from tuner.cli import main
+    from trainers.config import TrainConfig
+    from trainers.train import Trainer
+
+    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
+                                 "epochs": 2, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
+                                 "schedule": {"start": 1, "length": 1}, "data": {"subset": 512, "val_size": 128,
+                                                                                 "test_subset": 8},
+                                 "eval": {"metrics": ["clean", "ibp"]}}).resolve()
+    Trainer(cfg, data_dir=data_dir, out_dir=tmp_path / "run").fit()
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "run" / "last.pt"), "--data-dir", str(data_dir), "--eps", "0.01",
+                 "--methods", "ibp,crown-ibp,crown,alpha-crown,bab,pgd", "--alpha-iterations", "5",
+                 "--bab-time-limit", "0.5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"n", "clean_err", "ibp_err", "crown_ibp_err", "crown_err", "alpha_crown_err",
+                           "bab_err", "bab_falsified", "bab_unknown", "pgd_err"}
+    assert result["n"] == 8 and result["crown_err"] >= result["alpha_crown_err"] >= result["bab_err"]
+    assert main(["verify", str(tmp_path / "run" / "last.pt"), "--methods", "crown,beta"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown ['beta']" in err[0]
