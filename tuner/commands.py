@@ -29,7 +29,10 @@ def add_search_commands(sub) -> None:
                    help="join a Ray cluster: HOST:PORT, auto, or local (default: the cluster in $RAY_ADDRESS, "
                         "as in a `ray job submit` job; else a local Ray instance)")
     p.add_argument("--wandb-project", default=None,
-                   help="log every trial to W&B (offline unless an API key is configured)")
+                   help="log every trial to W&B (offline unless an API key is configured; default: $WANDB_PROJECT, "
+                        "else W&B is off)")
+    p.add_argument("--wandb-artifacts", action="store_true",
+                   help="also log each finished trial's best.pt to W&B as a model artifact")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $CERTTUNE_DATA, then ./data)")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
@@ -69,7 +72,8 @@ def cmd_search(args) -> int:
     record, storage = prepare_search(
         args.space, parse_overrides(args.overrides), args.name, args.num_samples, args.max_concurrent,
         args.resources_per_trial, args.scheduler, args.objective, args.storage, args.address,
-        args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs)
+        args.wandb_project, args.data_dir, args.seed, args.sampler, args.max_trial_epochs,
+        args.wandb_artifacts)
     print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     run_search(record, storage)
     summary, code = finish(record, storage)

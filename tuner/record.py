@@ -44,6 +44,7 @@ class SearchRecord:
     address: str | None = None
     sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
     max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
+    wandb_artifacts: bool = False  # log each finished trial's best.pt to W&B as a model artifact
 
     def build_space(self) -> SearchSpace:
         return space_with_overrides(self.space, self.overrides, self.space_path)
