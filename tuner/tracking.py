@@ -111,8 +111,10 @@ class TrialWandbCallback(WandbLoggerCallback):
 
     def log_trial_end(self, trial, failed: bool = False):
         if trial in self._trial_queues:
-            self._trial_queues[trial].put((SUMMARY, ending_summary(trial, self.record.objective, failed)))
-            best = best_model(trial) if self.record.wandb_artifacts and not failed else None
+            summary = ending_summary(trial, self.record.objective, failed)
+            self._trial_queues[trial].put((SUMMARY, summary))
+            finished = summary["status"] == "finished"
+            best = best_model(trial) if self.record.wandb_artifacts and finished else None
             if best is not None:
                 params = {k: v for k, v in trial.config.items() if isinstance(v, (int, float, str, bool))}
                 last = trial.last_result or {}
