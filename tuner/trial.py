@@ -16,6 +16,7 @@ Ray calls the trainable with the trial's config (exactly the sampled params, dot
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -46,7 +47,14 @@ def make_trainable(record) -> Callable[[dict], None]:
     return certtune_trial
 
 
+# Ray logs every persisted checkpoint at INFO in the trial process; forwarded to the driver's log
+# (log_to_driver), that is one line per trial and epoch. Restores and errors are still logged.
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+
+
 def run_trial(config: dict, record) -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     space = record.build_space()
     try:
         cfg = space.to_train_config({k: v for k, v in config.items() if k in space.params})
