@@ -283,6 +283,7 @@ def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, dat
     assert f"certtune: trial {trial_id} failed: diverged: non-finite" in proc.stderr, proc.stderr[-3000:]
     (run,), (search_run,) = trial_and_search_runs(storage / "nan")
     assert run.summary["status"] == "failed" and run.summary["reason"].startswith("diverged: non-finite")
+    assert run.exit_code == 1  # W&B lists the run as failed
     final = run.summary["final/ibp_err"]  # NaN: W&B's summary stores a non-finite value as null
     assert (final is None or math.isnan(final)) and run.summary["epochs_trained"] == 1
     assert search_run.summary["trials/failed"] == 1 and "best/trial_id" not in search_run.summary

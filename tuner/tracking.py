@@ -20,7 +20,8 @@ What a trial's run holds (`TrialWandbCallback.log_trial_start`, `TrialLoggingAct
   restored trial is marked as a continuation, so `wandb sync` of both directories appends instead of
   replacing (wandb 0.31 syncs the files of one run one after the other, oldest first);
 - `epoch` as the x-axis of every metric (`define_metric("*", step_metric="epoch")`);
-- a summary saying how it ended (`status`: finished | stopped | failed, `reason`, `final/<objective>`);
+- a summary saying how it ended (`status`: finished | stopped | failed, `reason`, `final/<objective>`), and
+  exit code 1 for a failed trial, so W&B shows its run as failed;
 - with `--wandb-artifacts`, a finished trial's `best.pt` as a `model` artifact (it travels in the trial's last
   checkpoint, so it reaches the driver from any node).
 The search itself gets a run too (tuner/search_run.py): the trials table `certtune report` prints.
@@ -61,12 +62,14 @@ class TrialLoggingActor(_WandbLoggingActor):
         run.config.update({"trial_log_path": self._logdir}, allow_val_change=True)
         run.define_metric("epoch")
         run.define_metric("*", step_metric="epoch")
+        exit_code = 0
         while True:
             kind, content = self.queue.get()
             if kind == _QueueItem.END:
                 break
             if kind == SUMMARY:
                 run.summary.update(content)
+                exit_code = 1 if content.get("status") == "failed" else 0  # W&B shows the run as failed
             elif kind == ARTIFACT:
                 path, name, metadata = content
                 artifact = self._wandb.Artifact(name=name, type="model", metadata=metadata)
@@ -76,7 +79,7 @@ class TrialLoggingActor(_WandbLoggingActor):
                 log, config_update = self._handle_result(content)
                 run.config.update(config_update, allow_val_change=True)
                 run.log(log, step=log.get("training_iteration"))
-        run.finish()
+        run.finish(exit_code=exit_code)
         self._wandb.teardown()
 
 
