@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,7 +48,16 @@ def search_summary(search: Search) -> dict:
 
 
 def log_search_run(search: Search, storage: str) -> None:
-    """One W&B run for the search, holding the trials table; offline unless an API key is configured."""
+    """One W&B run for the search, holding the trials table; offline unless an API key is configured.
+    A W&B failure (network, quota) is one line on stderr: the search's own results are already saved."""
+    try:
+        _log_search_run(search, storage)
+    except Exception as e:  # noqa: BLE001 - W&B raises many kinds; none of them should hide the summary
+        print(f"certtune: the W&B search run was not logged: {' '.join(str(e).split())[:300]}",
+              file=sys.stderr, flush=True)
+
+
+def _log_search_run(search: Search, storage: str) -> None:
     import wandb
 
     record = search.record
