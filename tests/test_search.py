@@ -58,9 +58,10 @@ def searched(tmp_path_factory, data_dir):
     env = child_env(tmp)
     assert not (Path(env["HOME"]) / ".netrc").exists()  # no W&B key anywhere: offline is forced
     storage = tmp / "results"
+    # W&B is turned on by WANDB_PROJECT alone, as W&B's own tools do; best.pt of finished trials as artifacts.
     proc = cli("search", "mnist_tiny", *TINY, "--name", NAME, "--num-samples", NUM_SAMPLES, "--max-concurrent", 2,
                "--resources-per-trial", "cpu=1", "--scheduler", "asha", "--seed", 3, "--storage", storage,
-               "--data-dir", data_dir, "--wandb-project", "certtune-test", env=env)
+               "--data-dir", data_dir, "--wandb-artifacts", env={**env, "WANDB_PROJECT": "certtune-test"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"tmp": tmp, "env": env, "storage": storage, "exp": storage / NAME, "proc": proc, "data_dir": data_dir}
 
@@ -87,6 +88,8 @@ def test_search_writes_its_record_and_reports_every_epoch_with_a_checkpoint(sear
         assert (ckpt / "last.pt").stat().st_size > 0
     summary = searched["proc"].stdout
     assert f"search {NAME}: {NUM_SAMPLES} trials" in summary and "best finished trial: ibp_err=" in summary
+    # ray[default] is installed: the local instance serves Ray's dashboard, and the search says where.
+    assert "certtune: Ray dashboard at http://127.0.0.1:" in summary, summary[-2000:]
 
 
 def test_optuna_study_saved_with_the_experiment_matches_the_trials(searched):
@@ -160,23 +163,80 @@ def test_export_then_certtune_train_reproduces_the_best_trial(searched, tmp_path
     assert 0 < best.value < 1  # a value that can tell a wrong config from the right one
 
 
-def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(searched):
+def trial_and_search_runs(exp: Path):
     from wandb_offline import find_offline_runs, read_offline_run
 
-    exp = searched["exp"]
     runs = [read_offline_run(d) for d in find_offline_runs(exp)]
+    return [r for r in runs if r.job_type == "trial"], [r for r in runs if r.job_type == "search"]
+
+
+def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(searched):
+    import base64
+    import hashlib
+
+    from trainers.config import TrainConfig
+    from tuner.results import trial_status
+
+    exp = searched["exp"]
+    runs, _ = trial_and_search_runs(exp)
     trials = {d.name.removeprefix("trial_"): d for d in trial_dirs(exp)}
     assert sorted(r.id for r in runs) == sorted(trials)  # one run per trial, the run id is the trial id
+    finished = 0
     for run in runs:
         d = trials[run.id]
-        assert run.group == NAME and run.project == "certtune-test"
+        assert run.group == NAME and run.project == "certtune-test" and run.job_type == "trial"
+        assert {"mnist", "fast", "scheduler:asha", "sampler:tpe"} <= set(run.tags)
+        assert run.resume  # resume="allow": a resumed trial's run continues on `wandb sync`
+        assert run.metrics == {"epoch": "", "*": "epoch"}  # epoch is every metric's x-axis
         assert run.path.parent.parent == d / "wandb"  # offline files live with the trial
         params = json.loads((d / "params.json").read_text())
-        assert {k: run.config[k] for k in params} == params
+        assert run.config["searched"] == params
+        assert run.config["search"]["name"] == NAME and run.config["search"]["objective"] == ["ibp_err"]
+        # The full resolved training config, derived values included: what the trial trained with.
+        (ckpt,) = d.glob("checkpoint_*")
+        trained = json.loads(json.dumps(TrainConfig.from_yaml(ckpt / "config.yaml").to_dict()))
+        assert {k: run.config[k] for k in trained} == trained
+        assert run.config["lr_milestones"] == trained["lr_milestones"] and "lr_milestones" not in params
         rows = result_rows(d)
         logged = [(h["_step"], h["epoch"], h["ibp_err"], h["clean_err"]) for h in run.history]
         assert logged == [(r["training_iteration"], r["epoch"], r["ibp_err"], r["clean_err"]) for r in rows]
         assert run.exit_code == 0
+        # How it ended, as `certtune report` says, and its final objective.
+        status = trial_status("TERMINATED", rows[-1], ["ibp_err"])[0]
+        assert run.summary["status"] == status and run.summary["reason"] == ""
+        assert run.summary["final/ibp_err"] == rows[-1]["ibp_err"] and run.summary["epochs_trained"] == rows[-1]["epoch"]
+        if status == "finished":  # --wandb-artifacts: its best.pt, the file the last checkpoint holds
+            finished += 1
+            (artifact,) = run.artifacts
+            digest = base64.b64encode(hashlib.md5((ckpt / "best.pt").read_bytes()).digest()).decode()
+            assert artifact["type"] == "model" and artifact["files"] == {"best.pt": digest}
+            assert artifact["name"] == f"{NAME}-{run.id}" and "best" in artifact["aliases"]
+            assert artifact["metadata"]["ibp_err"] == rows[-1]["ibp_err"]
+        else:  # stopped early: no final model
+            assert run.artifacts == [] and status == "stopped"
+    assert finished >= 1
+
+
+def test_wandb_search_run_holds_the_report_table(searched):
+    from tuner.report import ordered_trials, report_search, trial_rows
+    from tuner.results import load_search
+    from tuner.search_run import table_rows
+
+    exp = searched["exp"]
+    _, (run,) = trial_and_search_runs(exp)
+    assert run.group == NAME and run.project == "certtune-test" and run.resume and run.exit_code == 0
+    assert run.path.parent.parent == exp / "wandb"
+    (table_file,) = run.path.parent.glob("files/media/table/trials_*.table.json")
+    columns, rows = table_rows(table_file)
+    search = load_search(NAME, str(searched["storage"]))
+    assert columns[:3] == ["rank", "trial_id", "status"] and columns[-1] == "reason" and "ibp_err" in columns
+    assert [(r[1], r[2]) for r in rows] == [(t.trial_id, t.status) for t in ordered_trials(search)]
+    assert run.summary["best/trial_id"] == search.best().trial_id == rows[0][1]
+    assert run.summary["trials/finished"] == search.counts()["finished"]
+    # The table `certtune report` prints (report.trial_rows), every trial, cell for cell, plus the reasons.
+    header, expected = trial_rows(search, ordered_trials(search))
+    assert columns == header + ["reason"] and [r[:-1] for r in rows] == expected
+    assert "trial_id" in report_search(NAME, str(searched["storage"])).splitlines()[3]
 
 
 def test_no_trial_diverged_or_failed_and_no_api_key_is_needed(searched):
@@ -208,7 +268,7 @@ def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, dat
     space.write_text(yaml.safe_dump(DIVERGING_SPACE))
     storage = tmp_path / "results"
     proc = cli("search", space, "--name", "nan", "--num-samples", 1, "--scheduler", "none", "--storage", storage,
-               "--data-dir", data_dir, env=child_env(tmp_path), timeout=180)
+               "--data-dir", data_dir, "--wandb-project", "certtune-nan", env=child_env(tmp_path), timeout=180)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every trial failed: non-zero, with the reasons
     assert "every trial failed (1); reasons:\n  1 x diverged: non-finite" in proc.stdout, proc.stdout[-2000:]
     (d,) = trial_dirs(storage / "nan")
@@ -218,26 +278,40 @@ def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, dat
     (trial,) = load_study(storage / "nan").trials
     assert trial.state == TrialState.FAIL and "diverged: non-finite" in trial.user_attrs["fail_reason"]
     assert "1 failed" in proc.stdout
+    # The reason reaches the driver's log as the trial ends, and the trial's W&B run says how it ended.
+    trial_id = d.name.removeprefix("trial_")
+    assert f"certtune: trial {trial_id} failed: diverged: non-finite" in proc.stderr, proc.stderr[-3000:]
+    (run,), (search_run,) = trial_and_search_runs(storage / "nan")
+    assert run.summary["status"] == "failed" and run.summary["reason"].startswith("diverged: non-finite")
+    assert run.exit_code == 1  # W&B lists the run as failed
+    final = run.summary["final/ibp_err"]  # NaN: W&B's summary stores a non-finite value as null
+    assert (final is None or math.isnan(final)) and run.summary["epochs_trained"] == 1
+    assert search_run.summary["trials/failed"] == 1 and "best/trial_id" not in search_run.summary
 
 
 # ---- W&B settings without a search ------------------------------------------------------------------
 def test_wandb_is_offline_without_a_key_and_the_key_never_reaches_the_experiment(tmp_path, monkeypatch):
     from tuner import tracking
+    from tuner.record import SearchRecord
 
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.setenv(var, "")  # records the original value, so the test leaves the environment as it was
         monkeypatch.delenv(var)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert tracking.wandb_callback(None, "g") is None  # off unless a project is given
+    record = SearchRecord(name="g", space_path="s.yaml", space={}, objective=["ibp_err"], modes=["min"],
+                          scheduler="asha", num_samples=1, max_concurrent=1, resources_per_trial={"cpu": 1},
+                          data_dir="/d", wandb_project=None)
+    assert tracking.wandb_callback(record) is None  # off unless a project is given
+    record.wandb_project = "p"
     assert tracking.wandb_mode() == "offline"
-    cb = tracking.wandb_callback("p", "g")
+    cb = tracking.wandb_callback(record)
     assert cb.kwargs == {"mode": "offline"} and cb.group == "g" and os.environ["WANDB_MODE"] == "offline"
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password netrckey123\n")
     assert tracking.api_key_configured() and tracking.wandb_mode() is None
     monkeypatch.delenv("WANDB_MODE")
     key = "certtunefakekey" + "y" * 25
     monkeypatch.setenv("WANDB_API_KEY", key)
-    cb = tracking.wandb_callback("p", "g")
+    cb = tracking.wandb_callback(record)
     assert "mode" not in cb.kwargs
     cb.setup()  # what Ray runs in the driver before the first trial
     # The callback is pickled into the experiment (tuner.pkl): the key must not be in it.
@@ -281,6 +355,7 @@ BAD_MAIN = {
     "bad name": (["--name", "a/b"], "--name"),
     "override of a searched param": (["lr=0.1"], "'lr' is searched"),
     "override of an unknown key": (["data.nope=1"], "data.nope"),
+    "artifacts without W&B": (["--wandb-artifacts"], "--wandb-artifacts: W&B is off"),
 }
 
 
@@ -306,8 +381,10 @@ def test_bad_input_is_one_line_and_exit_2_before_any_trial(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("case", list(BAD_MAIN))
-def test_more_bad_input_is_one_line_and_exit_2(case, tmp_path, data_dir, capsys):
+def test_more_bad_input_is_one_line_and_exit_2(case, tmp_path, data_dir, capsys, monkeypatch):
     from tuner.cli import main
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
 
     extra, expected = BAD_MAIN[case]
     storage = tmp_path / "results"

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from wandb_offline import find_offline_runs, read_offline_run
+from wandb_offline import OfflineRunError, find_offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -62,6 +62,14 @@ def optuna_study(exp: Path):
 
     storage = JournalStorage(JournalFileBackend(str(exp / "optuna_journal.log")))
     return optuna.load_study(study_name=exp.name, storage=storage)
+
+
+def readable(run_dir: Path) -> bool:
+    try:
+        read_offline_run(run_dir)
+        return True
+    except OfflineRunError:
+        return False
 
 
 def result_lines(exp: Path, trial_id: str) -> list[str]:
@@ -154,13 +162,27 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
     assert f"search {name}: {NUM_SAMPLES} trials ({NUM_SAMPLES} finished)" in resumed.stdout
     # W&B (offline): each trial's newest run holds its whole history, the epochs before the kill included
     # (replayed from result.json into the resumed trial's new run, which keeps the trial's run id).
-    newest = {}
+    newest, dirs_per_trial = {}, {}
     for run_dir in find_offline_runs(exp):  # sorted: offline-run-<timestamp>-<id>
-        newest[run_dir.name.rsplit("-", 1)[1]] = run_dir
+        if run_dir.parent.parent.name.startswith("trial_"):
+            newest[run_dir.name.rsplit("-", 1)[1]] = run_dir
+            dirs_per_trial.setdefault(run_dir.name.rsplit("-", 1)[1], []).append(run_dir)
     assert sorted(newest) == sorted(final)
+    # A resumed trial's new run has the same id and resume="allow" (RunRecord.resume), so `wandb sync`, which
+    # syncs the files of one run oldest first, continues that run instead of making or replacing one.
+    # The killed driver's directory may be missing from the storage (Ray had not synced it yet) or cut short
+    # before its run record (W&B buffers): read what is there.
+    for trial_id in running:
+        *older, newer = dirs_per_trial[trial_id]
+        runs = [read_offline_run(newer)] + [read_offline_run(d) for d in older if readable(d)]
+        assert {r.id for r in runs} == {trial_id} and all(r.resume for r in runs)
     for trial_id, run_dir in newest.items():
         run = read_offline_run(run_dir)
         rows = {r["epoch"]: r for r in map(json.loads, result_lines(exp, trial_id))}  # a replayed epoch: latest
         expected = [(e, rows[e]["ibp_err"]) for e in range(1, EPOCHS + 1)]
         assert [(h["epoch"], h["ibp_err"]) for h in run.history] == expected
         assert run.group == name and run.exit_code == 0
+        assert run.summary["status"] == "finished" and run.summary["final/ibp_err"] == rows[EPOCHS]["ibp_err"]
+    # The search's own run: once from the killed driver (if it got that far: it did not) and once from resume.
+    search_runs = [read_offline_run(d) for d in find_offline_runs(exp / "wandb")]
+    assert [r.job_type for r in search_runs] == ["search"] and search_runs[-1].summary["trials/finished"] == NUM_SAMPLES

@@ -50,6 +50,9 @@ class OfflineRun:
     job_type: str = ""
     tags: list[str] = field(default_factory=list)
     exit_code: int | None = None  # None: no exit record (still running, or killed)
+    resume: bool = False  # wandb.init(resume="allow" or "must"): `wandb sync` continues the run of that id
+    metrics: dict[str, str] = field(default_factory=dict)  # define_metric: name or glob -> its step metric
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # {name, type, aliases, files: {path: digest}}
     path: Path | None = None  # the .wandb file read
 
 
@@ -80,7 +83,7 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
         if kind == "run":
             r = rec.run
             run = OfflineRun(id=r.run_id, project=r.project, group=r.run_group, name=r.display_name,
-                             job_type=r.job_type, tags=list(r.tags), path=path)
+                             job_type=r.job_type, tags=list(r.tags), resume=r.resume, path=path)
             _apply(config, r.config.update, r.config.remove)
             _apply(summary, r.summary.update, r.summary.remove)
         elif kind == "config":
@@ -91,6 +94,13 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
             _append_step(history, _items(rec.history.item))
         elif kind == "exit":
             exit_code = rec.exit.exit_code
+        elif kind == "metric" and run is not None:
+            run.metrics[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
+        elif kind == "artifact" and run is not None:
+            a = rec.artifact
+            run.artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                                  "metadata": json.loads(a.metadata) if a.metadata else {},
+                                  "files": {e.path: e.digest for e in a.manifest.contents}})
     if run is None:
         raise OfflineRunError(f"{path}: no run record (file empty or cut before wandb.init finished)")
     config.pop("_wandb", None)

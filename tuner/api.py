@@ -52,7 +52,7 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
            seed: int = 0, sampler: str = "tpe", max_trial_epochs: int | None = None,
            max_trial_seconds: float | None = None, constraints: list[str] | None = None,
            optuna_storage: str | None = None, warm_start: str | None = None, enqueue: str | Path | None = None,
-           echo: bool = True):
+           wandb_artifacts: bool = False, echo: bool = True):
     """`certtune search`: a space file, a shipped space name (`mnist_tiny`) or a space as a dict (the YAML's
     mapping). Every input is checked first (and, for a local search, the data is downloaded once); then the
     trials run. Returns the search read back (tuner.results.Search: `.best()`, `.trials`, `.counts()`).
@@ -63,30 +63,32 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
         space, _overrides(overrides), name, num_samples, max_concurrent, _resources(resources_per_trial), scheduler,
         _comma_list("objective", objective), None if storage is None else str(storage), address, wandb_project,
         None if data_dir is None else str(data_dir), seed, sampler, max_trial_epochs, max_trial_seconds,
-        constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue))
+        constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue), wandb_artifacts)
     if echo:
         print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     run_search(record, storage)
-    return _finished(record.name, storage, echo)
+    return _finished(record, storage, echo)
 
 
 def resume(name: str, *, storage: str | None = None, address: str | None = None, echo: bool = True):
     """`certtune resume`: continue an interrupted search; returns it read back, as `search` does."""
-    from tuner.record import normalize_storage
+    from tuner.record import normalize_storage, read_record
     from tuner.search import resume_search
 
     resume_search(name, None if storage is None else str(storage), address)
-    return _finished(name, normalize_storage(None if storage is None else str(storage)), echo)
+    storage = normalize_storage(None if storage is None else str(storage))
+    return _finished(read_record(storage, name), storage, echo)
 
 
-def _finished(name: str, storage: str, echo: bool):
+def _finished(record, storage: str, echo: bool):
+    """The search read back once Tuner.fit returned; `finish` also logs the W&B search run."""
     from tuner.results import load_search
-    from tuner.search import summarize
+    from tuner.search import finish
 
-    result = load_search(name, storage)
+    summary, _ = finish(record, storage)
     if echo:
-        print(summarize(result, storage), flush=True)
-    return result
+        print(summary, flush=True)
+    return load_search(record.name, storage)
 
 
 def report(name: str, *, storage: str | None = None):

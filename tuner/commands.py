@@ -30,7 +30,10 @@ def add_search_commands(sub) -> None:
                    help="join a Ray cluster: HOST:PORT, auto, or local (default: the cluster in $RAY_ADDRESS, "
                         "as in a `ray job submit` job; else a local Ray instance)")
     p.add_argument("--wandb-project", default=None,
-                   help="log every trial to W&B (offline unless an API key is configured)")
+                   help="log every trial to W&B (offline unless an API key is configured; default: $WANDB_PROJECT, "
+                        "else W&B is off)")
+    p.add_argument("--wandb-artifacts", action="store_true",
+                   help="also log each finished trial's best.pt to W&B as a model artifact")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $CERTTUNE_DATA, then ./data)")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
@@ -90,7 +93,7 @@ def cmd_search(args) -> int:
         objective=args.objective, storage=args.storage, address=args.address, wandb_project=args.wandb_project,
         data_dir=args.data_dir, seed=args.seed, sampler=args.sampler, max_trial_epochs=args.max_trial_epochs,
         max_trial_seconds=args.max_trial_seconds, constraints=args.constraint, optuna_storage=args.optuna_storage,
-        warm_start=args.warm_start, enqueue=args.enqueue))
+        warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts))
 
 
 def cmd_resume(args) -> int:

@@ -54,6 +54,8 @@ class SearchRecord:
     warm_start: str | None = None  # --warm-start: a search name in storage, or STORAGE#STUDY
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # --enqueue: points evaluated first (after defaults)
 
+    wandb_artifacts: bool = False  # log each finished trial's best.pt to W&B as a model artifact
+
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
         device = self.seconds_device or device_weight(self.resources_per_trial)[0]

@@ -135,8 +135,11 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    address: str | None, wandb_project: str | None, data_dir: str | None, seed: Any,
                    sampler: str = "tpe", max_trial_epochs: Any = None, max_trial_seconds: Any = None,
                    constraints: list[str] | None = None, optuna_storage: str | None = None,
-                   warm_start: str | None = None, enqueue: str | None = None) -> tuple[SearchRecord, str]:
+                   warm_start: str | None = None, enqueue: str | None = None,
+                   wandb_artifacts: bool = False) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
+
+    W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
 
     Returns the record and the normalised storage; nothing has been started yet.
     """
@@ -152,13 +155,17 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         raise SearchError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     from tuner.schedulers import make_scheduler
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space))  # validates
+    wandb_project = wandb_project or os.environ.get("WANDB_PROJECT") or None
+    if wandb_artifacts and not wandb_project:
+        raise SearchError("--wandb-artifacts: W&B is off; pass --wandb-project P or set WANDB_PROJECT")
     record = SearchRecord(
         name=check_name(name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"),
         space_path=path, space=raw, objective=objectives, modes=modes, scheduler=scheduler,
         num_samples=positive_int("--num-samples", num_samples),
         max_concurrent=positive_int("--max-concurrent", max_concurrent),
         resources_per_trial=parse_resources(resources), data_dir=str(resolve_data_dir(data_dir).resolve()),
-        overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project or None,
+        overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project,
+        wandb_artifacts=bool(wandb_artifacts),
         address=recorded_address(address), sampler=sampler,
         max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
                                                                                     max_trial_epochs),
@@ -241,17 +248,23 @@ def seed_value(seed: Any) -> int:
 
 def connect_ray(address: str | None) -> None:
     """Join the cluster that `address` (a --address value, `RAY_ADDRESS` when None or `auto`) names, or start
-    a fresh local Ray instance sized to this machine (tuner/cluster.py has the rules)."""
+    a fresh local Ray instance sized to this machine (tuner/cluster.py has the rules).
+
+    A local instance starts Ray's dashboard when `ray[default]` is installed (Ray picks a free port from
+    8265 up; the URL is printed). The trials' own output (their errors, a diverged trial's reason) is
+    forwarded to this driver's log; tuner/outcome.py adds one line per failed trial on top."""
     import ray
 
     if ray.is_initialized():
         return
     joined = resolve_address(address)
     if joined is None:
-        ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
+        context = ray.init(address="local", num_cpus=local_cpus(), log_to_driver=True)
+        if context.dashboard_url:
+            print(f"certtune: Ray dashboard at http://{context.dashboard_url}", flush=True)
         return
     try:
-        ray.init(address=joined, log_to_driver=False)
+        ray.init(address=joined, log_to_driver=True)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ... for a bad cluster
         raise SearchError(f"Ray address {joined}: could not join the Ray cluster ({first_line(e)})") from None
 
@@ -288,6 +301,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
 
     from ray import tune
 
+    from tuner.outcome import TrialOutcomeLog
     from tuner.schedulers import make_scheduler
     from tuner.searcher import HonestOptunaSearch
     from tuner.study import open_storage, train_config_dict
@@ -310,7 +324,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
                                   constraints=parse_constraints(record.constraints))
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))
-    callback = wandb_callback(record.wandb_project, record.name)
+    callbacks = [TrialOutcomeLog(record.objective)] + [c for c in [wandb_callback(record)] if c]
     return tune.Tuner(
         tune.with_resources(trainable or make_trainable(record), dict(record.resources_per_trial)),
         # reuse_actors: a finished trial's worker process runs the next trial instead of a new process
@@ -325,7 +339,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
             # One checkpoint per trial is kept; with num_to_keep set, Ray also snapshots the experiment state
             # after every trial checkpoint, so a restored experiment points at a checkpoint that exists.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[callback] if callback else None))
+            callbacks=callbacks))
 
 
 def make_budget(record: SearchRecord, storage: str):
@@ -337,6 +351,8 @@ def make_budget(record: SearchRecord, storage: str):
         return None
     return SearchBudget(record.max_trial_epochs, experiment_path(storage, record.name),
                         record.max_trial_seconds, record.seconds_weight()[1])
+
+
 def make_sampler(record: SearchRecord):
     """The Optuna sampler of a search: None for TPE with Optuna 5's defaults (multivariate for one objective;
     Ray builds it with the search's seed, and refuses a sampler together with its seed argument), or
@@ -439,4 +455,7 @@ def exit_code(search: Search) -> int:
 def finish(record: SearchRecord, storage: str) -> tuple[str, int]:
     """(summary, exit code) of a search whose Tuner.fit returned, read back from its experiment."""
     search = load_search(record.name, storage)
+    if record.wandb_project:
+        from tuner.search_run import log_search_run
+        log_search_run(search, storage)
     return summarize(search, storage), exit_code(search)

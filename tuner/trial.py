@@ -4,7 +4,8 @@ Ray calls the trainable with the trial's config (exactly the sampled params, dot
 - rebuilds the search space from the search record (space file contents + the search's base overrides) and
   turns the point into a TrainConfig with `space.to_train_config`, as `certtune export` does;
 - trains in a node-local run directory and reports every epoch's metrics with a checkpoint holding the
-  trainer's own `last.pt` (plus `metrics.jsonl`, `config.yaml`), so Ray can copy it to the storage;
+  trainer's own `last.pt` (plus `metrics.jsonl`, `config.yaml`; and `best.pt` at the last epoch when the
+  search logs model artifacts to W&B), so Ray can copy it to the storage;
 - on a restart (a retry after a failure, a lost node, or `certtune resume`) copies `last.pt` from
   `tune.get_checkpoint()` into a clean run directory, and `Trainer.fit()` resumes from it exactly;
 - ends a diverged run (DivergedError: loss or bounds NaN/inf) with a last result carrying `diverged` (the
@@ -15,6 +16,7 @@ Ray calls the trainable with the trial's config (exactly the sampled params, dot
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -45,7 +47,14 @@ def make_trainable(record) -> Callable[[dict], None]:
     return certtune_trial
 
 
+# Ray logs every persisted checkpoint at INFO in the trial process; forwarded to the driver's log
+# (log_to_driver), that is one line per trial and epoch. Restores and errors are still logged.
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+
+
 def run_trial(config: dict, record) -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     space = record.build_space()
     try:
         cfg = space.to_train_config({k: v for k, v in config.items() if k in space.params})
@@ -68,7 +77,9 @@ def run_trial(config: dict, record) -> None:
     def report_epoch(metrics: dict, run: Path) -> None:
         nonlocal epochs_done
         epochs_done = metrics["epoch"]
-        report_with_checkpoint(metrics, run)
+        # The last epoch's checkpoint also carries best.pt when W&B is to log it (tuner/tracking.py).
+        with_best = getattr(record, "wandb_artifacts", False) and metrics["epoch"] >= metrics["epochs"]
+        report_with_checkpoint(metrics, run, CHECKPOINT_FILES + (("best.pt",) if with_best else ()))
 
     try:
         trainer.fit(on_epoch=report_epoch)
@@ -113,14 +124,14 @@ def restore_run(checkpoint, out_dir: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if line) if metrics.exists() else 0
 
 
-def report_with_checkpoint(metrics: dict, out_dir: Path) -> None:
+def report_with_checkpoint(metrics: dict, out_dir: Path, files: tuple[str, ...] = CHECKPOINT_FILES) -> None:
     """tune.report the epoch's metrics with a checkpoint of the run directory's resume files.
 
     Ray copies the checkpoint directory to the storage during report, so it is staged in a temporary
     directory (hard links where possible) and removed afterwards.
     """
     with tempfile.TemporaryDirectory(prefix=".checkpoint-", dir=out_dir.parent) as staging:
-        for name in CHECKPOINT_FILES:
+        for name in files:
             if (out_dir / name).exists():
                 link_or_copy(out_dir / name, Path(staging) / name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
