@@ -263,16 +263,19 @@ class TrainConfig:
     def _validate_method_knobs(self) -> None:
         _in_open_closed("sabr.ratio", self.sabr.ratio, 0, 1)
         _nonneg_int("sabr.pgd_steps", self.sabr.pgd_steps)
+        _at_most("sabr.pgd_steps", self.sabr.pgd_steps, MAX_STEPS)
         _positive("sabr.pgd_step_size", self.sabr.pgd_step_size)
         if not 0 <= self.expressive.alpha <= 1:
             raise ConfigError(f"expressive.alpha: must be in [0, 1], got {self.expressive.alpha}")
         _positive("expressive.attack_eps_scale", self.expressive.attack_eps_scale)
         _nonneg_int("expressive.pgd_steps", self.expressive.pgd_steps)
+        _at_most("expressive.pgd_steps", self.expressive.pgd_steps, MAX_STEPS)
         _positive("expressive.pgd_step_size", self.expressive.pgd_step_size)
         _positive_int("taps.head_relus", self.taps.head_relus)
         _nonneg("taps.gradient_scale", self.taps.gradient_scale)
         _in_open_closed("taps.soft_threshold", self.taps.soft_threshold, 0, 0.5)
         _nonneg_int("taps.pgd_steps", self.taps.pgd_steps)
+        _at_most("taps.pgd_steps", self.taps.pgd_steps, MAX_STEPS)
         _positive("taps.pgd_step_size", self.taps.pgd_step_size)
         if self.method in ("taps", "staps"):
             relus = top_level_relus(self.model, self.dataset, self.bn)
