@@ -267,4 +267,4 @@ def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
     assert result["n"] == 8 and result["crown_err"] >= result["alpha_crown_err"] >= result["bab_err"]
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--methods", "crown,beta"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown ['beta']" in err[0]
+    assert len(err) == 1 and "unknown 'beta'" in err[0]
