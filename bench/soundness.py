@@ -100,3 +100,20 @@ def margins_at(f: nn.Module, C: Tensor, points: list[Tensor], chunk: int = 32) -
 def max_violation(lo: Tensor, up: Tensor, values) -> float:
     """How far any of `values` (each (B, S)) lies outside [lo, up]; ≤ 0 means inside."""
     return max(float(torch.maximum(lo - v, v - up).max()) for v in values)
+
+
+def assert_bounds_contain(f: nn.Module, C: Tensor, x: Tensor, lower: Tensor, upper: Tensor, lo: Tensor,
+                          up: Tensor, samples: int, gen: torch.Generator, per_margin: bool = True):
+    """The soundness check the bound tests share: finite, ordered bounds; the box's extreme corners,
+    `samples` random corners and `samples` uniform points, and a PGD on the margins all inside [lo, up]
+    within fp32 slack. Returns (tolerance, PGD's lowest margins, PGD's highest margins) for extra checks."""
+    assert torch.isfinite(lo).all() and torch.isfinite(up).all() and (lo <= up).all()
+    tol = 1e-4 * (1 + up.abs().max())
+    with torch.no_grad():
+        for z in points_in_box(lower, upper, n_random=samples, n_corners=samples, gen=gen):
+            m = torch.einsum("bsk,bk->bs", C, f(z))
+            assert (m >= lo - tol).all(), f"sample below the lower bound by {(lo - m).max():.3g}"
+            assert (m <= up + tol).all(), f"sample above the upper bound by {(m - up).max():.3g}"
+    low_pgd, high_pgd = pgd_on_margins(f, C, x, lower, upper, per_margin=per_margin)
+    assert (low_pgd >= lo - tol).all() and (high_pgd <= up + tol).all()
+    return tol, low_pgd, high_pgd

@@ -47,6 +47,8 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text; a syntax problem is one ConfigError line naming `source` and the position."""
     try:
+        # _Loader is a yaml.SafeLoader: only plain scalars, lists and mappings are built, and a tag such as
+        # !!python/object/apply is a YAMLError (tests/test_hostile_input.py::test_malformed_config_files).
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {_one_line(e)}") from None

@@ -142,8 +142,6 @@ def train(config: str | Path | dict | TrainConfig, overrides: dict[str, Any] | l
     (config.yaml, metrics.jsonl, last.pt, best.pt) is written and a rerun resumes it; without, nothing is
     written. `on_epoch(metrics, out)` is called after every epoch."""
     cfg = train_config(config, overrides)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
     from trainers.train import Trainer  # torch loads only once the config is known to be good
 
     trainer = Trainer(cfg, data_dir=data_dir, out_dir=out, device=device, progress=progress)
