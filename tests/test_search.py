@@ -163,6 +163,62 @@ def test_export_then_certtune_train_reproduces_the_best_trial(searched, tmp_path
     assert 0 < best.value < 1  # a value that can tell a wrong config from the right one
 
 
+def test_export_verify_ranks_the_top_trials_by_a_stronger_verifier_on_validation(searched, tmp_path, monkeypatch):
+    """`export --verify alpha-crown`: each finished trial's best.pt certified on the first 60 validation images,
+    best.yaml and top_k/ in that order; the figures are verify's own on the same checkpoint and split, α-CROWN
+    is never looser than IBP there, and the test split is never touched."""
+    import csv
+
+    import trainers.verify as verify_module
+    from tuner.export import export_search
+    from trainers.verify import verifier_options, verify_checkpoint
+
+    real_load_splits = verify_module.load_splits
+
+    class ValOnly:  # the splits with the test view replaced by an alarm
+        def __init__(self, splits):
+            self._splits = splits
+
+        def __getattr__(self, name):
+            if name == "test":
+                raise AssertionError("export --verify read the test split")
+            return getattr(self._splits, name)
+
+    monkeypatch.setattr(verify_module, "load_splits", lambda *a, **k: ValOnly(real_load_splits(*a, **k)))
+    options = verifier_options(alpha_iterations=5)
+    out = tmp_path / "verified"
+    summary = export_search(NAME, str(searched["storage"]), out, top_k=5, verify="alpha-crown", verify_n=60,
+                            verifier_options=options, data_dir=str(searched["data_dir"]))
+    rows = list(csv.DictReader((out / "verified.csv").open()))
+    finished = len([t for t in load_study_trials(searched["exp"]) if t.state.name == "COMPLETE"])
+    assert len(rows) == min(5, finished) >= 1
+    errs = [float(r["val_alpha-crown_err"]) for r in rows]
+    assert errs == sorted(errs) and all(int(r["n"]) == 60 for r in rows)
+    assert [r["trial_id"] for r in rows] == [v["trial_id"] for v in summary["verified"]["ranking"]]
+    assert f"trial {rows[0]['trial_id']}:" in (out / "best.yaml").read_text()
+    assert "alpha-crown-verified error" in (out / "top_k" / "rank1.yaml").read_text()
+    monkeypatch.setattr(verify_module, "load_splits", real_load_splits)
+    for row in rows:
+        assert row["checkpoint"].endswith("best.pt")
+        again = verify_checkpoint(row["checkpoint"], searched["data_dir"], "val", None, ("ibp", "alpha-crown"),
+                                  verifier_options=options, limit=60)
+        assert again["alpha_crown_err"] == float(row["val_alpha-crown_err"])
+        assert again["alpha_crown_err"] <= again["ibp_err"]
+    # Bad --verify input is one line and exit 2, before any checkpoint is read.
+    for bad in (["--verify", "pgd"], ["--verify", "alpha-crown", "--verify-n", "0"],
+                ["--verify", "bab", "--bab-time-limit", "-1"]):
+        proc = cli("export", NAME, "--storage", searched["storage"], "--out", tmp_path / "bad", *bad,
+                   env=searched["env"], timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "bad").exists()
+
+
+def load_study_trials(exp: Path):
+    from tuner.results import load_study
+
+    return load_study(exp).trials
+
+
 def trial_and_search_runs(exp: Path):
     from wandb_offline import find_offline_runs, read_offline_run
 

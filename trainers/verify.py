@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import ConfigError, TrainConfig
-from .data import load_splits, make_loader
+from .data import ImageDataset, load_splits, make_loader
 from .alpha_crown import ITERATIONS, LR
 from .bab import BabConfig
 from .evaluate import InputBox, VerifierOptions, evaluate
@@ -33,8 +33,11 @@ def load_model(checkpoint: str | Path, device="cpu"):
 
 
 def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods=("ibp", "crown-ibp", "pgd"),
-                      device="cpu", verifier_options: VerifierOptions | None = None) -> dict:
+                      device="cpu", verifier_options: VerifierOptions | None = None, limit: int | None = None) -> dict:
+    """The errors of `methods` on the split (its first `limit` examples when given)."""
     methods = check_methods(methods)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"--verify-n: must be an integer >= 1, got {limit!r}")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1):
         raise ConfigError(f"--eps: must be in (0, 1], the L∞ radius on the [0, 1] pixel scale, got {eps}")
     device = pick_device(device)
@@ -42,7 +45,10 @@ def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods
     torch.backends.cudnn.allow_tf32 = False
     model, cfg = load_model(checkpoint, device)
     splits = load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed)
-    loader = make_loader(getattr(splits, split), cfg.eval.batch_size, shuffle=False)
+    examples = getattr(splits, split)
+    if limit is not None and limit < len(examples):
+        examples = ImageDataset(examples.images, examples.labels, examples.indices[:limit], examples.augment)
+    loader = make_loader(examples, cfg.eval.batch_size, shuffle=False)
     box = InputBox.for_stats(splits.mean, splits.std, device)
     e = cfg.eval
     out = evaluate(model, loader, eps if eps is not None else cfg.eps, box, splits.num_classes,

@@ -52,10 +52,11 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
            seed: int = 0, sampler: str = "tpe", max_trial_epochs: int | None = None,
            max_trial_seconds: float | None = None, constraints: list[str] | None = None,
            optuna_storage: str | None = None, warm_start: str | None = None, enqueue: str | Path | None = None,
-           wandb_artifacts: bool = False, echo: bool = True):
+           wandb_artifacts: bool = False, checkpoint_every: float | None = None, echo: bool = True):
     """`certtune search`: a space file, a shipped space name (`mnist_tiny`) or a space as a dict (the YAML's
     mapping). Every input is checked first (and, for a local search, the data is downloaded once); then the
     trials run. Returns the search read back (tuner.results.Search: `.best()`, `.trials`, `.counts()`).
+    `checkpoint_every`: seconds of training between a trial's checkpoints (default 30; 0: every epoch).
     `echo` prints the experiment path and the summary, as the CLI does."""
     from tuner.search import finish, prepare_search, run_search
 
@@ -63,7 +64,8 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
         space, _overrides(overrides), name, num_samples, max_concurrent, _resources(resources_per_trial), scheduler,
         _comma_list("objective", objective), None if storage is None else str(storage), address, wandb_project,
         None if data_dir is None else str(data_dir), seed, sampler, max_trial_epochs, max_trial_seconds,
-        constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue), wandb_artifacts)
+        constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue), wandb_artifacts,
+        checkpoint_every)
     if echo:
         print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     run_search(record, storage)
@@ -109,14 +111,25 @@ def report(name: str, *, storage: str | None = None):
 
 
 def export(name: str, *, storage: str | None = None, out: str | Path | None = None, top_k: int = 5,
-           epochs: int | None = None) -> dict:
+           epochs: int | None = None, verify: str | None = None, verify_n: int | None = None,
+           data_dir: str | Path | None = None, device: str = "cpu", alpha_iterations: int = 20,
+           alpha_lr: float = 0.1, bab_time_limit: float = 10.0) -> dict:
     """`certtune export`: best.yaml, top_k/, trials.csv and plots into `out` (default <storage>/<name>/export/);
-    returns the paths written and the best trial."""
+    returns the paths written and the best trial. With `verify` (ibp, crown-ibp, crown, alpha-crown, bab) the
+    top_k trials' best checkpoints are certified on the validation split (its first `verify_n` examples; data
+    from `data_dir`, default the search's) and ranked by that (verified.csv)."""
     from tuner.export import export_search
     from tuner.record import positive_int
 
+    options = None
+    if verify is not None:
+        from trainers.verify import verifier_options
+
+        options = verifier_options(alpha_iterations, alpha_lr, bab_time_limit)
     return export_search(name, None if storage is None else str(storage), None if out is None else Path(out),
-                         positive_int("--top-k", top_k), None if epochs is None else positive_int("--epochs", epochs))
+                         positive_int("--top-k", top_k), None if epochs is None else positive_int("--epochs", epochs),
+                         verify, None if verify_n is None else positive_int("--verify-n", verify_n), options,
+                         None if data_dir is None else str(data_dir), device)
 
 
 # ---- one configuration --------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ def add_search_commands(sub) -> None:
     p.add_argument("--wandb-artifacts", action="store_true",
                    help="also log each finished trial's best.pt to W&B as a model artifact")
     p.add_argument("--data-dir", default=None, help="dataset root (default: $CERTTUNE_DATA, then ./data)")
+    p.add_argument("--checkpoint-every", default=None, metavar="SECONDS",
+                   help="a trial saves a checkpoint at its last epoch and after this many seconds of training "
+                        "since its last one (default 30; 0: every epoch); a crash loses at most that much per trial")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
     p.add_argument("--max-trial-epochs", default=None,
@@ -75,6 +78,15 @@ def add_search_commands(sub) -> None:
     p.add_argument("--epochs", default=None,
                    help="also write best_<N>ep.yaml: the best recipe scaled to N epochs (warmup, ramp and LR "
                         "milestones keep their fractions), to train the winner of short trials long")
+    p.add_argument("--verify", default=None, metavar="VERIFIER",
+                   help="certify the top-k trials' best checkpoints on the validation split with ibp, crown-ibp, "
+                        "crown, alpha-crown or bab and rank them by it (verified.csv)")
+    p.add_argument("--verify-n", default=None, help="--verify: only the first N validation examples (default all)")
+    p.add_argument("--data-dir", default=None, help="--verify: the data (default: the search's --data-dir)")
+    p.add_argument("--device", default="cpu", help="--verify: cpu, cuda or cuda:N")
+    p.add_argument("--alpha-iterations", type=int, default=20, help="alpha-crown/bab: slope optimisation steps")
+    p.add_argument("--alpha-lr", type=float, default=0.1, help="alpha-crown/bab: Adam step size of the slopes")
+    p.add_argument("--bab-time-limit", type=float, default=10.0, help="bab: seconds per example")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("report", help="print a summary of a search")
@@ -93,7 +105,8 @@ def cmd_search(args) -> int:
         objective=args.objective, storage=args.storage, address=args.address, wandb_project=args.wandb_project,
         data_dir=args.data_dir, seed=args.seed, sampler=args.sampler, max_trial_epochs=args.max_trial_epochs,
         max_trial_seconds=args.max_trial_seconds, constraints=args.constraint, optuna_storage=args.optuna_storage,
-        warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts))
+        warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts,
+        checkpoint_every=args.checkpoint_every))
 
 
 def cmd_resume(args) -> int:
@@ -106,7 +119,10 @@ def cmd_resume(args) -> int:
 def cmd_export(args) -> int:
     from tuner import api
 
-    summary = api.export(args.name, storage=args.storage, out=args.out, top_k=args.top_k, epochs=args.epochs)
+    summary = api.export(args.name, storage=args.storage, out=args.out, top_k=args.top_k, epochs=args.epochs,
+                         verify=args.verify, verify_n=args.verify_n, data_dir=args.data_dir, device=args.device,
+                         alpha_iterations=args.alpha_iterations, alpha_lr=args.alpha_lr,
+                         bab_time_limit=args.bab_time_limit)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0
 

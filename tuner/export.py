@@ -17,6 +17,7 @@ from typing import Any
 
 from tuner.plots import plot_history, plot_importances, plot_pareto, plot_schedules
 from tuner.record import is_uri, normalize_storage
+from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
 from tuner.results import ExportError, Search, TrialRecord, counts_text, load_search
 from tuner.spaces import SearchSpace
 
@@ -42,10 +43,17 @@ def pareto_front(search: Search) -> list[TrialRecord]:
 
 # ---- export ------------------------------------------------------------------------------------------
 def export_search(name: str, storage: str | None, out: Path | None = None, top_k: int = 5,
-                  epochs: int | None = None) -> dict:
+                  epochs: int | None = None, verify: str | None = None, verify_n: int | None = None,
+                  verifier_options=None, data_dir: str | None = None, device: str = "cpu") -> dict:
     """Write best.yaml, top_k/rank<i>.yaml, trials.csv, pareto.csv (several objectives) and the plots into `out`
     (default `<storage>/<name>/export/`); with `epochs`, also best_<epochs>ep.yaml, the best recipe scaled to
-    that many epochs. Returns the paths written and a summary of the best trial."""
+    that many epochs. With `verify` (a verifier, tuner/rerank.py), the top-k trials' best checkpoints are
+    certified by it on the validation split (its first `verify_n` examples) and best.yaml and top_k/ follow that
+    ranking; verified.csv holds it. Returns the paths written and a summary of the best trial."""
+    if verify is not None and verify not in RERANK_VERIFIERS:
+        raise ExportError(f"--verify: {verify!r} is not one of {', '.join(RERANK_VERIFIERS)}")
+    if verify_n is not None and (isinstance(verify_n, bool) or not isinstance(verify_n, int) or verify_n < 1):
+        raise ExportError(f"--verify-n: must be an integer >= 1, got {verify_n!r}")
     if top_k < 1:
         raise ExportError(f"--top-k: must be an integer >= 1, got {top_k}")
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
@@ -59,10 +67,15 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
                           "only finished trials are exported (early-stopped values are truncated)")
     space = search.space()
     out = Path(out) if out is not None else search.path / EXPORT_DIR
+    verified = None
+    if verify is not None:
+        verified = rerank(search, ranked[:top_k], verify, data_dir, verify_n, verifier_options, device)
+        ranked = [v.trial for v in verified] + ranked[top_k:]
+    notes = verified_notes(verified, verify)
     out.mkdir(parents=True, exist_ok=True)
     best = ranked[0]
     constraints = constraints_note(search, best)
-    written = {"best_yaml": write_config(search, space, best, 1, out / "best.yaml")}
+    written = {"best_yaml": write_config(search, space, best, 1, out / "best.yaml", note=notes.get(best.trial_id))}
     for stale in out.glob("best_*ep.yaml"):  # from an earlier export with another --epochs
         stale.unlink()
     if epochs is not None:
@@ -71,8 +84,12 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     if top_dir.is_dir():
         shutil.rmtree(top_dir)  # a previous export's ranks would mix with these
     top_dir.mkdir()
-    written["top_k"] = [write_config(search, space, t, i, top_dir / f"rank{i}.yaml")
+    written["top_k"] = [write_config(search, space, t, i, top_dir / f"rank{i}.yaml", note=notes.get(t.trial_id))
                         for i, t in enumerate(ranked[:top_k], 1)]
+    (out / "verified.csv").unlink(missing_ok=True)  # from an earlier export with --verify
+    if verified is not None:
+        written["verified_csv"] = write_table(*verified_rows(verified, verify, search.objectives),
+                                              out / "verified.csv")
     written["trials_csv"] = write_trials_csv(search, search.trials, out / "trials.csv")
     written["plots"] = [plot_history(search, out / "history.png"),
                         plot_importances(search, space, out / "importances.png"),
@@ -83,8 +100,22 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
         front = pareto_front(search)
         written["pareto_csv"] = write_trials_csv(search, front, out / "pareto.csv")
         written["plots"].append(plot_pareto(search, front, out / "pareto.png"))
-    return {"out": str(out), **{k: _as_str(v) for k, v in written.items()}, "best": best_summary(search, best),
-            **({"constraints": constraints} if constraints else {})}
+    summary = {"out": str(out), **{k: _as_str(v) for k, v in written.items()}, "best": best_summary(search, best),
+               **({"constraints": constraints} if constraints else {})}
+    if verified is not None:
+        summary["verified"] = {"verifier": verify, "split": "val", "n": verified[0].result["n"],
+                               "ranking": [{"trial_id": v.trial.trial_id, "search_rank": v.search_rank,
+                                            f"val_{verify}_err": v.verified_err} for v in verified]}
+    return summary
+
+
+def verified_notes(verified, verifier: str | None) -> dict[str, str]:
+    """trial id → the header line a --verify export adds to its YAML."""
+    if not verified:
+        return {}
+    return {v.trial.trial_id: f"# {verifier}-verified error {v.verified_err:.6g} on the first {v.result['n']} "
+                              f"validation examples (best.pt); rank {i} of {len(verified)} by it, rank "
+                              f"{v.search_rank} in the search" for i, v in enumerate(verified, 1)}
 
 
 def constraints_note(search: Search, best: TrialRecord) -> str | None:
@@ -107,7 +138,7 @@ def best_summary(search: Search, trial: TrialRecord) -> dict:
 
 
 def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: int, path: Path,
-                 epochs: int | None = None) -> str:
+                 epochs: int | None = None, note: str | None = None) -> str:
     """The trial's complete TrainConfig (space base + overrides + sampled + derived, resolved), as `train` reads
     it; with `epochs`, the same recipe scaled to that many epochs (TrainConfig.scaled_to)."""
     point = {k: v for k, v in trial.params.items() if k in space.params}
@@ -124,6 +155,7 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
               f"{search.counts()['finished']} trials that ran all epochs\n"
               f"# trial {trial.trial_id}: {values} (validation split, final epoch {trial.last.get('epoch')})\n"
               + (f"# constraints {', '.join(constraints)}: {verdict}\n" if constraints else "")
+              + (f"{note}\n" if note else "")
               + run)
     path.write_text(header + path.read_text())
     return str(path)
@@ -152,7 +184,10 @@ def trial_table(search: Search, trials: list[TrialRecord]) -> tuple[list[str], l
 
 def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> str:
     """trial_table as CSV (blank cells for missing values)."""
-    header, rows = trial_table(search, trials)
+    return write_table(*trial_table(search, trials), path)
+
+
+def write_table(header: list[str], rows: list[list[Any]], path: Path) -> str:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)

@@ -63,6 +63,8 @@ class TrialRecord:
     error: str | None = None
     epochs_run: int = 0  # the furthest epoch it reported (furthest_epoch): its trial-epochs
     seconds_run: float = 0.0  # the largest train_seconds it reported (trained_seconds), not yet weighted
+    dirname: str | None = None  # its directory in the experiment (where its checkpoints are)
+    in_state: bool = True  # False: Ray's newest experiment state does not list it (started after that snapshot)
 
     @property
     def last(self) -> dict:
@@ -267,12 +269,13 @@ def read_trials(path: Path, objectives: list[str]) -> list[TrialRecord]:
         if logdir is not None:
             seen.add(logdir.name)
     # Trial directories the state does not know yet (the driver died before its next snapshot).
-    for d in sorted(p for p in path.iterdir() if p.is_dir() and p.name not in seen):
+    for d in sorted(p for p in path.glob("trial_*") if p.is_dir() and p.name not in seen):
         if (d / "params.json").is_file() or (d / "result.json").is_file():
             error = d / "error.txt"
             trials.append(make_trial(d.name.removeprefix("trial_"), None, {}, d, {},
                                      error if error.is_file() else None, len(state) + len(trials), None,
                                      objectives))
+            trials[-1].in_state = False
     return sorted(trials, key=lambda t: t.order)
 
 
@@ -305,7 +308,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     history = epoch_history(rows)
     trial = TrialRecord(str(trial_id), "pending", dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
-                        epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows))
+                        epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows),
+                        dirname=logdir.name if logdir is not None else None)
     trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
     trial.status, reason = trial_status(ray_status, trial.last, objectives)
     if trial.last.get(FAIL_REASON) and not trial.diverged:
