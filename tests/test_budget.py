@@ -64,7 +64,7 @@ def test_search_stops_when_its_trial_epoch_budget_is_spent(local_ray, tmp_path, 
     # One trial at a time, 3 epochs each, budget 7: two full trials, then the third stops after epoch 1.
     record, storage = search_record(tmp_path, data_dir, "budget", max_trial_epochs=7)
     assert read_record(storage, "budget").max_trial_epochs == 7
-    results = build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.01)).fit()
+    results = build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.01, record.checkpoint_every_s)).fit()
     epochs = sorted(r.metrics["epoch"] for r in results)
     search = load_search("budget", storage)
     assert epochs == [1, 3, 3] and search.trial_epochs() == 7
@@ -80,13 +80,13 @@ def test_search_stops_when_its_trial_epoch_budget_is_spent(local_ray, tmp_path, 
 def test_random_sampler_is_seeded_and_recorded(local_ray, tmp_path, data_dir):
     record, storage = search_record(tmp_path, data_dir, "random", num_samples=4, sampler="random")
     assert read_record(storage, "random").sampler == "random"
-    build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.01)).fit()
+    build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.01, record.checkpoint_every_s)).fit()
     study = load_study(tmp_path / "results" / "random")
     assert read_record(storage, "random").sampler == "random"  # the study's storage keeps no sampler
     assert len(study.trials) == 4
     # The space's defaults are the first point, then seeded random draws: a second search repeats them.
     again, storage2 = search_record(tmp_path, data_dir, "random2", num_samples=4, sampler="random")
-    build_tuner(again, storage2, trainable=make_sleep_trainable(EPOCHS, 0.01)).fit()
+    build_tuner(again, storage2, trainable=make_sleep_trainable(EPOCHS, 0.01, record.checkpoint_every_s)).fit()
     params = [t.params for t in study.trials]
     assert params == [t.params for t in load_study(tmp_path / "results" / "random2").trials]
     assert params[0]["lr"] == 1.0e-3 and len({p["lr"] for p in params}) == 4
@@ -99,7 +99,7 @@ def test_seconds_budget_weights_each_trials_seconds_by_its_cpus(local_ray, tmp_p
     record, storage = search_record(tmp_path, data_dir, "seconds", max_trial_seconds="2.4", resources="cpu=2")
     assert record.max_trial_seconds == 2.4 and record.seconds_device == "cpu"
     assert read_record(storage, "seconds").seconds_weight() == ("cpu", 2.0)
-    results = build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.25)).fit()
+    results = build_tuner(record, storage, trainable=make_sleep_trainable(EPOCHS, 0.25, record.checkpoint_every_s)).fit()
     assert sorted(r.metrics["epoch"] for r in results) == [2, 3]
     search = load_search("seconds", storage)
     assert search.device_seconds() == pytest.approx(2.5) and search.trial_epochs() == 5
@@ -136,7 +136,7 @@ def test_resume_on_uri_storage_does_not_grant_the_budget_again(local_ray, tmp_pa
     record, storage = prepare_search(SPACE, {}, "uri", 10, 1, "cpu=1", "none", "ibp_err", uri, None, None,
                                      str(data_dir), 5, max_trial_epochs=6, max_trial_seconds=100)
     assert storage == uri
-    trainable = make_sleep_trainable(EPOCHS, 0.2)
+    trainable = make_sleep_trainable(EPOCHS, 0.2, record.checkpoint_every_s)
     tuner = build_tuner(record, storage, trainable=trainable)
     tuner._local_tuner._run_config.callbacks = [InterruptOnce(tmp_path / "interrupted", 3)]  # no public hook
     tuner.fit()

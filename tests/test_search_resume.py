@@ -103,7 +103,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
     args = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", name,
             "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
             "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir),
-            "--wandb-project", "certtune-resume"]
+            "--wandb-project", "certtune-resume", "--checkpoint-every", "0"]  # a checkpoint every epoch
     log = open(tmp_path / "search.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -186,3 +186,125 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
     # The search's own run: once from the killed driver (if it got that far: it did not) and once from resume.
     search_runs = [read_offline_run(d) for d in find_offline_runs(exp / "wandb")]
     assert [r.job_type for r in search_runs] == ["search"] and search_runs[-1].summary["trials/finished"] == NUM_SAMPLES
+
+
+# ---- killed at any moment ----------------------------------------------------------------------------------
+MOMENTS_TRIALS = ["eps=0.02", "data.subset=512", "data.val_size=100", "epochs=4"]
+MOMENTS_SAMPLES = 5
+
+
+def trial_results(exp: Path) -> dict[str, list[dict]]:
+    out = {}
+    for d in exp.glob("trial_*"):
+        lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []
+        out[d.name.removeprefix("trial_")] = [json.loads(line) for line in lines if line.strip()]
+    return out
+
+
+def run_until(args, env, tmp: Path, tag: str, when) -> None:
+    """Start a certtune command and SIGKILL its whole process group as soon as `when(its output so far,
+    seconds since it started)` holds. The output, not the storage, tells the moment: Ray copies results to
+    the storage with its experiment snapshots, every 10 s or more."""
+    path = tmp / f"{tag}.log"
+    log = open(path, "w")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.monotonic()
+    try:
+        while not when(path.read_text(errors="replace"), time.monotonic() - started):
+            assert proc.poll() is None, f"{tag}: ended before the kill ({path.read_text()[-2000:]})"
+            assert time.monotonic() - started < 240, f"{tag}: the moment never came"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+class MidFirstTrials:
+    """A second after the first trial started (these trials take several), or at once if one has ended."""
+
+    def __init__(self):
+        self.first_start = None
+
+    def __call__(self, out: str, _) -> bool:
+        if "completed after" in out:
+            return True
+        if "started with configuration" in out and self.first_start is None:
+            self.first_start = time.monotonic()
+        return self.first_start is not None and time.monotonic() - self.first_start > 1.0
+
+
+def next_trial_started(out: str, _) -> bool:
+    """Just after a trial ended and a new one started in its place (likely after the last snapshot)."""
+    return "completed after" in out and "started with configuration" in out[out.rindex("completed after"):]
+
+
+def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_dir):
+    """With the shipped checkpoint period (30 s: these short trials checkpoint only at their last epoch) and
+    experiment snapshots on Ray's period, the driver is killed at three different moments: while its first
+    trials are mid-run, as the resumed search is starting Ray, and just after a trial of a resumed search
+    ended and the next one started.
+    A last resume finishes the search: every sampled trial ran all its epochs in the end (a trial the snapshot
+    did not know is trained again and its directory set aside), and the Optuna study holds exactly one
+    COMPLETE trial per Ray trial, none RUNNING."""
+    from optuna.trial import TrialState
+
+    from tuner.results import load_search, load_study
+    from tuner.search import SUPERSEDED_PREFIX
+
+    storage, name = tmp_path / "results", "killed"
+    exp = storage / name
+    env = child_env(tmp_path)
+    search = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *MOMENTS_TRIALS, "--name", name,
+              "--num-samples", str(MOMENTS_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
+              "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir)]
+    resume = [sys.executable, "-m", "tuner.cli", "resume", name, "--storage", str(storage)]
+
+    run_until(search, env, tmp_path, "search", MidFirstTrials())  # 1. trials mid-run
+    run_until(resume, env, tmp_path, "resume1", lambda out, seconds: seconds > 2.0)  # 2. Ray still starting
+    run_until(resume, env, tmp_path, "resume2", next_trial_started)  # 3. a trial ended and the next one started
+
+    last = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    (tmp_path / "resume3.log").write_text(last.stdout + last.stderr)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+
+    found = load_search(name, str(storage))
+    assert found.counts()["finished"] == len(found.trials) >= MOMENTS_SAMPLES, found.counts()
+    results = trial_results(exp)
+    assert sorted(results) == sorted(t.trial_id for t in found.trials)
+    for trial_id, rows in results.items():
+        epochs = [r["epoch"] for r in rows]
+        assert sorted(set(epochs)) == [1, 2, 3, 4], (trial_id, epochs)  # every epoch, none missing
+    study = load_study(exp)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [t.state for t in study.trials]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(results)  # one each, none twice
+    by_id = {t.trial_id: t for t in found.trials}
+    for t in study.trials:
+        assert t.values == [by_id[t.user_attrs["ray_trial_id"]].value("ibp_err")]
+        assert t.params == by_id[t.user_attrs["ray_trial_id"]].params
+    # Set-aside directories are trials the snapshot did not know, each trained again under a new id.
+    for d in exp.glob(f"{SUPERSEDED_PREFIX}trial_*"):
+        params = json.loads((d / "params.json").read_text())
+        assert params in [t.params for t in found.trials]
+    # A directory the restored state does not know, whose Optuna trial is RUNNING (a trial that checkpointed
+    # after the last snapshot; rare, so made here from a real one): resume sets it aside, and report, export
+    # and the budget then count every trial once.
+    import optuna
+    import shutil
+
+    from tuner.record import read_record
+    from tuner.search import set_aside_superseded
+    from tuner.study import open_storage
+
+    stray_id = "0badc0de"
+    shutil.copytree(exp / f"trial_{found.trials[0].trial_id}", exp / f"trial_{stray_id}")
+    record = read_record(str(storage), name)
+    study = optuna.load_study(study_name=name, storage=open_storage(record, str(storage)))
+    orphan = study.ask()
+    orphan.set_user_attr("ray_trial_id", stray_id)
+    assert len(load_search(name, str(storage)).trials) == len(found.trials) + 1
+    moved = set_aside_superseded(record, str(storage))
+    assert moved == [str(exp / f"{SUPERSEDED_PREFIX}trial_{stray_id}")]
+    assert [t.trial_id for t in load_search(name, str(storage)).trials] == [t.trial_id for t in found.trials]

@@ -55,6 +55,9 @@ class SearchRecord:
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # --enqueue: points evaluated first (after defaults)
 
     wandb_artifacts: bool = False  # log each finished trial's best.pt to W&B as a model artifact
+    # A trial saves a checkpoint at its last epoch and once this many seconds of training have passed since
+    # its last one (0: every epoch); tuner/trial.py CheckpointClock, docs/decisions.md.
+    checkpoint_every_s: float = 30.0
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""

@@ -28,6 +28,7 @@ from tuner.constraints import parse_constraints
 from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line, is_uri,
                           normalize_storage, positive_int, read_record, space_source, space_with_overrides,
                           write_record)
+from tuner.keys import RAY_TRIAL_ID
 from tuner.results import ENDED, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
 
@@ -106,6 +107,16 @@ def positive_seconds(value: Any) -> float:
     return seconds
 
 
+def checkpoint_seconds(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds <= 86_400:  # NaN fails too
+        raise SearchError(f"--checkpoint-every: must be seconds in [0, 86400] (0: every epoch), got {str(value)[:40]!r}")
+    return seconds
+
+
 def max_epochs_at_target(space: SearchSpace) -> int:
     """The most epochs at target ε any trial of the space can have (places the ASHA rungs).
 
@@ -136,7 +147,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    sampler: str = "tpe", max_trial_epochs: Any = None, max_trial_seconds: Any = None,
                    constraints: list[str] | None = None, optuna_storage: str | None = None,
                    warm_start: str | None = None, enqueue: str | None = None,
-                   wandb_artifacts: bool = False) -> tuple[SearchRecord, str]:
+                   wandb_artifacts: bool = False, checkpoint_every: Any = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
@@ -170,7 +181,8 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
                                                                                     max_trial_epochs),
         max_trial_seconds=None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds),
-        seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints)
+        seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints,
+        **({} if checkpoint_every in (None, "") else {"checkpoint_every_s": checkpoint_seconds(checkpoint_every)}))
     if check_address(address) is None:  # a fresh local instance (tuner/cluster.py: --address, RAY_ADDRESS)
         if Path(record.data_dir).exists() and not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
@@ -336,9 +348,12 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
             name=record.name, storage_path=storage, verbose=1,
             stop=make_budget(record, storage),
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-            # One checkpoint per trial is kept; with num_to_keep set, Ray also snapshots the experiment state
-            # after every trial checkpoint, so a restored experiment points at a checkpoint that exists.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Two checkpoints per trial are kept. Ray forces an experiment snapshot (which costs O(trials))
+            # when a trial has saved num_to_keep checkpoints since the last one, so a restored experiment
+            # never points at a deleted checkpoint. Trials checkpoint at most every checkpoint_every_s
+            # (tuner/trial.py), so with two kept the periodic snapshot (every >= 10 s) nearly always comes
+            # first and the forced ones are rare: the search's overhead stays flat as it grows.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks))
 
 
@@ -397,6 +412,7 @@ def resume_search(name: str, storage: str | None, address: str | None):
     if not tune.Tuner.can_restore(path):
         raise SearchError(f"search {name!r} in {storage} has no Ray experiment state to resume "
                           f"(it stopped before its first trial); start it again with `certtune search`")
+    set_aside_superseded(record, storage)
     address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
@@ -409,6 +425,47 @@ def resume_search(name: str, storage: str | None, address: str | None):
     results = tuner.fit()
     settle(record, storage)
     return results
+
+
+SUPERSEDED_PREFIX = "superseded_"
+
+
+def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
+    """Before a resume: a trial the killed driver started after its last experiment snapshot is unknown to the
+    restored experiment, and its Optuna trial is still RUNNING; the resumed searcher hands that Optuna trial
+    (its params) to a new Ray trial (HonestOptunaSearch.suggest), which trains it again. Its directory is
+    renamed `superseded_trial_<id>` (kept, not deleted), so report, export and the budget count each trial
+    once. A trial that finished after the snapshot is told to Optuna already and stays a trial.
+    Returns the directories renamed."""
+    from optuna.trial import TrialState
+
+    from tuner.study import existing_study, open_storage
+
+    stray = [t for t in load_search(record.name, storage).trials if not t.in_state and t.dirname]
+    optuna_storage = open_storage(record, storage) if stray else None  # None: no storage, or nothing stray
+    study = existing_study(record.name, optuna_storage) if optuna_storage is not None else None
+    if study is None:
+        return []
+    running = {ot.user_attrs.get(RAY_TRIAL_ID) for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    root = experiment_path(storage, record.name)
+    moved = []
+    for trial in (t for t in stray if t.trial_id in running):
+        source, target = f"{root}/{trial.dirname}", f"{root}/{SUPERSEDED_PREFIX}{trial.dirname}"
+        try:
+            if is_uri(storage):
+                import pyarrow.fs
+                fs, path = pyarrow.fs.FileSystem.from_uri(source)
+                fs.move(path, pyarrow.fs.FileSystem.from_uri(target)[1])
+            else:
+                os.rename(source, target)
+            moved.append(target)
+        except (OSError, ValueError) as e:
+            print(f"certtune: could not set aside {source} ({first_line(e)}); report may list it as well",
+                  flush=True)
+    if moved:
+        print(f"certtune: {len(moved)} trial(s) started after the last snapshot will be trained again; their "
+              f"directories are kept as {SUPERSEDED_PREFIX}trial_<id>", flush=True)
+    return moved
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------

@@ -73,7 +73,9 @@ class HonestOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
-            return super().on_trial_complete(trial_id, result, error)  # stock: warn and ignore
+            # Told already: a trial that finished after the last snapshot of a killed driver runs again on
+            # resume (the storage has its verdict, _reconcile); the stock method would warn about it.
+            return
         if result:
             # Ray does not pass the result on which the scheduler stopped a trial to on_trial_result;
             # report it here so a PRUNED trial's last step is where it really stopped.

@@ -3,9 +3,10 @@
 Ray calls the trainable with the trial's config (exactly the sampled params, dotted names). The trial
 - rebuilds the search space from the search record (space file contents + the search's base overrides) and
   turns the point into a TrainConfig with `space.to_train_config`, as `certtune export` does;
-- trains in a node-local run directory and reports every epoch's metrics with a checkpoint holding the
-  trainer's own `last.pt` (plus `metrics.jsonl`, `config.yaml`; and `best.pt` at the last epoch when the
-  search logs model artifacts to W&B), so Ray can copy it to the storage;
+- trains in a node-local run directory and reports every epoch's metrics, with a checkpoint at the last
+  epoch and every `checkpoint_every_s` seconds before it (CheckpointClock). A checkpoint holds the trainer's
+  own `last.pt`, `metrics.jsonl` and `config.yaml` (and `best.pt` at the last epoch, for `export --verify`
+  and W&B artifacts), so Ray can copy it to the storage;
 - on a restart (a retry after a failure, a lost node, or `certtune resume`) copies `last.pt` from
   `tune.get_checkpoint()` into a clean run directory, and `Trainer.fit()` resumes from it exactly;
 - ends a diverged run (DivergedError: loss or bounds NaN/inf) with a last result carrying `diverged` (the
@@ -21,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -74,17 +76,43 @@ def run_trial(config: dict, record) -> None:
                                   record.objective))
         return
 
+    clock = CheckpointClock(getattr(record, "checkpoint_every_s", 0.0))
+
     def report_epoch(metrics: dict, run: Path) -> None:
         nonlocal epochs_done
         epochs_done = metrics["epoch"]
-        # The last epoch's checkpoint also carries best.pt when W&B is to log it (tuner/tracking.py).
-        with_best = getattr(record, "wandb_artifacts", False) and metrics["epoch"] >= metrics["epochs"]
-        report_with_checkpoint(metrics, run, CHECKPOINT_FILES + (("best.pt",) if with_best else ()))
+        last = metrics["epoch"] >= metrics["epochs"]
+        if not clock.due(last):
+            tune.report(metrics)
+            return
+        # The last epoch's checkpoint also carries best.pt: `export --verify` certifies it (tuner/rerank.py)
+        # and W&B logs it as an artifact (tuner/tracking.py).
+        report_with_checkpoint(metrics, run, CHECKPOINT_FILES + (("best.pt",) if last else ()))
 
     try:
         trainer.fit(on_epoch=report_epoch)
     except DivergedError as e:
         tune.report(diverged_result(cfg, epochs_done + 1, str(e), record.objective, trainer.train_seconds))
+
+
+class CheckpointClock:
+    """When a trial saves a checkpoint: at its last epoch, and at any other epoch once `every_s` seconds have
+    passed since its last checkpoint (or its start); every epoch when `every_s` is 0.
+
+    A checkpoint per epoch made Ray snapshot the whole experiment after each one (CheckpointConfig's
+    num_to_keep rule, tuner/search.py), a cost that grows with the number of trials; on a period, a crash
+    loses at most `every_s` seconds of each running trial (bench/search_overhead.py, docs/benchmarks.md)."""
+
+    def __init__(self, every_s: float):
+        self.every_s = float(every_s)
+        self.last = time.monotonic()
+
+    def due(self, last_epoch: bool) -> bool:
+        now = time.monotonic()
+        if last_epoch or now - self.last >= self.every_s:
+            self.last = now
+            return True
+        return False
 
 
 def run_dir() -> Path:
