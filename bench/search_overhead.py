@@ -52,7 +52,7 @@ def make_sleep_trainable(epochs: int, sleep_s: float, checkpoint_every_s: float)
             metrics = {"epoch": epoch, "epochs": epochs, "eps": 0.1 if at_target else 0.05, "eps_target": 0.1,
                        "at_target": at_target, "ibp_err": 0.2 + 0.6 * quality / epoch, "clean_err": 0.05,
                        "train_seconds": epoch * sleep_s}
-            if not clock.due(epoch >= epochs):
+            if not clock.due(epochs - epoch):
                 tune.report(metrics)
                 continue
             with tf.TemporaryDirectory() as d:

@@ -85,7 +85,8 @@ def test_killing_the_worker_node_mid_search_loses_no_trial(cluster, tmp_path, da
         [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", name,
          "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "3", "--resources-per-trial", "cpu=1",
          "--scheduler", "none", "--address", cluster["address"], "--storage", str(storage),
-         "--data-dir", str(data_dir), "--wandb-project", "certtune-multinode"],
+         "--data-dir", str(data_dir), "--wandb-project", "certtune-multinode",
+         "--checkpoint-every", "0"],  # a checkpoint every epoch, so the killed trial continues from one
         cwd=REPO, env=cluster["env"], stdout=log, stderr=subprocess.STDOUT)
     try:
         # Wait for a trial running on the worker node with at least one epoch (and checkpoint) reported.

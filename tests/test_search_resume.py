@@ -252,11 +252,11 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     from optuna.trial import TrialState
 
     from tuner.results import load_search, load_study
-    from tuner.search import SUPERSEDED_PREFIX
+    from tuner.results import SUPERSEDED_FILE
 
     storage, name = tmp_path / "results", "killed"
     exp = storage / name
-    env = child_env(tmp_path)
+    env = {**child_env(tmp_path), "PYTHONUNBUFFERED": "1"}  # the output tells the moments: unbuffered
     search = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *MOMENTS_TRIALS, "--name", name,
               "--num-samples", str(MOMENTS_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
               "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir)]
@@ -284,9 +284,9 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     for t in study.trials:
         assert t.values == [by_id[t.user_attrs["ray_trial_id"]].value("ibp_err")]
         assert t.params == by_id[t.user_attrs["ray_trial_id"]].params
-    # Set-aside directories are trials the snapshot did not know, each trained again under a new id.
-    for d in exp.glob(f"{SUPERSEDED_PREFIX}trial_*"):
-        params = json.loads((d / "params.json").read_text())
+    # Set-aside trials are ones the snapshot did not know, each trained again under a new id.
+    for d in exp.glob(f"trial_*/{SUPERSEDED_FILE}"):
+        params = json.loads((d.parent / "params.json").read_text())
         assert params in [t.params for t in found.trials]
     # A directory the restored state does not know, whose Optuna trial is RUNNING (a trial that checkpointed
     # after the last snapshot; rare, so made here from a real one): resume sets it aside, and report, export
@@ -305,6 +305,10 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     orphan = study.ask()
     orphan.set_user_attr("ray_trial_id", stray_id)
     assert len(load_search(name, str(storage)).trials) == len(found.trials) + 1
-    moved = set_aside_superseded(record, str(storage))
-    assert moved == [str(exp / f"{SUPERSEDED_PREFIX}trial_{stray_id}")]
-    assert [t.trial_id for t in load_search(name, str(storage)).trials] == [t.trial_id for t in found.trials]
+    spent = load_search(name, str(storage)).trial_epochs()
+    marked = set_aside_superseded(record, str(storage))
+    assert marked == [str(exp / f"trial_{stray_id}")] and (exp / f"trial_{stray_id}" / SUPERSEDED_FILE).is_file()
+    after = load_search(name, str(storage))
+    assert [t.trial_id for t in after.trials] == [t.trial_id for t in found.trials]
+    assert after.trial_epochs() == spent  # its epochs still count as compute spent
+    assert set_aside_superseded(record, str(storage)) == []  # marked once

@@ -163,12 +163,14 @@ def train(config: str | Path | dict | TrainConfig, overrides: dict[str, Any] | l
 
 def verify(checkpoint: str | Path, *, data_dir: str | Path | None = None, split: str = "test",
            eps: float | None = None, methods: str | list[str] = "ibp,crown-ibp,pgd", device: str = "cpu",
-           alpha_iterations: int = 20, alpha_lr: float = 0.1, bab_time_limit: float = 10.0) -> dict:
+           alpha_iterations: int = 20, alpha_lr: float = 0.1, bab_time_limit: float = 10.0,
+           limit: int | None = None) -> dict:
     """`certtune verify`: clean error and the verified errors of `methods` (ibp, crown-ibp, crown, alpha-crown,
-    bab, pgd) of a checkpoint on the test (or val) split, at its target eps unless `eps` is given."""
+    bab, pgd) of a checkpoint on the test (or val) split (its first `limit` examples when given), at its target
+    eps unless `eps` is given."""
     if split not in SPLITS:
         raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     from trainers.verify import verifier_options, verify_checkpoint
 
     options = verifier_options(alpha_iterations, alpha_lr, bab_time_limit)
-    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device, options)
+    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device, options, limit)

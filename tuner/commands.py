@@ -37,7 +37,7 @@ def add_search_commands(sub) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (default: $CERTTUNE_DATA, then ./data)")
     p.add_argument("--checkpoint-every", default=None, metavar="SECONDS",
                    help="a trial saves a checkpoint at its last epoch and after this many seconds of training "
-                        "since its last one (default 30; 0: every epoch); a crash loses at most that much per trial")
+                        "since its last one (default 30; 0: every epoch); a crash loses at most about twice that per trial")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
     p.add_argument("--max-trial-epochs", default=None,

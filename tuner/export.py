@@ -151,8 +151,9 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
            f"# train: certtune train {path.name} --data-dir {search.record.data_dir}\n")
     constraints = search.record.constraints
     verdict = "all satisfied" if search.feasible(trial) else "NOT all satisfied"
-    header = (f"# certtune export of search '{search.name}': rank {rank} of "
-              f"{search.counts()['finished']} trials that ran all epochs\n"
+    ranking = (f"rank {rank} of {search.counts()['finished']} trials that ran all epochs" if note is None else
+               f"rank {rank} of the top trials re-ranked by a verifier (below)")
+    header = (f"# certtune export of search '{search.name}': {ranking}\n"
               f"# trial {trial.trial_id}: {values} (validation split, final epoch {trial.last.get('epoch')})\n"
               + (f"# constraints {', '.join(constraints)}: {verdict}\n" if constraints else "")
               + (f"{note}\n" if note else "")

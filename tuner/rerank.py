@@ -4,8 +4,8 @@ A search ranks trials by what each trial measured every epoch on its validation 
 IBP-verified error: cheap, and loose for models trained by SABR, the expressive losses or TAPS, which
 α-CROWN or BaB certify far better. `--verify` certifies each of the top-k trials' `best.pt` (the epoch of
 lowest validation IBP-verified error, saved in the trial's last Ray checkpoint) on that same validation split
-with the stronger verifier, and export then ranks the k by it. The test split is never read here: only
-`certtune verify` reads it, so a choice made on validation stays an honest estimate on test.
+with the stronger verifier, and export then ranks the k by it. The test split is never evaluated here: only
+`certtune verify` evaluates it, so a choice made on validation stays an honest estimate on test.
 """
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ from tuner.spaces import SearchSpace
 STATUSES = ("finished", "stopped", "failed", "running", "pending")
 ENDED = ("finished", "stopped", "failed")
 NO_RESULT = "ended without reporting a result"
-TRIAL_FILES = ("params.json", "result.json", "error.txt")  # what a remote experiment copy needs per trial
+SUPERSEDED_FILE = "certtune_superseded.json"  # in a trial directory: trained again under another id (resume)
+TRIAL_FILES = ("params.json", "result.json", "error.txt", SUPERSEDED_FILE)  # what a remote copy needs per trial
 
 
 class ExportError(SearchError):
@@ -65,6 +66,7 @@ class TrialRecord:
     seconds_run: float = 0.0  # the largest train_seconds it reported (trained_seconds), not yet weighted
     dirname: str | None = None  # its directory in the experiment (where its checkpoints are)
     in_state: bool = True  # False: Ray's newest experiment state does not list it (started after that snapshot)
+    superseded: bool = False  # set aside on resume (SUPERSEDED_FILE): its params were trained again as another trial
 
     @property
     def last(self) -> dict:
@@ -82,6 +84,7 @@ class Search:
     record: SearchRecord
     trials: list[TrialRecord]
     location: str = ""  # where the experiment lives: local path or URI
+    superseded: list[TrialRecord] = field(default_factory=list)  # trained again under another id: compute only
 
     @property
     def objectives(self) -> list[str]:
@@ -122,10 +125,12 @@ class Search:
         return ranked[0] if ranked else None
 
     def trial_epochs(self) -> int:
-        return trial_epochs(t.epochs_run for t in self.trials)
+        """Compute spent, superseded trials included (as the budget stopper counts it)."""
+        return trial_epochs(t.epochs_run for t in self.trials + self.superseded)
 
     def device_seconds(self) -> float:
-        return device_seconds((t.seconds_run for t in self.trials), self.record.seconds_weight()[1])
+        return device_seconds((t.seconds_run for t in self.trials + self.superseded),
+                              self.record.seconds_weight()[1])
 
     def budget_spent(self) -> bool:
         """The trial-epoch or the device-seconds budget is spent."""
@@ -225,14 +230,14 @@ def _load_local(name: str, path: Path, where: str) -> Search:
         raise ExportError(f"{where}: no certtune search there ({RECORD_FILE} not found); check the name and "
                           f"pass the --storage the search ran with")
     record = SearchRecord.from_json(record_file.read_text(), f"{where}/{RECORD_FILE}")
-    trials = read_trials(path, record.objective)
-    spent = budget_spent(record, trial_epochs(t.epochs_run for t in trials),
-                         device_seconds((t.seconds_run for t in trials), record.seconds_weight()[1]))
-    if spent:
+    every = read_trials(path, record.objective)
+    trials = [t for t in every if not t.superseded]
+    search = Search(name, path, record, trials, where, [t for t in every if t.superseded])
+    if search.budget_spent():
         for t in trials:  # started just as the budget ran out, stopped before its first epoch: not a failure
             if t.status == "failed" and not t.history and t.error == NO_RESULT:
                 t.status, t.error = "stopped", None
-    return Search(name, path, record, trials, where)
+    return search
 
 
 def download_experiment(uri: str, local: Path) -> Path:
@@ -309,7 +314,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     trial = TrialRecord(str(trial_id), "pending", dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
                         epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows),
-                        dirname=logdir.name if logdir is not None else None)
+                        dirname=logdir.name if logdir is not None else None,
+                        superseded=logdir is not None and (logdir / SUPERSEDED_FILE).is_file())
     trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
     trial.status, reason = trial_status(ray_status, trial.last, objectives)
     if trial.last.get(FAIL_REASON) and not trial.diverged:

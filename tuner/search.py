@@ -29,7 +29,7 @@ from tuner.record import (SearchError, SearchRecord, check_name, device_weight, 
                           normalize_storage, positive_int, read_record, space_source, space_with_overrides,
                           write_record)
 from tuner.keys import RAY_TRIAL_ID
-from tuner.results import ENDED, Search, load_search
+from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
 
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
@@ -427,16 +427,13 @@ def resume_search(name: str, storage: str | None, address: str | None):
     return results
 
 
-SUPERSEDED_PREFIX = "superseded_"
-
-
 def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
     """Before a resume: a trial the killed driver started after its last experiment snapshot is unknown to the
     restored experiment, and its Optuna trial is still RUNNING; the resumed searcher hands that Optuna trial
-    (its params) to a new Ray trial (HonestOptunaSearch.suggest), which trains it again. Its directory is
-    renamed `superseded_trial_<id>` (kept, not deleted), so report, export and the budget count each trial
-    once. A trial that finished after the snapshot is told to Optuna already and stays a trial.
-    Returns the directories renamed."""
+    (its params) to a new Ray trial (HonestOptunaSearch.suggest), which trains it again. Its directory gets a
+    SUPERSEDED_FILE (kept, not moved: object stores cannot rename a directory), so report and export list
+    each trial once; its epochs still count as compute spent. A trial that finished after the snapshot is
+    told to Optuna already and stays a trial. Returns the directories marked."""
     from optuna.trial import TrialState
 
     from tuner.study import existing_study, open_storage
@@ -448,24 +445,27 @@ def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
         return []
     running = {ot.user_attrs.get(RAY_TRIAL_ID) for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     root = experiment_path(storage, record.name)
-    moved = []
+    marked = []
     for trial in (t for t in stray if t.trial_id in running):
-        source, target = f"{root}/{trial.dirname}", f"{root}/{SUPERSEDED_PREFIX}{trial.dirname}"
+        target = f"{root}/{trial.dirname}/{SUPERSEDED_FILE}"
+        note = json.dumps({"reason": "started after the last experiment snapshot of a killed driver; its Optuna "
+                                     "trial was handed to a new trial on resume", "at": time.time()}) + "\n"
         try:
             if is_uri(storage):
                 import pyarrow.fs
-                fs, path = pyarrow.fs.FileSystem.from_uri(source)
-                fs.move(path, pyarrow.fs.FileSystem.from_uri(target)[1])
+                fs, path = pyarrow.fs.FileSystem.from_uri(target)
+                with fs.open_output_stream(path) as f:
+                    f.write(note.encode())
             else:
-                os.rename(source, target)
-            moved.append(target)
+                Path(target).write_text(note)
+            marked.append(f"{root}/{trial.dirname}")
         except (OSError, ValueError) as e:
-            print(f"certtune: could not set aside {source} ({first_line(e)}); report may list it as well",
-                  flush=True)
-    if moved:
-        print(f"certtune: {len(moved)} trial(s) started after the last snapshot will be trained again; their "
-              f"directories are kept as {SUPERSEDED_PREFIX}trial_<id>", flush=True)
-    return moved
+            print(f"certtune: could not mark {root}/{trial.dirname} superseded ({first_line(e)}); report may "
+                  f"list it as well", flush=True)
+    if marked:
+        print(f"certtune: {len(marked)} trial(s) started after the last snapshot will be trained again; their "
+              f"directories are kept, marked {SUPERSEDED_FILE}", flush=True)
+    return marked
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------

@@ -5,8 +5,8 @@ Ray calls the trainable with the trial's config (exactly the sampled params, dot
   turns the point into a TrainConfig with `space.to_train_config`, as `certtune export` does;
 - trains in a node-local run directory and reports every epoch's metrics, with a checkpoint at the last
   epoch and every `checkpoint_every_s` seconds before it (CheckpointClock). A checkpoint holds the trainer's
-  own `last.pt`, `metrics.jsonl` and `config.yaml` (and `best.pt` at the last epoch, for `export --verify`
-  and W&B artifacts), so Ray can copy it to the storage;
+  own `last.pt`, `metrics.jsonl`, `config.yaml` and `best.pt` (once written; `export --verify` and W&B
+  artifacts take it from the last checkpoint), so Ray can copy it to the storage;
 - on a restart (a retry after a failure, a lost node, or `certtune resume`) copies `last.pt` from
   `tune.get_checkpoint()` into a clean run directory, and `Trainer.fit()` resumes from it exactly;
 - ends a diverged run (DivergedError: loss or bounds NaN/inf) with a last result carrying `diverged` (the
@@ -36,8 +36,9 @@ from trainers.train import DivergedError, Trainer
 from tuner.keys import DIVERGED, FAIL_REASON
 from tuner.spaces import SpaceError
 
-CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml")
-RUN_FILES = CHECKPOINT_FILES + ("best.pt",)
+# best.pt rides along once the trainer has written it: a restarted trial must get it back, or its final
+# checkpoint would lack it (the trainer rewrites best.pt only when a later epoch beats the restored best).
+CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "best.pt")
 
 
 def make_trainable(record) -> Callable[[dict], None]:
@@ -81,13 +82,12 @@ def run_trial(config: dict, record) -> None:
     def report_epoch(metrics: dict, run: Path) -> None:
         nonlocal epochs_done
         epochs_done = metrics["epoch"]
-        last = metrics["epoch"] >= metrics["epochs"]
-        if not clock.due(last):
+        if not clock.due(metrics["epochs"] - metrics["epoch"]):
             tune.report(metrics)
             return
-        # The last epoch's checkpoint also carries best.pt: `export --verify` certifies it (tuner/rerank.py)
-        # and W&B logs it as an artifact (tuner/tracking.py).
-        report_with_checkpoint(metrics, run, CHECKPOINT_FILES + (("best.pt",) if last else ()))
+        # The last epoch's checkpoint carries best.pt: `export --verify` certifies it (tuner/rerank.py) and
+        # W&B logs it as an artifact (tuner/tracking.py).
+        report_with_checkpoint(metrics, run)
 
     try:
         trainer.fit(on_epoch=report_epoch)
@@ -96,23 +96,26 @@ def run_trial(config: dict, record) -> None:
 
 
 class CheckpointClock:
-    """When a trial saves a checkpoint: at its last epoch, and at any other epoch once `every_s` seconds have
-    passed since its last checkpoint (or its start); every epoch when `every_s` is 0.
+    """When a trial saves a checkpoint: at its last epoch, and at another epoch once `every_s` seconds have
+    passed since its last checkpoint (or its start), unless the last epoch's checkpoint is due within
+    `every_s` anyway (at the pace of the epoch just done); every epoch when `every_s` is 0.
 
     A checkpoint per epoch made Ray snapshot the whole experiment after each one (CheckpointConfig's
-    num_to_keep rule, tuner/search.py), a cost that grows with the number of trials; on a period, a crash
-    loses at most `every_s` seconds of each running trial (bench/search_overhead.py, docs/benchmarks.md)."""
+    num_to_keep rule, tuner/search.py), a cost that grows with the number of trials. Checkpoints at least
+    `every_s` apart, two of them rarely within one snapshot period, keep the snapshots on Ray's own period;
+    a crash loses at most about 2 × `every_s` of a running trial (docs/decisions.md)."""
 
     def __init__(self, every_s: float):
         self.every_s = float(every_s)
-        self.last = time.monotonic()
+        self.last = self.previous = time.monotonic()
 
-    def due(self, last_epoch: bool) -> bool:
+    def due(self, epochs_left: int) -> bool:
         now = time.monotonic()
-        if last_epoch or now - self.last >= self.every_s:
-            self.last = now
-            return True
-        return False
+        epoch_s, self.previous = now - self.previous, now
+        if epochs_left > 0 and (now - self.last < self.every_s or epochs_left * epoch_s < self.every_s):
+            return False
+        self.last = now
+        return True
 
 
 def run_dir() -> Path:
@@ -129,7 +132,7 @@ def restore_run(checkpoint, out_dir: Path) -> int:
     the reported results agree with, so it always wins.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
+    for name in CHECKPOINT_FILES:
         (out_dir / name).unlink(missing_ok=True)
     if checkpoint is None:
         return 0
@@ -139,11 +142,11 @@ def restore_run(checkpoint, out_dir: Path) -> int:
                 if (Path(ckpt) / name).exists():
                     shutil.copy2(Path(ckpt) / name, out_dir / name)
     except OSError as e:
-        # Ray deletes the previous checkpoint when a new one registers and snapshots the experiment just
-        # after; a driver killed in between restores a path that is gone. Start over rather than fail.
+        # A checkpoint that cannot be read (Ray itself refuses to restore one whose directory is gone, so
+        # this is a partial or unreadable copy): start over rather than fail.
         print(f"certtune: checkpoint {checkpoint.path} unreadable ({e}); the trial restarts from epoch 1",
               flush=True)
-        for name in RUN_FILES:
+        for name in CHECKPOINT_FILES:
             (out_dir / name).unlink(missing_ok=True)
         return 0
     if not (out_dir / "last.pt").exists():

@@ -1,0 +1,183 @@
+"""Every training method on real MNIST, certified by every verifier; then a search over methods at equal compute.
+
+    python -m bench.methods_mnist train  --eps 0.1 [--methods fast,sabr,...] [--seed 0] [KEY=VALUE ...]
+    python -m bench.methods_mnist search --eps 0.1 [--seed 0] [KEY=VALUE ...]
+    python -m bench.methods_mnist collect --eps 0.1 [--test-n 10000] [--bab-n 200] [--bab-time-limit 2]
+
+Setting: search_spaces/mnist_methods.yaml (cnn_small; its base: 8 epochs on a 4,000-image training subset,
+1,000 validation images; KEY=VALUE overrides change the base, e.g. `epochs=20 data.subset=20000`).
+- train: each method at its paper's settings as the space's seed points hold them (CTBench's MNIST scripts:
+  SABR/STAPS λ, the expressive losses' α and attack, TAPS's split and gradient scale; the shared knobs are the
+  `fast` recipe's), one run per method in `--work`/<eps>/<method>/, resumed if interrupted.
+- search: TPE with warmup-aware ASHA over the whole space (method and every knob; the nine paper points
+  first) with `--max-trial-seconds` equal to the CPU-seconds the single-method runs trained: equal compute
+  against trying each method once. Its best trial is retrained as `search-best`.
+- collect: each run's last.pt on the first `--test-n` test images: clean, IBP-, CROWN-IBP-, CROWN-, α-CROWN-
+  verified and PGD-20 errors, plus BaB on the first `--bab-n` (per-example time limit) with α-CROWN on the same
+  images beside it; the per-run training seconds. Writes bench/results/methods_mnist_eps<ε>.json and prints a
+  markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+SPACE = "search_spaces/mnist_methods.yaml"
+FULL_TEST = 10_000
+
+
+def paper_points(overrides: dict) -> dict[str, dict]:
+    """method → its seed point in the space (the paper settings), with the overrides applied to the base."""
+    from tuner.record import read_space_file, space_with_overrides
+
+    path, raw = read_space_file(SPACE)
+    space = space_with_overrides(raw, overrides, path)
+    points = {}
+    for point in space.seed_points():
+        points.setdefault(point.get("method", "fast"), point)
+    return {m: space.to_train_config(p).to_dict() for m, p in points.items()}
+
+
+def base_overrides(args) -> dict:
+    from trainers.config import parse_overrides
+
+    return {"eps": args.eps, **parse_overrides(args.overrides)}
+
+
+def train_run(config: dict, out: Path, data_dir: str, seed: int) -> dict:
+    """One training run on one CPU thread, as a search trial with cpu=1 trains, so train_seconds compare."""
+    import torch
+
+    from tuner import api
+
+    torch.set_num_threads(1)
+    return api.train({**config, "seed": seed}, data_dir=data_dir, out=out)
+
+
+def cmd_train(args) -> None:
+    configs = paper_points(base_overrides(args))
+    methods = args.methods.split(",") if args.methods else list(configs)
+    unknown = [m for m in methods if m not in configs]
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} not in {SPACE}'s seed points ({', '.join(configs)})")
+    for method in methods:
+        out = args.work / f"eps{args.eps}" / method
+        final = train_run(configs[method], out, args.data_dir, args.seed)
+        print(json.dumps({"method": method, "epoch": final.get("epoch"), "ibp_err": final.get("ibp_err"),
+                          "train_seconds": final.get("train_seconds")}), flush=True)
+
+
+def single_runs(work: Path, eps: float) -> dict[str, Path]:
+    root = work / f"eps{eps}"
+    return {d.name: d for d in sorted(root.iterdir()) if (d / "last.pt").is_file()} if root.is_dir() else {}
+
+
+def last_metrics(run: Path) -> dict:
+    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def cmd_search(args) -> None:
+    from tuner import api
+
+    runs = {m: r for m, r in single_runs(args.work, args.eps).items() if m != "search-best"}
+    if not runs:
+        raise SystemExit("run `train` first: the search gets the CPU-seconds the single-method runs trained")
+    seconds = sum(last_metrics(r)["train_seconds"] for r in runs.values())
+    name = f"methods_eps{args.eps}"
+    storage = str((args.work / "searches").resolve())
+    api.search(SPACE, base_overrides(args), name=name, num_samples=1000, max_concurrent=1,
+               resources_per_trial="cpu=1", scheduler="asha", storage=storage, data_dir=args.data_dir,
+               seed=args.seed, max_trial_seconds=seconds)
+    out = args.work / f"export_eps{args.eps}"
+    api.export(name, storage=storage, out=out)
+    from trainers.safe_yaml import read_yaml_file
+
+    best = read_yaml_file(out / "best.yaml")
+    final = train_run(best, args.work / f"eps{args.eps}" / "search-best", args.data_dir, args.seed)
+    print(json.dumps({"search": name, "budget_cpu_seconds": round(seconds, 1), "best_method": best["method"],
+                      "ibp_err": final.get("ibp_err")}), flush=True)
+
+
+def search_summary(work: Path, eps: float) -> dict | None:
+    from tuner.results import load_search
+
+    try:
+        search = load_search(f"methods_eps{eps}", str((work / "searches").resolve()))
+    except ValueError:
+        return None
+    best = search.best()
+    return {"trials": len(search.trials), "counts": search.counts(), "trial_epochs": search.trial_epochs(),
+            "cpu_seconds": round(search.device_seconds(), 1), "budget_cpu_seconds": search.record.max_trial_seconds,
+            "best_params": best.params if best else None,
+            "best_val_ibp_err": best.value("ibp_err") if best else None,
+            "methods_tried": sorted({t.params.get("method", "fast") for t in search.trials})}
+
+
+def cmd_collect(args) -> None:
+    from tuner import api
+
+    results = []
+    for method, run in single_runs(args.work, args.eps).items():
+        start = time.perf_counter()
+        main = api.verify(run / "last.pt", data_dir=args.data_dir, methods="ibp,crown-ibp,crown,alpha-crown,pgd",
+                          bab_time_limit=args.bab_time_limit, **limit(args.test_n))
+        verify_s = time.perf_counter() - start
+        start = time.perf_counter()
+        bab = api.verify(run / "last.pt", data_dir=args.data_dir, methods="alpha-crown,bab",
+                         bab_time_limit=args.bab_time_limit, **limit(args.bab_n))
+        bab_s = time.perf_counter() - start
+        metrics = last_metrics(run)
+        results.append({"method": method, "epochs": metrics["epochs"], "train_seconds": round(metrics["train_seconds"], 1),
+                        "val_ibp_err": metrics.get("ibp_err"), "test": main, "verify_seconds": round(verify_s, 1),
+                        "bab": {**bab, "time_limit_s": args.bab_time_limit}, "bab_seconds": round(bab_s, 1)})
+        print(json.dumps(results[-1]), flush=True)
+    out = {"eps": args.eps, "space": SPACE, "runs": results, "search": search_summary(args.work, args.eps)}
+    path = args.out or Path(f"bench/results/methods_mnist_eps{args.eps}.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(table(results))
+
+
+def limit(n: int) -> dict:
+    return {} if n >= FULL_TEST else {"limit": n}
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| method | train s | clean | IBP | CROWN-IBP | CROWN | α-CROWN | PGD | BaB (n) | α-CROWN same n |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t, b = r["test"], r["bab"]
+        rows.append(f"| {r['method']} | {r['train_seconds']:.0f} | {100 * t['clean_err']:.2f} | "
+                    f"{100 * t['ibp_err']:.2f} | {100 * t['crown_ibp_err']:.2f} | {100 * t['crown_err']:.2f} | "
+                    f"{100 * t['alpha_crown_err']:.2f} | {100 * t['pgd_err']:.2f} | "
+                    f"{100 * b['bab_err']:.2f} ({b['n']}; {b['bab_unknown']} unknown) | "
+                    f"{100 * b['alpha_crown_err']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--eps", type=float, required=True)
+    common.add_argument("--work", type=Path, default=Path("bench_runs/methods_mnist"))
+    common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t = sub.add_parser("train", parents=[common])
+    t.add_argument("--methods", default=None, help="comma list (default: every method with a paper point)")
+    sub.add_parser("search", parents=[common])
+    c = sub.add_parser("collect", parents=[common])
+    c.add_argument("--test-n", type=int, default=FULL_TEST)
+    c.add_argument("--bab-n", type=int, default=200)
+    c.add_argument("--bab-time-limit", type=float, default=2.0)
+    c.add_argument("--out", type=Path, default=None, help="default: bench/results/methods_mnist_eps<eps>.json")
+    args = parser.parse_args(argv)
+    {"train": cmd_train, "search": cmd_search, "collect": cmd_collect}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

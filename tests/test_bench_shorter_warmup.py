@@ -1,0 +1,28 @@
+"""bench/shorter_warmup.py at a tiny size on real MNIST, so the full-scale run cannot rot: each arm trains,
+the search runs and exports its recipe, and collect writes the entries the issue asks for and a plot."""
+import json
+
+from bench.shorter_warmup import main
+
+TINY = ["data.subset=256", "data.val_size=100", "data.test_subset=500", "eval.batch_size=100"]
+
+
+def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys):
+    common = ["--work", str(tmp_path / "work"), "--data-dir", str(data_dir)]
+    main(["paper", "--eps", "0.02", "--seed", "0", *common, *TINY, "epochs=3", "schedule.length=1",
+          "lr_milestones=[2]"])
+    main(["search", "--eps", "0.02", *common, "--trials", "2", "--trial-epochs", "5", "--subset", "256",
+          "data.val_size=100"])
+    main(["searched", "--eps", "0.02", "--seed", "0", "--epochs", "3", *common, *TINY])
+    out, plot = tmp_path / "sw.json", tmp_path / "sw.png"
+    main(["collect", *common, "--out", str(out), "--plot", str(plot)])
+    entries = {e["arm"]: e for e in json.loads(out.read_text())}
+    assert set(entries) == {"paper", "searched"}
+    assert entries["paper"]["epochs"] == 3 and entries["searched"]["epochs"] == 3
+    for e in entries.values():
+        assert e["eps"] == 0.02 and e["seed"] == 0
+        assert set(e["test"]) == {"n", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err"}
+        assert e["test"]["n"] == 500 and e["test"]["ibp_err"] >= e["test"]["pgd_err"] >= e["test"]["clean_err"]
+    cost = entries["searched"]
+    assert 2 <= cost["search_trial_epochs"] <= 10 and cost["search_full_epoch_equivalents"] > 0
+    assert plot.stat().st_size > 5000 and "| 0.02 | searched | 3 |" in capsys.readouterr().out
