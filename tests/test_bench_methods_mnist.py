@@ -13,7 +13,7 @@ def test_paper_points_are_the_spaces_seeds_one_per_method():
     assert all(c["method"] == m and c["eps"] == 0.1 for m, c in configs.items())
 
 
-def test_train_search_collect_at_a_tiny_size(tmp_path, data_dir, capsys):
+def test_train_search_collect_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shut_down_after):
     common = ["--eps", "0.02", "--work", str(tmp_path), "--data-dir", str(data_dir), *TINY]
     main(["train", *common, "--methods", "fast,sabr"])
     main(["search", *common])

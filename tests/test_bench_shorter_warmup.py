@@ -7,7 +7,7 @@ from bench.shorter_warmup import main
 TINY = ["data.subset=256", "data.val_size=100", "data.test_subset=500", "eval.batch_size=100"]
 
 
-def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys):
+def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shut_down_after):
     common = ["--work", str(tmp_path / "work"), "--data-dir", str(data_dir)]
     main(["paper", "--eps", "0.02", "--seed", "0", *common, *TINY, "epochs=3", "schedule.length=1",
           "lr_milestones=[2]"])

@@ -41,8 +41,10 @@ base:
   data: {subset: 256, val_size: 200}
   eval: {metrics: [clean, ibp], batch_size: 200}
 """
-# A param the training never reads: every trial trains the same config, so the objectives tie exactly.
-TIE_SPACE = BASE + "params:\n  _unused: {type: uniform, low: 0.0, high: 1.0}\n"
+# A param the training never reads: every trial trains the same config, so the objectives tie exactly. Twelve
+# epochs make a trial last a few seconds, so a search of several is still running when it is interrupted.
+TIE_SPACE = (BASE.replace("epochs: 2", "epochs: 12").replace("lr_milestones: [2]", "lr_milestones: [10]")
+             + "params:\n  _unused: {type: uniform, low: 0.0, high: 1.0}\n")
 # The corners (300, 400) pass the check before Ray; the random sampler with seed 7 draws the middle choice
 # for the first two trials (checked in the test): a subset larger than MNIST, found only in the trial.
 FAIL_SPACE = BASE + "params:\n  data.subset: {type: categorical, choices: [300, 99999999, 400]}\n"
@@ -206,15 +208,28 @@ def wait_for_a_result(exp: Path, proc: subprocess.Popen, timeout: float = 240) -
         time.sleep(0.3)
 
 
+def wait_for_output(path: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the driver has printed `text` (its output, unbuffered, goes to `path`). Ray copies results to the
+    storage only with its experiment snapshots (every 10 s or so), so the output tells the moment sooner."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert proc.poll() is None, f"the driver exited with {proc.returncode} before printing {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} in time"
+        time.sleep(0.05)
+
+
 def test_sigint_then_resume_with_tied_objectives_all_readers_agree(tmp_path, data_dir):
-    storage, env = tmp_path / "results", child_env(tmp_path)
-    proc = subprocess.Popen(certtune("search", space_file(tmp_path, "tie", TIE_SPACE), "--name", "tie",
-                                     "--num-samples", 3, "--max-concurrent", 1, "--scheduler", "none",
-                                     "--storage", storage, "--data-dir", data_dir),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_a_result(storage / "tie", proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=180)
+    storage, env = tmp_path / "results", child_env(tmp_path, PYTHONUNBUFFERED="1")
+    output = tmp_path / "search.out"
+    with output.open("w") as log:
+        proc = subprocess.Popen(certtune("search", space_file(tmp_path, "tie", TIE_SPACE), "--name", "tie",
+                                         "--num-samples", 3, "--max-concurrent", 1, "--scheduler", "none",
+                                         "--storage", storage, "--data-dir", data_dir),
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
+        wait_for_output(output, "completed after", proc)  # the first trial ended, two to go
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    out = output.read_text()
     assert proc.returncode == 1 and "interrupted with" in out, out[-2000:] + err[-2000:]
     report = cli("report", "tie", "--storage", storage, env=env, timeout=120)
     assert report.returncode == 0, report.stderr
