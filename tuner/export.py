@@ -114,8 +114,8 @@ def verified_notes(verified, verifier: str | None) -> dict[str, str]:
     if not verified:
         return {}
     return {v.trial.trial_id: f"# {verifier}-verified error {v.verified_err:.6g} on the first {v.result['n']} "
-                              f"validation examples (best.pt); rank {i} of {len(verified)} by it, rank "
-                              f"{v.search_rank} in the search" for i, v in enumerate(verified, 1)}
+                              f"validation examples ({Path(v.checkpoint).name}); rank {i} of {len(verified)} "
+                              f"by it, rank {v.search_rank} in the search" for i, v in enumerate(verified, 1)}
 
 
 def constraints_note(search: Search, best: TrialRecord) -> str | None:
