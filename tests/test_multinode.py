@@ -129,7 +129,11 @@ def test_killing_the_worker_node_mid_search_loses_no_trial(cluster, tmp_path, da
     assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, EPOCHS + 1))  # ... and resumed
     assert len({r["pid"] for r in rows}) >= 2
     retried = [r for r in rows if r["pid"] != rows[0]["pid"]]
-    assert retried[0]["epoch"] <= epochs_before + 1  # continued from its checkpoint, not from epoch 1
+    # Continued from its checkpoint, not from epoch 1. The storage's copy of the results lags the driver
+    # (it arrives with Ray's snapshots), so the bound is what the first attempt reported in the end, not what
+    # the storage showed at the kill (epochs_before).
+    first_attempt = max(r["epoch"] for r in rows if r["pid"] == rows[0]["pid"])
+    assert epochs_before <= first_attempt and retried[0]["epoch"] <= first_attempt + 1
     assert retried[0]["epoch"] > 1
     # W&B (offline, no key): still one run per trial; the retried trial kept its run, each epoch logged once.
     runs = {run.id: run for run in map(read_offline_run, find_offline_runs(exp)) if run.job_type == "trial"}
