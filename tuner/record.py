@@ -181,21 +181,26 @@ def write_record(record: SearchRecord, storage: str) -> str:
     """Write certtune_search.json into the experiment directory; also the check that storage is writable."""
     target = f"{experiment_path(storage, record.name)}/{RECORD_FILE}"
     try:
-        if is_uri(storage):
-            import pyarrow.fs
-            fs, path = pyarrow.fs.FileSystem.from_uri(target)
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(path) as f:
-                f.write(record.to_json().encode())
-        else:
-            path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(record.to_json())
-            os.replace(tmp, path)
+        write_text(target, record.to_json())
     except (OSError, ValueError) as e:  # pyarrow raises OSError subclasses, or ArrowInvalid (a ValueError)
         raise SearchError(f"--storage {storage}: cannot write the experiment there ({first_line(e)})") from None
     return target
+
+
+def write_text(target: str, text: str) -> None:
+    """Write a small file at a local path (atomically) or a URI (through pyarrow), creating its folder."""
+    if is_uri(target):
+        import pyarrow.fs
+        fs, path = pyarrow.fs.FileSystem.from_uri(target)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+    else:
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def read_record(storage: str, name: str) -> SearchRecord:

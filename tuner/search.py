@@ -25,9 +25,9 @@ from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
-from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line, is_uri,
+from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
                           normalize_storage, positive_int, read_record, space_source, space_with_overrides,
-                          write_record)
+                          write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
@@ -451,13 +451,7 @@ def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
         note = json.dumps({"reason": "started after the last experiment snapshot of a killed driver; its Optuna "
                                      "trial was handed to a new trial on resume", "at": time.time()}) + "\n"
         try:
-            if is_uri(storage):
-                import pyarrow.fs
-                fs, path = pyarrow.fs.FileSystem.from_uri(target)
-                with fs.open_output_stream(path) as f:
-                    f.write(note.encode())
-            else:
-                Path(target).write_text(note)
+            write_text(target, note)
             marked.append(f"{root}/{trial.dirname}")
         except (OSError, ValueError) as e:
             print(f"certtune: could not mark {root}/{trial.dirname} superseded ({first_line(e)}); report may "

@@ -77,7 +77,7 @@ def run_trial(config: dict, record) -> None:
                                   record.objective))
         return
 
-    clock = CheckpointClock(getattr(record, "checkpoint_every_s", 0.0))
+    clock = CheckpointClock(record.checkpoint_every_s)
 
     def report_epoch(metrics: dict, run: Path) -> None:
         nonlocal epochs_done
