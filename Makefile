@@ -13,7 +13,7 @@ DATA ?= $(if $(CERTTUNE_DATA),$(CERTTUNE_DATA),$(if $(wildcard ../shared/data),.
 install: .venv/.installed
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 # A real search on real MNIST with the local defaults (local Ray, TPE, warmup-aware ASHA): 12 small trials.
 DEMO := demo-$(shell date +%Y%m%d-%H%M%S)

@@ -1,20 +1,26 @@
 """Every training method on real MNIST, certified by every verifier; then a search over methods at equal compute.
 
-    python -m bench.methods_mnist train  --eps 0.1 [--methods fast,sabr,...] [--seed 0] [KEY=VALUE ...]
-    python -m bench.methods_mnist search --eps 0.1 [--seed 0] [KEY=VALUE ...]
+    python -m bench.methods_mnist train  --eps 0.1 [--methods fast,sabr,...] [--defaults K=V ...] [KEY=VALUE ...]
+    python -m bench.methods_mnist search --eps 0.1 [--defaults K=V ...] [KEY=VALUE ...]
     python -m bench.methods_mnist collect --eps 0.1 [--test-n 10000] [--bab-n 200] [--bab-time-limit 2]
 
 Setting: search_spaces/mnist_methods.yaml (cnn_small; its base: 8 epochs on a 4,000-image training subset,
-1,000 validation images; KEY=VALUE overrides change the base, e.g. `epochs=20 data.subset=20000`).
+1,000 validation images; KEY=VALUE overrides change the base, e.g. `epochs=15 data.subset=15000`).
+`--defaults K=V` (repeated) changes the space's defaults point, i.e. the shared knobs of every paper point (and where the
+search starts), to scale them to the budget: e.g. `--defaults batch_size=64 --defaults schedule.length=6` for 15 epochs on 15,000
+images, where the space's 256-image batches and 3-epoch ramp (made for 8 epochs on 4,000) leave IBP-based
+training too few steps at eps=0.3 and it collapses to a constant output. The changed space is written to
+`--work`/space_eps<eps>.yaml, and train and search both read it (pass the same flags to both).
 - train: each method at its paper's settings as the space's seed points hold them (CTBench's MNIST scripts:
   SABR/STAPS λ, the expressive losses' α and attack, TAPS's split and gradient scale; the shared knobs are the
   `fast` recipe's), one run per method in `--work`/<eps>/<method>/, resumed if interrupted.
 - search: TPE with warmup-aware ASHA over the whole space (method and every knob; the nine paper points
   first) with `--max-trial-seconds` equal to the CPU-seconds the single-method runs trained: equal compute
   against trying each method once. Its best trial is retrained as `search-best`.
-- collect: each run's last.pt on the first `--test-n` test images: clean, IBP-, CROWN-IBP-, CROWN-, α-CROWN-
-  verified and PGD-20 errors, plus BaB on the first `--bab-n` (per-example time limit) with α-CROWN on the same
-  images beside it; the per-run training seconds. Writes bench/results/methods_mnist_eps<ε>.json and prints a
+- collect: each run's last.pt on the first `--test-n` test images: clean, IBP-, CROWN-IBP-verified and PGD-20
+  errors; CROWN- and α-CROWN-verified (and PGD) on the first `--strong-n`; BaB on the first `--bab-n`
+  (per-example time limit) with α-CROWN on the same images beside it; the per-run training seconds. Each run's
+  figures are kept in its directory (collect.json), so an interrupted collect goes on where it stopped. Writes bench/results/methods_mnist_eps<ε>.json and prints a
   markdown table.
 """
 from __future__ import annotations
@@ -23,17 +29,41 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 SPACE = "search_spaces/mnist_methods.yaml"
 FULL_TEST = 10_000
 
 
-def paper_points(overrides: dict) -> dict[str, dict]:
+def space_file(work: Path, eps: float, defaults: list[str]) -> str:
+    """The space, or with `defaults` (KEY=VALUE) changing its defaults point: a copy in `work`."""
+    if not defaults:
+        return SPACE
+    import yaml
+
+    from trainers.config import parse_overrides
+    from tuner.record import read_space_file
+
+    _, raw = read_space_file(SPACE)
+    changes = parse_overrides(defaults)
+    unknown = sorted(set(changes) - set(raw["params"]))
+    if unknown:
+        raise SystemExit(f"--defaults: {', '.join(unknown)} not a param of {SPACE}")
+    raw["defaults"].update(changes)
+    raw["description"] += f" Defaults changed by bench/methods_mnist.py: {' '.join(defaults)}."
+    path = work / f"space_eps{eps}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    read_space_file(str(path))  # still a valid space
+    return str(path.resolve())
+
+
+def paper_points(overrides: dict, space: str = SPACE) -> dict[str, dict]:
     """method → its seed point in the space (the paper settings), with the overrides applied to the base."""
     from tuner.record import read_space_file, space_with_overrides
 
-    path, raw = read_space_file(SPACE)
+    path, raw = read_space_file(space)
     space = space_with_overrides(raw, overrides, path)
     points = {}
     for point in space.seed_points():
@@ -58,11 +88,11 @@ def train_run(config: dict, out: Path, data_dir: str, seed: int) -> dict:
 
 
 def cmd_train(args) -> None:
-    configs = paper_points(base_overrides(args))
+    configs = paper_points(base_overrides(args), space_file(args.work, args.eps, args.defaults))
     methods = args.methods.split(",") if args.methods else list(configs)
     unknown = [m for m in methods if m not in configs]
     if unknown:
-        raise SystemExit(f"--methods: {', '.join(unknown)} not in {SPACE}'s seed points ({', '.join(configs)})")
+        raise SystemExit(f"--methods: {', '.join(unknown)} not in the space's seed points ({', '.join(configs)})")
     for method in methods:
         out = args.work / f"eps{args.eps}" / method
         final = train_run(configs[method], out, args.data_dir, args.seed)
@@ -89,7 +119,7 @@ def cmd_search(args) -> None:
     seconds = sum(last_metrics(r)["train_seconds"] for r in runs.values())
     name = f"methods_eps{args.eps}"
     storage = str((args.work / "searches").resolve())
-    api.search(SPACE, base_overrides(args), name=name, num_samples=1000, max_concurrent=1,
+    api.search(space_file(args.work, args.eps, args.defaults), base_overrides(args), name=name, num_samples=1000, max_concurrent=1,
                resources_per_trial="cpu=1", scheduler="asha", storage=storage, data_dir=args.data_dir,
                seed=args.seed, max_trial_seconds=seconds)
     out = args.work / f"export_eps{args.eps}"
@@ -114,7 +144,18 @@ def search_summary(work: Path, eps: float) -> dict | None:
             "cpu_seconds": round(search.device_seconds(), 1), "budget_cpu_seconds": search.record.max_trial_seconds,
             "best_params": best.params if best else None,
             "best_val_ibp_err": best.value("ibp_err") if best else None,
-            "methods_tried": sorted({t.params.get("method", "fast") for t in search.trials})}
+            "trials_per_method": dict(Counter(t.params.get("method", "fast") for t in search.trials).most_common()),
+            "best_finished_val_ibp_err_per_method": best_per_method(search.trials)}
+
+
+def best_per_method(trials) -> dict[str, float]:
+    best = {}
+    for t in trials:
+        value = t.value("ibp_err") if t.status == "finished" else None
+        method = t.params.get("method", "fast")
+        if value is not None and value < best.get(method, float("inf")):
+            best[method] = value
+    return best
 
 
 def cmd_collect(args) -> None:
@@ -122,23 +163,39 @@ def cmd_collect(args) -> None:
 
     results = []
     for method, run in single_runs(args.work, args.eps).items():
-        start = time.perf_counter()
-        main = api.verify(run / "last.pt", data_dir=args.data_dir, methods="ibp,crown-ibp,crown,alpha-crown,pgd",
-                          bab_time_limit=args.bab_time_limit, **limit(args.test_n))
-        verify_s = time.perf_counter() - start
-        start = time.perf_counter()
-        bab = api.verify(run / "last.pt", data_dir=args.data_dir, methods="alpha-crown,bab",
-                         bab_time_limit=args.bab_time_limit, **limit(args.bab_n))
-        bab_s = time.perf_counter() - start
-        metrics = last_metrics(run)
-        results.append({"method": method, "epochs": metrics["epochs"], "train_seconds": round(metrics["train_seconds"], 1),
-                        "val_ibp_err": metrics.get("ibp_err"), "test": main, "verify_seconds": round(verify_s, 1),
-                        "bab": {**bab, "time_limit_s": args.bab_time_limit}, "bab_seconds": round(bab_s, 1)})
+        results.append(collect_run(method, run, args))
         print(json.dumps(results[-1]), flush=True)
-    out = {"eps": args.eps, "space": SPACE, "runs": results, "search": search_summary(args.work, args.eps)}
+    out = {"eps": args.eps, "space": SPACE, "defaults_changed": args.defaults, "runs": results,
+           "search": search_summary(args.work, args.eps)}
     path = args.out or Path(f"bench/results/methods_mnist_eps{args.eps}.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(table(results))
+
+
+def collect_run(method: str, run: Path, args) -> dict:
+    """One run's figures, kept in the run directory (collect.json) so an interrupted collect goes on where it
+    stopped; redone if the sizes asked for changed."""
+    sizes = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n,
+             "bab_time_limit": args.bab_time_limit}
+    cache = run / "collect.json"
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept.get("sizes") == sizes:
+            return kept
+    metrics = last_metrics(run)
+    found = {"method": method, "epochs": metrics["epochs"], "train_seconds": round(metrics["train_seconds"], 1),
+             "val_ibp_err": metrics.get("ibp_err"), "sizes": sizes}
+    # PGD runs with each so that no example a verifier proves is one it breaks (verify stops if so).
+    for key, methods, n in (("test", "ibp,crown-ibp,pgd", args.test_n), ("strong", "crown,alpha-crown,pgd", args.strong_n),
+                            ("bab", "alpha-crown,bab,pgd", args.bab_n)):
+        from tuner import api
+
+        start = time.perf_counter()
+        found[key] = api.verify(run / "last.pt", data_dir=args.data_dir, methods=methods,
+                                bab_time_limit=args.bab_time_limit, **limit(n))
+        found[key + "_seconds"] = round(time.perf_counter() - start, 1)
+    cache.write_text(json.dumps(found))
+    return found
 
 
 def limit(n: int) -> dict:
@@ -146,14 +203,16 @@ def limit(n: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| method | train s | clean | IBP | CROWN-IBP | CROWN | α-CROWN | PGD | BaB (n) | α-CROWN same n |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    """Errors in %: clean, IBP, CROWN-IBP and PGD on the test_n images; CROWN, α-CROWN (and PGD) on the first
+    strong_n; BaB beside α-CROWN on the first bab_n."""
+    rows = ["| method | train s | clean | IBP | CROWN-IBP | PGD | CROWN (n) | α-CROWN | PGD same n | "
+            "BaB (n; unknown) | α-CROWN same n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t, b = r["test"], r["bab"]
+        t, s, b = r["test"], r["strong"], r["bab"]
         rows.append(f"| {r['method']} | {r['train_seconds']:.0f} | {100 * t['clean_err']:.2f} | "
-                    f"{100 * t['ibp_err']:.2f} | {100 * t['crown_ibp_err']:.2f} | {100 * t['crown_err']:.2f} | "
-                    f"{100 * t['alpha_crown_err']:.2f} | {100 * t['pgd_err']:.2f} | "
-                    f"{100 * b['bab_err']:.2f} ({b['n']}; {b['bab_unknown']} unknown) | "
+                    f"{100 * t['ibp_err']:.2f} | {100 * t['crown_ibp_err']:.2f} | {100 * t['pgd_err']:.2f} | "
+                    f"{100 * s['crown_err']:.2f} ({s['n']}) | {100 * s['alpha_crown_err']:.2f} | "
+                    f"{100 * s['pgd_err']:.2f} | {100 * b['bab_err']:.2f} ({b['n']}; {b['bab_unknown']}) | "
                     f"{100 * b['alpha_crown_err']:.2f} |")
     return "\n".join(rows)
 
@@ -166,12 +225,15 @@ def main(argv=None) -> None:
     common.add_argument("--work", type=Path, default=Path("bench_runs/methods_mnist"))
     common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--defaults", action="append", default=[], metavar="K=V",
+                        help="change the space's defaults point (the shared knobs of every paper point); repeat")
     common.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t = sub.add_parser("train", parents=[common])
     t.add_argument("--methods", default=None, help="comma list (default: every method with a paper point)")
     sub.add_parser("search", parents=[common])
     c = sub.add_parser("collect", parents=[common])
     c.add_argument("--test-n", type=int, default=FULL_TEST)
+    c.add_argument("--strong-n", type=int, default=FULL_TEST, help="images for CROWN and α-CROWN (the first ones)")
     c.add_argument("--bab-n", type=int, default=200)
     c.add_argument("--bab-time-limit", type=float, default=2.0)
     c.add_argument("--out", type=Path, default=None, help="default: bench/results/methods_mnist_eps<eps>.json")

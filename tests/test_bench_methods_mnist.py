@@ -2,6 +2,9 @@
 collect), and what it records obeys the verifiers' order and soundness."""
 import json
 
+import pytest
+import yaml
+
 from bench.methods_mnist import main, paper_points
 
 TINY = ["epochs=5", "data.subset=256", "data.val_size=100"]
@@ -13,21 +16,34 @@ def test_paper_points_are_the_spaces_seeds_one_per_method():
     assert all(c["method"] == m and c["eps"] == 0.1 for m, c in configs.items())
 
 
+def test_defaults_must_name_params_of_the_space(tmp_path):
+    with pytest.raises(SystemExit, match="not_a_knob"):
+        main(["train", "--eps", "0.1", "--work", str(tmp_path), "--defaults", "not_a_knob=1"])
+
+
 def test_train_search_collect_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shut_down_after):
-    common = ["--eps", "0.02", "--work", str(tmp_path), "--data-dir", str(data_dir), *TINY]
-    main(["train", *common, "--methods", "fast,sabr"])
+    common = ["--eps", "0.02", "--work", str(tmp_path), "--data-dir", str(data_dir), "--defaults", "batch_size=64",
+              *TINY]
+    main(["train", *common, "--methods", "sabr"])
     main(["search", *common])
-    out = tmp_path / "methods.json"
-    main(["collect", *common, "--test-n", "60", "--bab-n", "8", "--bab-time-limit", "0.5", "--out", str(out)])
+    out, again = tmp_path / "methods.json", tmp_path / "again.json"
+    sizes = ["--test-n", "80", "--strong-n", "60", "--bab-n", "8", "--bab-time-limit", "0.5"]
+    main(["collect", *common, *sizes, "--out", str(out)])
     result = json.loads(out.read_text())
+    kept = {p: p.stat().st_mtime_ns for p in tmp_path.glob("eps0.02/*/collect.json")}
+    main(["collect", *common, *sizes, "--out", str(again)])  # kept per run: the same figures, not recomputed
+    assert json.loads(again.read_text())["runs"] == result["runs"]
+    assert len(kept) == 2 and all(p.stat().st_mtime_ns == t for p, t in kept.items())
     runs = {r["method"]: r for r in result["runs"]}
-    assert set(runs) == {"fast", "sabr", "search-best"}
+    assert set(runs) == {"sabr", "search-best"}
+    assert yaml.safe_load((tmp_path / "eps0.02" / "sabr" / "config.yaml").read_text())["batch_size"] == 64
     for r in runs.values():
-        t, b = r["test"], r["bab"]
-        assert t["n"] == 60 and b["n"] == 8
+        t, s, b = r["test"], r["strong"], r["bab"]
+        assert (t["n"], s["n"], b["n"]) == (80, 60, 8)
         # verified sets are nested (CROWN within α-CROWN within BaB) and sound (nothing PGD breaks is verified)
-        assert t["alpha_crown_err"] <= t["crown_err"] and b["bab_err"] <= b["alpha_crown_err"]
-        assert min(t["ibp_err"], t["crown_ibp_err"], t["alpha_crown_err"]) >= t["pgd_err"] >= t["clean_err"]
+        assert s["alpha_crown_err"] <= s["crown_err"] and b["bab_err"] <= b["alpha_crown_err"]
+        assert min(t["ibp_err"], t["crown_ibp_err"]) >= t["pgd_err"] >= t["clean_err"]
+        assert s["alpha_crown_err"] >= s["pgd_err"] >= s["clean_err"]
     search = result["search"]
     assert search["cpu_seconds"] >= search["budget_cpu_seconds"] > 0  # it spent its budget (the last trial may pass it)
-    assert search["trials"] >= 1 and "| fast |" in capsys.readouterr().out
+    assert search["trials"] >= 1 and "| sabr |" in capsys.readouterr().out

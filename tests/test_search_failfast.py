@@ -270,10 +270,15 @@ def ray_processes(marker: str) -> dict[int, str]:
 
 
 def wait_gone(marker: str, seconds: float) -> dict[int, str]:
+    """What is left of the instance once only the node agents (which outlive it, below) are, or at `seconds`."""
     deadline = time.monotonic() + seconds
-    while (left := ray_processes(marker)) and time.monotonic() < deadline:
+    while (left := ray_processes(marker)) and not only_node_agents(left) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def only_node_agents(processes: dict[int, str]) -> bool:
+    return all(name.split()[0] in NODE_AGENTS for name in processes.values())
 
 
 def signal_all(pids, sig) -> None:
@@ -301,12 +306,13 @@ def test_a_killed_driver_leaves_no_ray_process_that_ignores_sigterm(tmp_path, da
         proc.kill()
         proc.wait()
         left = wait_gone(ray_tmp, 30)  # Ray's own processes notice the driver is gone and exit
-        print(f"after kill -9 and 30 s: {len(left)} processes of the instance left: {sorted(left.values())}")
+        print(f"after kill -9: {len(left)} processes of the instance left: {sorted(left.values())}")
         signal_all(left, signal.SIGTERM)  # what `ray stop` sends first
+        time.sleep(2)
         stubborn = wait_gone(ray_tmp, 15)
         # With ray[default] installed, each node runs two agents that outlive a killed driver and ignore SIGTERM
         # (Ray 2.60); docs/search.md says so and how to end them. Nothing else may stay.
-        assert all(name.split()[0] in NODE_AGENTS for name in stubborn.values()), stubborn
+        assert only_node_agents(stubborn), stubborn
         signal_all(stubborn, signal.SIGKILL)  # the documented way: SIGKILL what names the session directory
         assert wait_gone(ray_tmp, 15) == {}
     finally:

@@ -4,7 +4,8 @@ where nesting is a theorem, and wired into `certtune verify`.
 
 Which inclusions are theorems: α-CROWN starts from CROWN's slopes and keeps the best bound, so
 CROWN ⊆ α-CROWN; BaB's root is α-CROWN, so α-CROWN ⊆ BaB; BaB is complete (verified iff the exact minimum
-margin is > 0). IBP ⊆ CROWN-IBP and CROWN-IBP ⊆ CROWN are *not* theorems (a backward pass with the
+margin is > 0), and `evaluate` starts it from what IBP and CROWN-IBP proved, so they are within BaB too.
+IBP ⊆ CROWN-IBP and CROWN-IBP ⊆ CROWN are *not* theorems (a backward pass with the
 adaptive slopes can be looser than IBP, and tighter intermediate bounds change the slopes), so they are
 not asserted.
 """
@@ -233,6 +234,13 @@ def test_trained_model_verified_sets_nest_and_evaluation_guard_holds(data_dir):
     out = evaluate(model, [(x01, y)], eps, box, 10, ("clean", "ibp", "crown-ibp", "crown", "alpha-crown", "bab", "pgd"),
                    pgd_steps=20, verifier_options=options)
     assert out["crown_err"] >= out["alpha_crown_err"] >= out["bab_err"] >= out["pgd_err"]
+    # BaB starts from what every cheaper verifier proved, so its set is the union of all: the certificate one has.
+    assert out["bab_err"] == out["verified_err"] <= min(out["ibp_err"], out["crown_ibp_err"], out["alpha_crown_err"])
+    without_bab = evaluate(model, [(x01, y)], eps, box, 10, ("clean", "ibp", "crown-ibp", "crown", "pgd"))
+    single = [evaluate(model, [(x01[i:i + 1], y[i:i + 1])], eps, box, 10, ("clean", "ibp", "crown-ibp", "crown"))
+              for i in range(20)]  # one example at a time: which verifiers prove it
+    proven = [min(r["ibp_err"], r["crown_ibp_err"], r["crown_err"]) == 0 for r in single]
+    assert round(without_bab["verified_err"] * 20) == 20 - sum(proven)  # counted if any verifier proves it
     n_bab_verified = round((1 - out["bab_err"]) * 20)
     assert n_bab_verified + out["bab_falsified"] + out["bab_unknown"] == 20
     assert out["bab_falsified"] >= round(out["pgd_err"] * 20) - out["bab_unknown"]
@@ -255,7 +263,7 @@ def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
                  "--bab-time-limit", "0.5"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"n", "clean_err", "ibp_err", "crown_ibp_err", "crown_err", "alpha_crown_err",
-                           "bab_err", "bab_falsified", "bab_unknown", "pgd_err"}
+                           "bab_err", "bab_falsified", "bab_unknown", "pgd_err", "verified_err"}
     assert result["n"] == 8 and result["crown_err"] >= result["alpha_crown_err"] >= result["bab_err"]
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--methods", "crown,beta"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

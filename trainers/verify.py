@@ -57,6 +57,8 @@ def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods
     keys = ["n", "clean_err"] + [METRIC_OF[m] for m in methods]
     if "bab" in methods:
         keys += ["bab_falsified", "bab_unknown"]
+    if "verified_err" in out:  # with CROWN, α-CROWN or BaB: verified by any verifier that ran (IBP always does)
+        keys.append("verified_err")
     return {k: out[k] for k in keys}
 
 
