@@ -1,26 +1,29 @@
 """Every training method on real MNIST, certified by every verifier; then a search over methods at equal compute.
 
-    python -m bench.methods_mnist train  --eps 0.1 [--methods fast,sabr,...] [--defaults K=V ...] [KEY=VALUE ...]
-    python -m bench.methods_mnist search --eps 0.1 [--defaults K=V ...] [KEY=VALUE ...]
-    python -m bench.methods_mnist collect --eps 0.1 [--test-n 10000] [--bab-n 200] [--bab-time-limit 2]
+    python -m bench.methods_mnist train   --eps 0.1 [--methods fast,sabr,...] [--defaults K=V ...] [KEY=VALUE ...]
+    python -m bench.methods_mnist search  --eps 0.1 [--defaults K=V ...] [KEY=VALUE ...]   (the same flags as train)
+    python -m bench.methods_mnist collect --eps 0.1 [--test-n 10000] [--strong-n 10000] [--bab-n 200]
+                                          [--bab-time-limit 2]
 
 Setting: search_spaces/mnist_methods.yaml (cnn_small; its base: 8 epochs on a 4,000-image training subset,
-1,000 validation images; KEY=VALUE overrides change the base, e.g. `epochs=15 data.subset=15000`).
-`--defaults K=V` (repeated) changes the space's defaults point, i.e. the shared knobs of every paper point (and where the
-search starts), to scale them to the budget: e.g. `--defaults batch_size=64 --defaults schedule.length=6` for 15 epochs on 15,000
-images, where the space's 256-image batches and 3-epoch ramp (made for 8 epochs on 4,000) leave IBP-based
-training too few steps at eps=0.3 and it collapses to a constant output. The changed space is written to
-`--work`/space_eps<eps>.yaml, and train and search both read it (pass the same flags to both).
+1,000 validation images; KEY=VALUE overrides change the base, e.g. `epochs=12 data.subset=12000`).
+`--defaults K=V` (repeated) changes the space's defaults point, i.e. the shared knobs of every paper point and
+where the search starts, to scale them to the budget: e.g. `--defaults batch_size=64 --defaults
+schedule.length=5` for 12 epochs on 12,000 images, where the space's 256-image batches and 3-epoch ramp (made
+for 8 epochs on 4,000) leave IBP-based training too few steps at eps=0.3 and it collapses to a constant output.
+The changed space is written to `--work`/mnist_methods_eps<eps>.yaml (bench/spaces.py); `search` refuses to
+start unless its paper points are the configs `train` ran.
 - train: each method at its paper's settings as the space's seed points hold them (CTBench's MNIST scripts:
   SABR/STAPS λ, the expressive losses' α and attack, TAPS's split and gradient scale; the shared knobs are the
-  `fast` recipe's), one run per method in `--work`/<eps>/<method>/, resumed if interrupted.
+  `fast` recipe's), one run per method in `--work`/eps<eps>/<method>/, resumed if interrupted.
 - search: TPE with warmup-aware ASHA over the whole space (method and every knob; the nine paper points
   first) with `--max-trial-seconds` equal to the CPU-seconds the single-method runs trained: equal compute
   against trying each method once. Its best trial is retrained as `search-best`.
 - collect: each run's last.pt on the first `--test-n` test images: clean, IBP-, CROWN-IBP-verified and PGD-20
   errors; CROWN- and α-CROWN-verified (and PGD) on the first `--strong-n`; BaB on the first `--bab-n`
-  (per-example time limit) with α-CROWN on the same images beside it; the per-run training seconds. Each run's
-  figures are kept in its directory (collect.json), so an interrupted collect goes on where it stopped. Writes bench/results/methods_mnist_eps<ε>.json and prints a
+  (per-example time limit) with α-CROWN on the same images beside it; the per-run training seconds and config.
+  Each run's figures are kept in its directory (collect.json, for that last.pt and those sizes), so an
+  interrupted collect goes on where it stopped. Writes bench/results/methods_mnist_eps<eps>.json and prints a
   markdown table.
 """
 from __future__ import annotations
@@ -36,39 +39,27 @@ SPACE = "search_spaces/mnist_methods.yaml"
 FULL_TEST = 10_000
 
 
-def space_file(work: Path, eps: float, defaults: list[str]) -> str:
-    """The space, or with `defaults` (KEY=VALUE) changing its defaults point: a copy in `work`."""
-    if not defaults:
-        return SPACE
-    import yaml
+def space_file(args) -> str:
+    from bench.spaces import space_with_defaults
 
-    from trainers.config import parse_overrides
-    from tuner.record import read_space_file
-
-    _, raw = read_space_file(SPACE)
-    changes = parse_overrides(defaults)
-    unknown = sorted(set(changes) - set(raw["params"]))
-    if unknown:
-        raise SystemExit(f"--defaults: {', '.join(unknown)} not a param of {SPACE}")
-    raw["defaults"].update(changes)
-    raw["description"] += f" Defaults changed by bench/methods_mnist.py: {' '.join(defaults)}."
-    path = work / f"space_eps{eps}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    read_space_file(str(path))  # still a valid space
-    return str(path.resolve())
+    out = args.work / f"{Path(SPACE).stem}_eps{args.eps}.yaml"
+    return space_with_defaults(SPACE, args.defaults, out, base_overrides(args))
 
 
-def paper_points(overrides: dict, space: str = SPACE) -> dict[str, dict]:
+def paper_points(overrides: dict, space_path: str = SPACE) -> dict[str, dict]:
     """method → its seed point in the space (the paper settings), with the overrides applied to the base."""
     from tuner.record import read_space_file, space_with_overrides
 
-    path, raw = read_space_file(space)
+    path, raw = read_space_file(space_path)
     space = space_with_overrides(raw, overrides, path)
     points = {}
     for point in space.seed_points():
-        points.setdefault(point.get("method", "fast"), point)
+        points.setdefault(method_of(point), point)
     return {m: space.to_train_config(p).to_dict() for m, p in points.items()}
+
+
+def method_of(params: dict) -> str:
+    return params.get("method", "fast")  # the space's defaults point is `fast`
 
 
 def base_overrides(args) -> dict:
@@ -88,7 +79,7 @@ def train_run(config: dict, out: Path, data_dir: str, seed: int) -> dict:
 
 
 def cmd_train(args) -> None:
-    configs = paper_points(base_overrides(args), space_file(args.work, args.eps, args.defaults))
+    configs = paper_points(base_overrides(args), space_file(args))
     methods = args.methods.split(",") if args.methods else list(configs)
     unknown = [m for m in methods if m not in configs]
     if unknown:
@@ -116,10 +107,11 @@ def cmd_search(args) -> None:
     runs = {m: r for m, r in single_runs(args.work, args.eps).items() if m != "search-best"}
     if not runs:
         raise SystemExit("run `train` first: the search gets the CPU-seconds the single-method runs trained")
+    check_runs_are_the_paper_points(runs, paper_points(base_overrides(args), space_file(args)))
     seconds = sum(last_metrics(r)["train_seconds"] for r in runs.values())
     name = f"methods_eps{args.eps}"
     storage = str((args.work / "searches").resolve())
-    api.search(space_file(args.work, args.eps, args.defaults), base_overrides(args), name=name, num_samples=1000, max_concurrent=1,
+    api.search(space_file(args), base_overrides(args), name=name, num_samples=1000, max_concurrent=1,
                resources_per_trial="cpu=1", scheduler="asha", storage=storage, data_dir=args.data_dir,
                seed=args.seed, max_trial_seconds=seconds)
     out = args.work / f"export_eps{args.eps}"
@@ -130,6 +122,23 @@ def cmd_search(args) -> None:
     final = train_run(best, args.work / f"eps{args.eps}" / "search-best", args.data_dir, args.seed)
     print(json.dumps({"search": name, "budget_cpu_seconds": round(seconds, 1), "best_method": best["method"],
                       "ibp_err": final.get("ibp_err")}), flush=True)
+
+
+def check_runs_are_the_paper_points(runs: dict[str, Path], points: dict[str, dict]) -> None:
+    """The search starts from the paper points and gets the seconds the runs trained: both must be the same
+    configs (seed aside), i.e. `train` and `search` got the same --defaults and KEY=VALUE overrides."""
+    from trainers.config import TrainConfig
+    from trainers.safe_yaml import read_yaml_file
+
+    def settings(config: dict) -> dict:
+        return {k: v for k, v in TrainConfig.from_dict(config).resolve().to_dict().items() if k != "seed"}
+
+    for method, run in runs.items():
+        ran, point = settings(read_yaml_file(run / "config.yaml")), settings(points.get(method, {}))
+        differ = sorted(k for k in ran.keys() | point.keys() if ran.get(k) != point.get(k))
+        if differ:
+            raise SystemExit(f"{run}: trained with other {', '.join(differ)} than this search's paper point for "
+                             f"{method}; give search the --defaults and KEY=VALUE overrides train had")
 
 
 def search_summary(work: Path, eps: float) -> dict | None:
@@ -144,7 +153,7 @@ def search_summary(work: Path, eps: float) -> dict | None:
             "cpu_seconds": round(search.device_seconds(), 1), "budget_cpu_seconds": search.record.max_trial_seconds,
             "best_params": best.params if best else None,
             "best_val_ibp_err": best.value("ibp_err") if best else None,
-            "trials_per_method": dict(Counter(t.params.get("method", "fast") for t in search.trials).most_common()),
+            "trials_per_method": dict(Counter(method_of(t.params) for t in search.trials).most_common()),
             "best_finished_val_ibp_err_per_method": best_per_method(search.trials)}
 
 
@@ -152,21 +161,18 @@ def best_per_method(trials) -> dict[str, float]:
     best = {}
     for t in trials:
         value = t.value("ibp_err") if t.status == "finished" else None
-        method = t.params.get("method", "fast")
+        method = method_of(t.params)
         if value is not None and value < best.get(method, float("inf")):
             best[method] = value
     return best
 
 
 def cmd_collect(args) -> None:
-    from tuner import api
-
     results = []
     for method, run in single_runs(args.work, args.eps).items():
         results.append(collect_run(method, run, args))
         print(json.dumps(results[-1]), flush=True)
-    out = {"eps": args.eps, "space": SPACE, "defaults_changed": args.defaults, "runs": results,
-           "search": search_summary(args.work, args.eps)}
+    out = {"eps": args.eps, "space": SPACE, "runs": results, "search": search_summary(args.work, args.eps)}
     path = args.out or Path(f"bench/results/methods_mnist_eps{args.eps}.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(table(results))
@@ -174,27 +180,34 @@ def cmd_collect(args) -> None:
 
 def collect_run(method: str, run: Path, args) -> dict:
     """One run's figures, kept in the run directory (collect.json) so an interrupted collect goes on where it
-    stopped; redone if the sizes asked for changed."""
-    sizes = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n,
-             "bab_time_limit": args.bab_time_limit}
+    stopped; redone if its last.pt or the sizes asked for changed."""
+    from trainers.safe_yaml import read_yaml_file
+    from tuner import api
+
+    checkpoint = run / "last.pt"
+    key = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit,
+           "checkpoint": [checkpoint.stat().st_mtime_ns, checkpoint.stat().st_size]}
     cache = run / "collect.json"
-    if cache.is_file():
+    try:
         kept = json.loads(cache.read_text())
-        if kept.get("sizes") == sizes:
+        if kept.get("key") == key:
             return kept
+    except (OSError, ValueError):  # none yet, or cut short
+        pass
     metrics = last_metrics(run)
     found = {"method": method, "epochs": metrics["epochs"], "train_seconds": round(metrics["train_seconds"], 1),
-             "val_ibp_err": metrics.get("ibp_err"), "sizes": sizes}
+             "val_ibp_err": metrics.get("ibp_err"), "config": read_yaml_file(run / "config.yaml"), "key": key}
     # PGD runs with each so that no example a verifier proves is one it breaks (verify stops if so).
-    for key, methods, n in (("test", "ibp,crown-ibp,pgd", args.test_n), ("strong", "crown,alpha-crown,pgd", args.strong_n),
-                            ("bab", "alpha-crown,bab,pgd", args.bab_n)):
-        from tuner import api
-
+    passes = (("test", "ibp,crown-ibp,pgd", args.test_n), ("strong", "crown,alpha-crown,pgd", args.strong_n),
+              ("bab", "alpha-crown,bab,pgd", args.bab_n))
+    for name, methods, n in passes:
         start = time.perf_counter()
-        found[key] = api.verify(run / "last.pt", data_dir=args.data_dir, methods=methods,
-                                bab_time_limit=args.bab_time_limit, **limit(n))
-        found[key + "_seconds"] = round(time.perf_counter() - start, 1)
-    cache.write_text(json.dumps(found))
+        found[name] = api.verify(checkpoint, data_dir=args.data_dir, methods=methods,
+                                 bab_time_limit=args.bab_time_limit, **limit(n))
+        found[name + "_seconds"] = round(time.perf_counter() - start, 1)
+    partial = cache.with_suffix(".json.partial")
+    partial.write_text(json.dumps(found))
+    os.replace(partial, cache)
     return found
 
 

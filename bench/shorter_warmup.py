@@ -15,6 +15,8 @@ Setting: `cnn_small`, the full MNIST training set less 5,000 validation images (
   regularizers and their weights, ramp start/length/shape, train-ε multiplier, clipping, LR milestones; the
   paper's point first), each trial `--trial-epochs` epochs on a `--subset`-image subset of the training split,
   selected on 5,000 validation images held out of it, TPE with warmup-aware ASHA, `--trials` trials.
+  `--defaults K=V` (repeated) changes the space's defaults point, the first trial, e.g. to the paper's recipe
+  scaled to the trials' length (bench/spaces.py).
 - searched: the search's best trial (`certtune export --epochs 35`: warmup, ramp and milestones keep their
   fractions) trained on the full training split for 35 epochs.
 Runs go to `--work` (default bench_runs/shorter_warmup/), one directory per arm, ε and seed; a run that is
@@ -71,7 +73,10 @@ def cmd_search(args) -> None:
 
     overrides = {"eps": args.eps, "epochs": args.trial_epochs, "data.subset": args.subset,
                  "data.val_size": VAL_SIZE, "eval.metrics": ["clean", "ibp"], **extra(args)}
-    api.search(SPACE, overrides, name=search_name(args.eps), num_samples=args.trials, max_concurrent=args.concurrent,
+    from bench.spaces import space_with_defaults
+
+    space = space_with_defaults(SPACE, args.defaults, args.work / f"space_eps{args.eps}.yaml", overrides)
+    api.search(space, overrides, name=search_name(args.eps), num_samples=args.trials, max_concurrent=args.concurrent,
                resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha", storage=str(args.work.resolve()),
                data_dir=args.data_dir, seed=args.seed)
 
@@ -206,6 +211,9 @@ def main(argv=None) -> None:
     s.add_argument("--concurrent", type=int, default=1)
     s.add_argument("--cpus-per-trial", type=int, default=1)
     s.add_argument("--seed", type=int, default=0, help="the sampler's seed (trials train with the space's seed)")
+    s.add_argument("--defaults", action="append", default=[], metavar="K=V",
+                   help="change the space's defaults point, its first trial (e.g. the paper's recipe scaled to "
+                        "--trial-epochs); repeat")
     c = sub.add_parser("collect", parents=[common])
     c.add_argument("--reverify", action="store_true", help="verify again runs already in the JSON")
     c.add_argument("--out", type=Path, default=RESULTS)

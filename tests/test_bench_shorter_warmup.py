@@ -12,7 +12,11 @@ def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shut_down_aft
     main(["paper", "--eps", "0.02", "--seed", "0", *common, *TINY, "epochs=3", "schedule.length=1",
           "lr_milestones=[2]"])
     main(["search", "--eps", "0.02", *common, "--trials", "2", "--trial-epochs", "5", "--subset", "256",
-          "data.val_size=100"])
+          "--defaults", "schedule.length=2", "data.val_size=100"])
+    from tuner.record import read_record
+
+    record = read_record(str((tmp_path / "work").resolve()), "search_eps0.02")
+    assert record.space["defaults"]["schedule.length"] == 2  # the space searched has the changed defaults point
     main(["searched", "--eps", "0.02", "--seed", "0", "--epochs", "3", *common, *TINY])
     out, plot = tmp_path / "sw.json", tmp_path / "sw.png"
     main(["collect", *common, "--out", str(out), "--plot", str(plot)])

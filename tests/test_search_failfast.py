@@ -269,16 +269,19 @@ def ray_processes(marker: str) -> dict[int, str]:
     return found
 
 
-def wait_gone(marker: str, seconds: float) -> dict[int, str]:
-    """What is left of the instance once only the node agents (which outlive it, below) are, or at `seconds`."""
+def wait_gone(marker: str, seconds: float, until_only_agents: bool = False) -> dict[int, str]:
+    """What is left of the instance once nothing is (or, with `until_only_agents`, nothing but the node agents,
+    which outlive it: below), or at `seconds`."""
     deadline = time.monotonic() + seconds
-    while (left := ray_processes(marker)) and not only_node_agents(left) and time.monotonic() < deadline:
+    while (left := ray_processes(marker)) and time.monotonic() < deadline:
+        if until_only_agents and only_node_agents(left):
+            break
         time.sleep(0.5)
     return left
 
 
 def only_node_agents(processes: dict[int, str]) -> bool:
-    return all(name.split()[0] in NODE_AGENTS for name in processes.values())
+    return all((name.split() or [""])[0] in NODE_AGENTS for name in processes.values())
 
 
 def signal_all(pids, sig) -> None:
@@ -305,11 +308,10 @@ def test_a_killed_driver_leaves_no_ray_process_that_ignores_sigterm(tmp_path, da
         assert len(ray_processes(ray_tmp)) >= 3  # the driver, Ray's GCS/raylet and a trial worker at least
         proc.kill()
         proc.wait()
-        left = wait_gone(ray_tmp, 30)  # Ray's own processes notice the driver is gone and exit
+        left = wait_gone(ray_tmp, 30, until_only_agents=True)  # Ray's own processes notice the driver is gone
         print(f"after kill -9: {len(left)} processes of the instance left: {sorted(left.values())}")
         signal_all(left, signal.SIGTERM)  # what `ray stop` sends first
-        time.sleep(2)
-        stubborn = wait_gone(ray_tmp, 15)
+        stubborn = wait_gone(ray_tmp, 15, until_only_agents=True)
         # With ray[default] installed, each node runs two agents that outlive a killed driver and ignore SIGTERM
         # (Ray 2.60); docs/search.md says so and how to end them. Nothing else may stay.
         assert only_node_agents(stubborn), stubborn

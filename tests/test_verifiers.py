@@ -241,9 +241,28 @@ def test_trained_model_verified_sets_nest_and_evaluation_guard_holds(data_dir):
               for i in range(20)]  # one example at a time: which verifiers prove it
     proven = [min(r["ibp_err"], r["crown_ibp_err"], r["crown_err"]) == 0 for r in single]
     assert round(without_bab["verified_err"] * 20) == 20 - sum(proven)  # counted if any verifier proves it
+    # BaB on its own (above, on every example) falsifies none of what IBP, CROWN-IBP or CROWN proved: the cheap
+    # verifiers it now starts from are cross-checked against it here.
+    assert not any(p and s == "falsified" for p, s in zip(proven, statuses))
     n_bab_verified = round((1 - out["bab_err"]) * 20)
     assert n_bab_verified + out["bab_falsified"] + out["bab_unknown"] == 20
     assert out["bab_falsified"] >= round(out["pgd_err"] * 20) - out["bab_unknown"]
+
+
+def test_verified_err_counts_an_example_any_verifier_proves():
+    """A network where IBP proves what CROWN cannot: margin relu(x) + 0.5 over x in [-1, 2]. IBP: relu in
+    [0, 2], margin >= 0.5. CROWN's adaptive lower slope is 1 (u > -l), so margin >= x + 0.5 >= -0.5."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.fill_(1.0), model[1].bias.zero_()
+        model[3].weight.copy_(torch.tensor([[1.0], [0.0]])), model[3].bias.copy_(torch.tensor([0.5, 0.0]))
+    box = InputBox.for_stats([1 / 3], [1 / 3], "cpu")  # pixels [0, 1] are x in [-1, 2]
+    x01, y = torch.full((1, 1, 1, 1), 0.5), torch.tensor([0])
+    out = evaluate(model, [(x01, y)], 0.5, box, 2, ("clean", "ibp", "crown"))
+    assert (out["clean_err"], out["ibp_err"], out["crown_err"], out["verified_err"]) == (0, 0, 1, 0)
+    out = evaluate(model, [(x01, y)], 0.5, box, 2, ("clean", "ibp", "crown", "bab", "pgd"),
+                   verifier_options=VerifierOptions(bab=BabConfig(time_limit=1)))
+    assert (out["bab_err"], out["verified_err"], out["pgd_err"]) == (0, 0, 0)
 
 
 def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):

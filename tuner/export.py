@@ -105,7 +105,7 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     if verified is not None:
         summary["verified"] = {"verifier": verify, "split": "val", "n": verified[0].result["n"],
                                "ranking": [{"trial_id": v.trial.trial_id, "search_rank": v.search_rank,
-                                            f"val_{verify}_err": v.verified_err} for v in verified]}
+                                            f"val_{verify}_err": v.verifier_err} for v in verified]}
     return summary
 
 
@@ -113,7 +113,7 @@ def verified_notes(verified, verifier: str | None) -> dict[str, str]:
     """trial id → the header line a --verify export adds to its YAML."""
     if not verified:
         return {}
-    return {v.trial.trial_id: f"# {verifier}-verified error {v.verified_err:.6g} on the first {v.result['n']} "
+    return {v.trial.trial_id: f"# {verifier}-verified error {v.verifier_err:.6g} on the first {v.result['n']} "
                               f"validation examples ({Path(v.checkpoint).name}); rank {i} of {len(verified)} "
                               f"by it, rank {v.search_rank} in the search" for i, v in enumerate(verified, 1)}
 

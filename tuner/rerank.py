@@ -27,7 +27,7 @@ class VerifiedTrial:
     trial: TrialRecord
     search_rank: int  # its place in the search's own ranking (1 = the search's best)
     checkpoint: str  # where the certified weights came from
-    verified_err: float
+    verifier_err: float  # the --verify verifier's error (result[METRIC_OF[verifier]])
     result: dict  # verify_checkpoint's figures: n, clean_err, the verifier's error (+ BaB's counts)
     seconds: float
 
@@ -50,7 +50,7 @@ def rerank(search: Search, candidates: list[TrialRecord], verifier: str, data_di
             result = verify_checkpoint(checkpoint, data_dir, "val", None, (verifier,), device, options, limit)
             verified.append(VerifiedTrial(trial, rank, origin, float(result[METRIC_OF[verifier]]), result,
                                           time.perf_counter() - start))
-    return sorted(verified, key=lambda v: (not search.feasible(v.trial), v.verified_err, v.search_rank))
+    return sorted(verified, key=lambda v: (not search.feasible(v.trial), v.verifier_err, v.search_rank))
 
 
 def fetch_checkpoint(search: Search, trial: TrialRecord, scratch: Path) -> tuple[Path, str]:
@@ -93,7 +93,7 @@ def verified_rows(verified: list[VerifiedTrial], verifier: str, objectives: list
     extra = [k for k in ("bab_falsified", "bab_unknown") if verified and k in verified[0].result]
     header = ["verified_rank", "search_rank", "trial_id", f"val_{verifier}_err", *extra, "val_clean_err", "n",
               *[f"search_{o}" for o in objectives], "checkpoint", "seconds"]
-    rows = [[i, v.search_rank, v.trial.trial_id, v.verified_err, *[v.result[k] for k in extra],
+    rows = [[i, v.search_rank, v.trial.trial_id, v.verifier_err, *[v.result[k] for k in extra],
              v.result["clean_err"], v.result["n"], *[v.trial.value(o) for o in objectives], v.checkpoint,
              round(v.seconds, 2)] for i, v in enumerate(verified, 1)]
     return header, rows
