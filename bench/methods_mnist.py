@@ -107,11 +107,12 @@ def cmd_search(args) -> None:
     runs = {m: r for m, r in single_runs(args.work, args.eps).items() if m != "search-best"}
     if not runs:
         raise SystemExit("run `train` first: the search gets the CPU-seconds the single-method runs trained")
-    check_runs_are_the_paper_points(runs, paper_points(base_overrides(args), space_file(args)))
+    space, overrides = space_file(args), base_overrides(args)
+    check_runs_are_the_paper_points(runs, paper_points(overrides, space))
     seconds = sum(last_metrics(r)["train_seconds"] for r in runs.values())
     name = f"methods_eps{args.eps}"
     storage = str((args.work / "searches").resolve())
-    api.search(space_file(args), base_overrides(args), name=name, num_samples=1000, max_concurrent=1,
+    api.search(space, overrides, name=name, num_samples=1000, max_concurrent=1,
                resources_per_trial="cpu=1", scheduler="asha", storage=storage, data_dir=args.data_dir,
                seed=args.seed, max_trial_seconds=seconds)
     out = args.work / f"export_eps{args.eps}"
@@ -183,6 +184,7 @@ def collect_run(method: str, run: Path, args) -> dict:
     stopped; redone if its last.pt or the sizes asked for changed."""
     from trainers.safe_yaml import read_yaml_file
     from tuner import api
+    from tuner.record import write_text
 
     checkpoint = run / "last.pt"
     key = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit,
@@ -205,9 +207,7 @@ def collect_run(method: str, run: Path, args) -> dict:
         found[name] = api.verify(checkpoint, data_dir=args.data_dir, methods=methods,
                                  bab_time_limit=args.bab_time_limit, **limit(n))
         found[name + "_seconds"] = round(time.perf_counter() - start, 1)
-    partial = cache.with_suffix(".json.partial")
-    partial.write_text(json.dumps(found))
-    os.replace(partial, cache)
+    write_text(str(cache), json.dumps(found))  # atomic: an interrupt leaves the old cache or none
     return found
 
 

@@ -75,7 +75,8 @@ def cmd_search(args) -> None:
                  "data.val_size": VAL_SIZE, "eval.metrics": ["clean", "ibp"], **extra(args)}
     from bench.spaces import space_with_defaults
 
-    space = space_with_defaults(SPACE, args.defaults, args.work / f"space_eps{args.eps}.yaml", overrides)
+    space = space_with_defaults(SPACE, args.defaults, args.work / f"{Path(SPACE).stem}_eps{args.eps}.yaml",
+                                overrides)
     api.search(space, overrides, name=search_name(args.eps), num_samples=args.trials, max_concurrent=args.concurrent,
                resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha", storage=str(args.work.resolve()),
                data_dir=args.data_dir, seed=args.seed)

@@ -105,6 +105,7 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
     `metrics` may name "crown", "alpha-crown" and "bab" too (knobs in `verifier_options`); with any of them,
     `verified_err` counts an example as verified when any verifier that ran proves it (IBP always runs)."""
     opts = verifier_options or VerifierOptions()
+    stronger = any(v in metrics for v in VERIFIERS)
     was_training = model.training
     model.eval()
     sums = {k: 0.0 for k in ("clean", "ibp", "crown-ibp", "pgd", "active", "inactive", "total", "tightness",
@@ -125,7 +126,7 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
             crown_ok = (crown_lower(model, p, C, lower, upper) > 0).all(1) & ~wrong
             sums["crown-ibp"] += (~crown_ok).sum().item()
             verified = verified | crown_ok
-        if any(v in metrics for v in VERIFIERS):
+        if stronger:
             found = stronger_verifiers(model, lower, upper, C, wrong, metrics, opts, verified)
             for name in VERIFIERS:
                 if name in metrics:
@@ -154,7 +155,7 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
     for name in VERIFIERS:
         if name in metrics:
             out[name.replace("-", "_") + "_err"] = sums[name] / n
-    if any(v in metrics for v in VERIFIERS):  # verified by any verifier that ran: the certificate one has
+    if stronger:  # verified by any verifier that ran: the certificate one has
         out["verified_err"] = sums["any"] / n
     if "bab" in metrics:
         out["bab_falsified"], out["bab_unknown"] = int(sums["bab_falsified"]), int(sums["bab_unknown"])
