@@ -11,12 +11,14 @@ Setting: `cnn_small`, the full MNIST training set less 5,000 validation images (
 - paper: configs/mnist_eps0.4_cnn7.yaml (Shi et al. 2021: `fast`, 70 epochs = 0 + 20 ramp + 50, Adam 5e-4,
   batch 256, LR ×0.2 after epochs 50 and 60, grad clip 10, IBP init, full BN, both warmup regularizers) with
   `model=cnn_small`, the only change (the issue's model; nothing in the recipe depends on CNN-7).
-- search: `certtune search search_spaces/mnist_small_budget.yaml` (the recipe's knobs: LR, batch, init,
-  regularizers and their weights, ramp start/length/shape, train-ε multiplier, clipping, LR milestones; the
-  paper's point first), each trial `--trial-epochs` epochs on a `--subset`-image subset of the training split,
-  selected on 5,000 validation images held out of it, TPE with warmup-aware ASHA, `--trials` trials.
-  `--defaults K=V` (repeated) changes the space's defaults point, the first trial, e.g. to the paper's recipe
-  scaled to the trials' length (bench/spaces.py).
+- search: `certtune search search_spaces/mnist_short_warmup.yaml` (`--space`): the paper's method as published,
+  tuning what a half budget changes (ramp length and shape, LR and its decay point, batch, clipping, training
+  radius, regularizer weight), the paper's recipe halved first; each trial runs `--trial-epochs` (default 35,
+  the final length, so nothing is rescaled) on a `--subset`-image subset of the training split (default
+  20,000), selected on the 5,000 validation images, TPE with warmup-aware ASHA, `--trials` trials.
+  `--defaults K=V` (repeated) changes the space's defaults point, the first trial (bench/spaces.py).
+  The first attempt, `--space search_spaces/mnist_small_budget.yaml --trial-epochs 10 --subset 10000`,
+  searched the method's parts too at 10-epoch trials; docs/benchmarks.md says why it fell short.
 - searched: the search's best trial (`certtune export --epochs 35`: warmup, ramp and milestones keep their
   fractions) trained on the full training split for 35 epochs.
 Runs go to `--work` (default bench_runs/shorter_warmup/), one directory per arm, ε and seed; a run that is
@@ -32,7 +34,7 @@ import os
 from pathlib import Path
 
 PAPER_CONFIG = "configs/mnist_eps0.4_cnn7.yaml"
-SPACE = "search_spaces/mnist_small_budget.yaml"
+SPACE = "search_spaces/mnist_short_warmup.yaml"
 TRAIN_SIZE, VAL_SIZE = 55_000, 5_000
 RESULTS = Path("bench/results/shorter_warmup.json")
 PLOT = Path("bench/results/shorter_warmup.png")
@@ -75,7 +77,7 @@ def cmd_search(args) -> None:
                  "data.val_size": VAL_SIZE, "eval.metrics": ["clean", "ibp"], **extra(args)}
     from bench.spaces import space_with_defaults
 
-    space = space_with_defaults(SPACE, args.defaults, args.work / f"{Path(SPACE).stem}_eps{args.eps}.yaml",
+    space = space_with_defaults(args.space, args.defaults, args.work / f"{Path(args.space).stem}_eps{args.eps}.yaml",
                                 overrides)
     api.search(space, overrides, name=search_name(args.eps), num_samples=args.trials, max_concurrent=args.concurrent,
                resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha", storage=str(args.work.resolve()),
@@ -106,6 +108,12 @@ def finished(run: Path) -> list[dict] | None:
     return rows if rows and rows[-1]["epoch"] == rows[-1]["epochs"] else None
 
 
+def fingerprint(checkpoint: Path) -> list[int]:
+    """[mtime_ns, size] of a run's last.pt: collect reuses a test figure only for the checkpoint it came from."""
+    stat = checkpoint.stat()
+    return [stat.st_mtime_ns, stat.st_size]
+
+
 def search_cost(work: Path, eps: float) -> dict | None:
     from tuner.results import load_search
 
@@ -131,11 +139,14 @@ def cmd_collect(args) -> None:
         if rows is None:
             print(f"{run}: not finished, left out", flush=True)
             continue
-        key = (arm, eps, seed)
-        test = old[key]["test"] if key in old and not args.reverify else api.verify(
-            run / "last.pt", data_dir=args.data_dir, methods="ibp,crown-ibp,pgd")
+        kept = old.get((arm, eps, seed))
+        checkpoint = fingerprint(run / "last.pt")
+        reuse = kept is not None and kept.get("checkpoint") == checkpoint and not args.reverify
+        test = kept["test"] if reuse else api.verify(run / "last.pt", data_dir=args.data_dir,
+                                                     methods="ibp,crown-ibp,pgd")
         entry = {"arm": arm, "eps": eps, "seed": seed, "epochs": rows[-1]["epochs"],
                  "test": {k: test[k] for k in ("n", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err")},
+                 "checkpoint": checkpoint,
                  "train_seconds": round(rows[-1].get("train_seconds", 0.0), 1),
                  "val_curve": [[r["epoch"], r.get("ibp_err")] for r in rows]}
         if arm == "searched":
@@ -207,8 +218,9 @@ def main(argv=None) -> None:
     sub.choices["searched"].add_argument("--epochs", type=int, default=35)
     s = sub.choices["search"]
     s.add_argument("--trials", type=int, default=16)
-    s.add_argument("--trial-epochs", type=int, default=10)
-    s.add_argument("--subset", type=int, default=10_000)
+    s.add_argument("--space", default=SPACE)
+    s.add_argument("--trial-epochs", type=int, default=35)
+    s.add_argument("--subset", type=int, default=20_000)
     s.add_argument("--concurrent", type=int, default=1)
     s.add_argument("--cpus-per-trial", type=int, default=1)
     s.add_argument("--seed", type=int, default=0, help="the sampler's seed (trials train with the space's seed)")

@@ -15,7 +15,7 @@ from tuner.spaces import SPACES_DIR, Expr, ExprError, SpaceError, load_space
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SHIPPED = ["mnist_eps0.4", "cifar10_eps8", "cifar10_eps2", "tinyimagenet_eps1", "mnist_tiny", "mnist_small_budget",
-           "mnist_methods"]
+           "mnist_methods", "mnist_short_warmup"]
 # each method's own knobs (docs/methods.md), searched only when it runs
 METHOD_KNOBS = {"sabr.": ("sabr", "staps"), "expressive.": ("mtl-ibp", "cc-ibp", "exp-ibp"), "taps.": ("taps", "staps")}
 N_TRIALS = 200
@@ -65,6 +65,16 @@ def test_default_point_is_the_paper_config(name):
     assert space.to_train_config(space.default_point()).to_dict() == PAPER[name]
 
 
+def test_short_warmup_defaults_are_the_paper_recipe_halved():
+    """bench/shorter_warmup.py's first trial: the MNIST recipe with every epoch count halved (ramp 20 -> 10,
+    LR decays 50, 60 -> 25, 30), on cnn_small and the trials' subset."""
+    space = load_space("mnist_short_warmup")
+    want = paper(dataset="mnist", model="cnn_small", eps=0.4, epochs=35, batch_size=256, lr_milestones=[25, 30],
+                 schedule=dict(start=1, length=10), data=dict(subset=20000, val_size=5000),
+                 eval=dict(metrics=["clean", "ibp"], batch_size=1000))
+    assert space.to_train_config(space.default_point()).to_dict() == want
+
+
 def test_mnist_tiny_is_cpu_sized():
     cfg = load_space("mnist_tiny").to_train_config(load_space("mnist_tiny").default_point())
     assert (cfg.model, cfg.epochs, cfg.data.subset, cfg.data.val_size, cfg.eval.metrics) == \
@@ -110,7 +120,7 @@ def test_sampled_points_give_valid_configs(name, sampler):
         # conditionals: lambda0/tau only when a regularizer is on, mid only for the smoothed schedule
         method = params.get("method", base.method)
         fast = method not in ("vanilla", "crown-ibp")  # fast and the newer methods take init/regs
-        reg_on = fast and (params.get("reg.tightness") is True or params.get("reg.relu") is True)
+        reg_on = fast and (cfg.reg.tightness or cfg.reg.relu)
         assert ("reg.lambda0" in params) == reg_on
         seen["lambda0" if reg_on else "no_lambda0"] += 1
         if not reg_on:
@@ -124,7 +134,7 @@ def test_sampled_points_give_valid_configs(name, sampler):
             if searched:
                 seen[f"{prefix} on" if method in methods else f"{prefix} off"] = 1
         assert cfg.method == method
-        smoothed = params["schedule.kind"] == "smoothed"
+        smoothed = cfg.schedule.kind == "smoothed"
         assert ("schedule.mid" in params) == smoothed
         seen["mid" if smoothed else "no_mid"] += 1
         if not smoothed:
@@ -135,7 +145,12 @@ def test_sampled_points_give_valid_configs(name, sampler):
                 section, _, leaf = key.rpartition(".")
                 assert getattr(getattr(cfg, section) if section else cfg, leaf) == value
         study.tell(trial, fake_objective(params))
-    assert all(seen.values()), seen  # both sides of each condition were explored
+    # both sides of each condition were explored, where the space searches what it depends on
+    if not {"method", "reg.tightness", "reg.relu"} & set(space.params):
+        seen.pop("no_lambda0" if base.reg.tightness or base.reg.relu else "lambda0")
+    if "schedule.kind" not in space.params:
+        seen.pop("no_mid" if base.schedule.kind == "smoothed" else "mid")
+    assert all(seen.values()), seen
     for prefix in METHOD_KNOBS:
         if any(k.startswith(prefix) for k in space.params):
             assert f"{prefix} on" in seen and f"{prefix} off" in seen, seen
