@@ -132,7 +132,7 @@ def cmd_collect(args) -> None:
 
     old = {(e["arm"], e["eps"], e["seed"]): e for e in json.loads(args.out.read_text())} if args.out.exists() else {}
     entries = []
-    for run in sorted(args.work.glob("*_eps*_seed*")):
+    for run in sorted(p for p in args.work.glob("*_eps*_seed*") if p.is_dir()):  # not the runs' logs
         arm, eps, seed = run.name.split("_eps")[0], float(run.name.split("_eps")[1].split("_seed")[0]), \
             int(run.name.split("_seed")[1])
         rows = finished(run)

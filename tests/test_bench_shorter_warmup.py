@@ -22,6 +22,7 @@ def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys, monkeypatch, ray_
     assert record.space["defaults"]["schedule.length"] == 2  # the space searched has the changed defaults point
     main(["searched", "--eps", "0.02", "--seed", "0", "--epochs", "3", *common, *TINY])
     out, plot = tmp_path / "sw.json", tmp_path / "sw.png"
+    (tmp_path / "work" / "paper_eps0.02_seed0.log").write_text("a run's log beside its directory\n")
     main(["collect", *common, "--out", str(out), "--plot", str(plot)])
     entries = {e["arm"]: e for e in json.loads(out.read_text())}
     assert set(entries) == {"paper", "searched"}
