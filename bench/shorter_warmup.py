@@ -109,7 +109,8 @@ def finished(run: Path) -> list[dict] | None:
 
 
 def fingerprint(checkpoint: Path) -> list[int]:
-    """[mtime_ns, size] of a run's last.pt: collect reuses a test figure only for the checkpoint it came from."""
+    """[mtime_ns, size] of a run's last.pt: collect reuses a test figure only for the checkpoint it came from
+    (a run copied without its timestamps is verified again, which is safe)."""
     stat = checkpoint.stat()
     return [stat.st_mtime_ns, stat.st_size]
 
@@ -195,7 +196,7 @@ def plot(entries: list[dict], path: Path) -> None:
                        edgecolor="black", zorder=3)
         for arm, color in colors.items():
             ax.plot([], [], color=color, label=f"{arm}: validation, per epoch (lines); test, final (dots)")
-        ax.set(title=f"MNIST ε = {eps}, cnn_small", xlabel="epoch", ylim=(0, 50),  # before the target ε: 100
+        ax.set(title=f"MNIST ε = {eps}, cnn_small", xlabel="epoch", ylim=(0, 50),  # ramp epochs (100 %) clipped
                ylabel="IBP-verified error at the target ε (%)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
     sub.choices["searched"].add_argument("--epochs", type=int, default=35)
     s = sub.choices["search"]
     s.add_argument("--trials", type=int, default=16)
-    s.add_argument("--space", default=SPACE)
+    s.add_argument("--space", default=SPACE, help=f"the search space file (default {SPACE})")
     s.add_argument("--trial-epochs", type=int, default=35)
     s.add_argument("--subset", type=int, default=20_000)
     s.add_argument("--concurrent", type=int, default=1)
@@ -227,7 +228,7 @@ def main(argv=None) -> None:
     s.add_argument("--seed", type=int, default=0, help="the sampler's seed (trials train with the space's seed)")
     s.add_argument("--defaults", action="append", default=[], metavar="K=V",
                    help="change the space's defaults point, its first trial (e.g. the paper's recipe scaled to "
-                        "--trial-epochs); repeat")
+                        "other --trial-epochs); repeat")
     c = sub.add_parser("collect", parents=[common])
     c.add_argument("--reverify", action="store_true", help="verify again runs already in the JSON")
     c.add_argument("--out", type=Path, default=RESULTS)

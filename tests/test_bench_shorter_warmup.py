@@ -14,6 +14,7 @@ def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys, monkeypatch, ray_
     common = ["--work", str(tmp_path / "work"), "--data-dir", str(data_dir)]
     main(["paper", "--eps", "0.02", "--seed", "0", *common, *TINY, "epochs=3", "schedule.length=1",
           "lr_milestones=[2]"])
+    # 12 epochs: the space's base ramp (10 epochs) must fit in the trials before --defaults shortens it
     main(["search", "--eps", "0.02", *common, "--trials", "2", "--trial-epochs", "12", "--subset", "256",
           "--defaults", "schedule.length=2", "data.val_size=100"])
     from tuner.record import read_record
@@ -46,6 +47,6 @@ def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys, monkeypatch, ray_
     main(["collect", *common, "--out", str(out), "--plot", str(plot)])
     assert out.read_text() == first
     last = tmp_path / "work" / "paper_eps0.02_seed0" / "last.pt"
-    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 1))
+    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 1_000_000_000))  # coarse clocks too
     with pytest.raises(RuntimeError, match="verified again"):
         main(["collect", *common, "--out", str(out), "--plot", str(plot)])
