@@ -35,6 +35,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench.runs import epoch_rows, fingerprint
+
 SPACE = "search_spaces/mnist_methods.yaml"
 FULL_TEST = 10_000
 
@@ -97,8 +99,7 @@ def single_runs(work: Path, eps: float) -> dict[str, Path]:
 
 
 def last_metrics(run: Path) -> dict:
-    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1])
+    return epoch_rows(run)[-1]
 
 
 def cmd_search(args) -> None:
@@ -188,7 +189,7 @@ def collect_run(method: str, run: Path, args) -> dict:
 
     checkpoint = run / "last.pt"
     key = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit,
-           "checkpoint": [checkpoint.stat().st_mtime_ns, checkpoint.stat().st_size]}
+           "checkpoint": fingerprint(checkpoint)}
     cache = run / "collect.json"
     try:
         kept = json.loads(cache.read_text())

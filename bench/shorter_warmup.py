@@ -33,6 +33,8 @@ import json
 import os
 from pathlib import Path
 
+from bench.runs import epoch_rows, fingerprint
+
 PAPER_CONFIG = "configs/mnist_eps0.4_cnn7.yaml"
 SPACE = "search_spaces/mnist_short_warmup.yaml"
 TRAIN_SIZE, VAL_SIZE = 55_000, 5_000
@@ -101,18 +103,8 @@ def cmd_searched(args) -> None:
 
 def finished(run: Path) -> list[dict] | None:
     """The run's per-epoch metrics if it ran all its epochs, else None."""
-    metrics = run / "metrics.jsonl"
-    if not (run / "last.pt").is_file() or not metrics.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = epoch_rows(run) if (run / "last.pt").is_file() else []
     return rows if rows and rows[-1]["epoch"] == rows[-1]["epochs"] else None
-
-
-def fingerprint(checkpoint: Path) -> list[int]:
-    """[mtime_ns, size] of a run's last.pt: collect reuses a test figure only for the checkpoint it came from
-    (a run copied without its timestamps is verified again, which is safe)."""
-    stat = checkpoint.stat()
-    return [stat.st_mtime_ns, stat.st_size]
 
 
 def search_cost(work: Path, eps: float) -> dict | None:
