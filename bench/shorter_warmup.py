@@ -83,7 +83,7 @@ def cmd_search(args) -> None:
                                 overrides)
     api.search(space, overrides, name=search_name(args.eps), num_samples=args.trials, max_concurrent=args.concurrent,
                resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha", storage=str(args.work.resolve()),
-               data_dir=args.data_dir, seed=args.seed)
+               data_dir=args.data_dir, seed=args.seed, fidelity="target")  # trials train the base as given (subset)
 
 
 def searched_config(work: Path, eps: float, epochs: int) -> Path:

@@ -17,7 +17,7 @@ from trainers.methods import (Batch, GradientConnector, attack_input, certified_
                               mtl_ibp_loss, cc_ibp_loss, exp_ibp_loss, sabr_box, sabr_loss, split_at_relu,
                               taps_margins, robust_ce)
 from trainers.models import build_model
-from trainers.train import Trainer
+from trainers.train import TIMING_METRICS, Trainer
 
 NEW = ["sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps"]
 UNIT_BOX = InputBox.for_stats([0.0], [1.0], "cpu")  # normalized space = pixel space
@@ -252,7 +252,7 @@ def test_staps_resume_after_crash_is_exact(tmp_path, data_dir):
     with pytest.raises(Crash):
         Trainer(cfg, data_dir, tmp_path / "part").fit(on_epoch=crash)
     Trainer(cfg, data_dir, tmp_path / "part").fit()
-    drop = ("time_epoch_s", "samples_per_s", "train_seconds")
+    drop = TIMING_METRICS
 
     def rows(d):
         return [{k: v for k, v in json.loads(l).items() if k not in drop}

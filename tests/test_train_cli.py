@@ -9,7 +9,7 @@ import torch
 from trainers.bounds import margin_spec
 from trainers.config import ConfigError, TrainConfig
 from trainers.evaluate import InputBox, evaluate
-from trainers.train import Trainer
+from trainers.train import TIMING_METRICS, Trainer
 from trainers.verify import load_model
 from tuner.cli import main
 
@@ -60,7 +60,7 @@ def test_resume_after_crash_gives_identical_metrics(tmp_path, data_dir):
         Trainer(cfg, data_dir, part).fit(on_epoch=crash_after_first)
     assert len(read_metrics(part)) == 1
     Trainer(cfg, data_dir, part).fit()  # a new process would do exactly this
-    drop = ("time_epoch_s", "samples_per_s", "train_seconds")
+    drop = TIMING_METRICS
     strip = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(full)]
     assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(part)] == strip
     a = torch.load(full / "last.pt", weights_only=False)["model"]
@@ -171,7 +171,7 @@ def test_gradient_accumulation_equals_the_full_batch_step_without_bn(data_dir, t
         trainer = Trainer(cfg, data_dir, None)
         x01, y = next(iter(trainer.train_loader))
         trainer.step = trainer.eps_schedule.s1  # at the target ε: the robust loss
-        trainer.train_step(x01, y, reg_on=True)
+        trainer.train_step(x01, y)
         params.append([p.detach().clone() for p in trainer.model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -35,8 +35,9 @@ MAX_STEPS = 100_000
 @dataclass
 class ScheduleConfig:
     kind: str = "smoothed"  # smoothed (auto_LiRPA SmoothedScheduler) or linear
-    start: int = 1  # 1-based epoch whose first batch begins the ramp (epochs before it use ε = 0)
-    length: int = 20  # ramp length in epochs
+    # In epochs, whole or fractional (a fraction of an epoch is that fraction of its batches: trainers/schedules.py)
+    start: int | float = 1  # 1-based epoch whose first batch begins the ramp (epochs before it use ε = 0)
+    length: int | float = 20  # ramp length in epochs
     mid: float = 0.25  # smoothed: fraction of the ramp spent in the polynomial phase
     beta: float = 4.0  # smoothed: exponent of the polynomial phase
 
@@ -111,7 +112,7 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
-    lr_milestones: list[int] = field(default_factory=lambda: [50, 60])  # epochs after which lr *= lr_decay
+    lr_milestones: list[int | float] = field(default_factory=lambda: [50, 60])  # epochs after which lr *= lr_decay
     lr_decay: float = 0.2
     grad_clip: float = 10.0  # max total grad norm; 0 = off
     grad_accum: int = 1
@@ -228,11 +229,16 @@ class TrainConfig:
         _positive("train_eps_mul", self.train_eps_mul)
         _in_open_closed("lr_decay", self.lr_decay, 0, 1)
         for m in self.lr_milestones:
-            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise ConfigError(f"lr_milestones: each must be an epoch number >= 1, got {shown(m)}")
+            if not _is_epoch_count(m) or not (m >= 1 if isinstance(m, int) else m > 0):
+                raise ConfigError(f"lr_milestones: each must be an epoch number >= 1 (or a fraction of epochs "
+                                  f"> 0), got {shown(m)}")
         s = self.schedule
-        _positive_int("schedule.start", s.start)
-        _nonneg_int("schedule.length", s.length)
+        for name, value in (("schedule.start", s.start), ("schedule.length", s.length)):
+            if not _is_epoch_count(value):
+                raise ConfigError(f"{name}: expected a number of epochs, got {shown(value)}")
+        if not s.start >= 1:
+            raise ConfigError(f"schedule.start: must be >= 1 (an epoch number), got {s.start}")
+        _nonneg("schedule.length", s.length)
         if s.start + s.length - 1 > self.epochs:
             raise ConfigError(
                 f"schedule.length: the ramp (start {s.start} + length {s.length} - 1 = epoch "
@@ -328,6 +334,12 @@ def _coerce(name: str, value: Any, default: Any, type_name: str) -> Any:
             raise ConfigError(f"{name}: at most {MAX_LIST} entries, got {len(value)}")
         return list(value)
     t = str(type_name)
+    if t == "int | float":  # epochs, whole or fractional: kept as given (range checks: validate)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a number, got {shown(value)}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{name}: {shown(value)} is out of range (at most {MAX_INT:.0e} in size)")
+        return value
     if t.startswith("bool"):
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true/false, got {shown(value)}")
@@ -375,6 +387,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, text = item.split("=", 1)
         out[key.strip()] = parse_yaml(text, f"override '{item}'") if text.strip() else None
     return out
+
+
+def _is_epoch_count(value) -> bool:
+    """A whole or fractional number of epochs: an int, or a finite float (not a bool)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value))
 
 
 def _choice(name, value, allowed):

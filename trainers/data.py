@@ -495,3 +495,12 @@ def _check_shapes(raw: _Raw, dataset: str) -> None:
         if tuple(x.shape[1:]) != SHAPES[dataset]:
             raise DataError(f"{raw.source}: {name} images have shape {tuple(x.shape[1:])} (C, H, W); "
                             f"{dataset} expects {SHAPES[dataset]}")
+
+
+def train_split_size(dataset: str, data_dir: str | Path | None, cfg: DataConfig) -> int:
+    """The training images left after the validation split, with no subset: what `data.subset` is a part of
+    (a subset fidelity scales the batch by its share: tuner/fidelity.py)."""
+    if dataset not in SHAPES:
+        raise DataError(f"dataset: unknown {dataset!r}; allowed: {', '.join(SHAPES)}")
+    raw = _load_raw(dataset, resolve_data_dir(data_dir), cfg, download=True)
+    return len(split_indices(len(raw.train_y), cfg.val_size, 0, 0)[0])

@@ -27,12 +27,15 @@ from .init import apply_init
 from .methods import certified_loss, robust_ce  # noqa: F401 (robust_ce: re-exported for callers of this module)
 from .models import build_model
 from .run_dir import RunDir
-from .schedules import EpsSchedule, first_target_epoch, last_reg_epoch
+from .schedules import EpsSchedule, StepPlan
 
 
 class DivergedError(RuntimeError):
     """The loss or the bounds became NaN/inf; the run cannot continue."""
 
+
+# The metrics that measure time, not the run: a resumed or repeated run differs only in these.
+TIMING_METRICS = ("time_epoch_s", "samples_per_s", "train_seconds", "target_seconds")
 
 DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")
 
@@ -75,13 +78,15 @@ class Trainer:
         self.train_loader = make_loader(self.splits.train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed)
         self.val_loader = make_loader(self.splits.val, self.cfg.eval.batch_size, shuffle=False)
         self.optimizer = self._make_optimizer()
-        self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=self.cfg.lr_milestones, gamma=self.cfg.lr_decay)
+        # Every phase in steps (schedules.py): ε, the learning rate and the regularizer window are functions of
+        # the global step alone, so a resumed run needs no scheduler state.
+        self.plan = StepPlan.of(self.cfg, len(self.train_loader))
         self.eps_schedule = EpsSchedule.from_config(self.cfg.schedule, self.cfg.eps, len(self.train_loader))
         self.epoch = 0  # epochs completed
         self.step = 0  # global batch index
         self.best_ibp_err = math.inf
         self.train_seconds = 0.0  # wall time of all epochs so far (training and validation), kept on resume
+        self.target_seconds = 0.0  # the part of it spent in epochs at the target ε (rungs in seconds)
 
     def _make_optimizer(self):
         params = self.model.parameters()
@@ -94,9 +99,15 @@ class Trainer:
     def loss_terms(self, x01: Tensor, y: Tensor, eps_sched: float, reg_on: bool) -> dict[str, Tensor]:
         return certified_loss(self.model, self.box, self.cfg, self.num_classes, x01, y, eps_sched, reg_on)
 
-    def train_step(self, x01: Tensor, y: Tensor, reg_on: bool) -> dict[str, float]:
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * self.plan.lr_factor(step, self.cfg.lr_decay)
+
+    def train_step(self, x01: Tensor, y: Tensor) -> dict[str, float]:
         cfg = self.cfg
         eps_sched = self.eps_schedule(self.step)
+        reg_on = cfg.uses_reg and self.step < self.plan.reg_end
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "loss_robust": 0.0, "loss_reg": 0.0}
         for xs, ys in zip(x01.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)):
@@ -116,7 +127,6 @@ class Trainer:
     # ---- one epoch ------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         epoch = self.epoch + 1
-        reg_on = self.cfg.uses_reg and epoch <= last_reg_epoch(self.cfg.schedule)
         self.model.train()
         # The shuffle order depends only on (seed, epoch), so a resumed run sees the same batches.
         self.train_loader.generator.manual_seed(self.cfg.seed * 100_003 + epoch)
@@ -127,13 +137,12 @@ class Trainer:
             batches = tqdm(batches, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False)
         start = time.perf_counter()
         for x01, y in batches:
-            out = self.train_step(x01.to(self.device, non_blocking=True), y.to(self.device), reg_on)
+            out = self.train_step(x01.to(self.device, non_blocking=True), y.to(self.device))
             for k in sums:
                 sums[k] += out[k] * len(y)
             n += len(y)
             eps = out["eps"]
         elapsed = time.perf_counter() - start
-        self.lr_scheduler.step()
         self.epoch = epoch
         return {k: v / n for k, v in sums.items()} | {"eps": eps, "time_epoch_s": elapsed,
                                                      "samples_per_s": n / elapsed}
@@ -163,12 +172,17 @@ class Trainer:
             start = time.perf_counter()
             train = self.train_epoch()
             val = self.validate()
-            self.train_seconds += time.perf_counter() - start
-            at_target = self.epoch >= first_target_epoch(self.cfg.schedule)
+            epoch_seconds = time.perf_counter() - start
+            at_target = self.epoch >= self.plan.first_target_epoch
+            self.train_seconds += epoch_seconds
+            self.target_seconds += epoch_seconds if at_target else 0.0
+            first_step = (self.epoch - 1) * self.plan.batches_per_epoch
+            # lr: the rate the next epoch starts with (as a per-epoch LR scheduler would show it).
             metrics = {"epoch": self.epoch, "epochs": self.cfg.epochs, "eps": train["eps"],
-                       "eps_target": self.cfg.eps, "at_target": at_target,
-                       "lr": self.optimizer.param_groups[0]["lr"],
-                       "train_seconds": self.train_seconds} | train | val
+                       "eps_target": self.cfg.eps, "at_target": at_target, "lr": self.lr_at(self.step),
+                       "batches_per_epoch": self.plan.batches_per_epoch,
+                       "reg_on": self.cfg.uses_reg and first_step < self.plan.reg_end,
+                       "train_seconds": self.train_seconds, "target_seconds": self.target_seconds} | train | val
             self._check_finite(metrics)
             improved = at_target and metrics["ibp_err"] < self.best_ibp_err
             if improved:
@@ -196,8 +210,10 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
-                "best_ibp_err": self.best_ibp_err, "train_seconds": self.train_seconds, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "best_ibp_err": self.best_ibp_err, "train_seconds": self.train_seconds,
+                "target_seconds": self.target_seconds, "model": self.model.state_dict(),
+                # The learning rate is a function of the step (StepPlan); the key stays for the checkpoint format.
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": {"last_step": self.step},
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "num_classes": self.num_classes, "mean": self.splits.mean, "std": self.splits.std}
@@ -207,9 +223,9 @@ class Trainer:
         load_weights(self.model, state["model"], path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.best_ibp_err, self.train_seconds = float(state["best_ibp_err"]), float(state["train_seconds"])
+            self.target_seconds = float(state.get("target_seconds", 0.0))  # absent in checkpoints before it
             torch.set_rng_state(state["rng_cpu"])
             if state.get("rng_cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -38,6 +38,15 @@ def add_search_commands(sub) -> None:
     p.add_argument("--checkpoint-every", default=None, metavar="SECONDS",
                    help="a trial saves a checkpoint at its last epoch and after this many seconds of training "
                         "since its last one (default 30; 0: every epoch); a crash loses at most about twice that per trial")
+    p.add_argument("--fidelity", default=None, metavar="target|epochs:E|subset:N",
+                   help="what a trial trains: the target run (the space's base config), or it compressed to E "
+                        "epochs (every phase keeps its fraction of the steps), or on N training images with the "
+                        "batch scaled so an epoch keeps its steps (default: the space's fidelity section, else target)")
+    p.add_argument("--reeval-top", default="0", metavar="K",
+                   help="when the other trials have ended, train the K best points and the space's defaults again "
+                        "with --reeval-seeds more seeds each; points are then ranked by their mean over seeds "
+                        "(counted in --num-samples; default 0: off)")
+    p.add_argument("--reeval-seeds", default="0", metavar="S", help="more seeds per re-evaluated point (with --reeval-top)")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
     p.add_argument("--max-trial-epochs", default=None,
@@ -106,7 +115,8 @@ def cmd_search(args) -> int:
         data_dir=args.data_dir, seed=args.seed, sampler=args.sampler, max_trial_epochs=args.max_trial_epochs,
         max_trial_seconds=args.max_trial_seconds, constraints=args.constraint, optuna_storage=args.optuna_storage,
         warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts,
-        checkpoint_every=args.checkpoint_every))
+        checkpoint_every=args.checkpoint_every, fidelity=args.fidelity, reeval_top=args.reeval_top,
+        reeval_seeds=args.reeval_seeds))
 
 
 def cmd_resume(args) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from tuner.plots import plot_history, plot_importances, plot_pareto, plot_schedules
 from tuner.record import is_uri, normalize_storage
 from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
-from tuner.results import ExportError, Search, TrialRecord, counts_text, load_search
+from tuner.results import ExportError, Search, TrialRecord, counts_text, load_search, seed_notes, seed_summary
 from tuner.spaces import SearchSpace
 
 EXPORT_DIR = "export"
@@ -37,7 +37,7 @@ def pareto_front(search: Search) -> list[TrialRecord]:
     """Finished trials no other finished trial dominates, best first objective first."""
     finished = search.ranked()
     n = len(search.objectives)
-    points = {t.trial_id: search.sort_key(t)[:n] for t in finished}
+    points = {t.trial_id: search.sort_key(t)[1:n + 1] for t in finished}  # the objectives' means
     return [t for t in finished if not any(dominates(points[o.trial_id], points[t.trial_id]) for o in finished)]
 
 
@@ -102,6 +102,10 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
         written["plots"].append(plot_pareto(search, front, out / "pareto.png"))
     summary = {"out": str(out), **{k: _as_str(v) for k, v in written.items()}, "best": best_summary(search, best),
                **({"constraints": constraints} if constraints else {})}
+    seeds = seed_summary(search) if verified is None else None  # a verifier's ranking has no seeds behind it
+    if seeds is not None:
+        summary["seeds"] = seeds
+        summary["notes"] = seed_notes(seeds)
     if verified is not None:
         summary["verified"] = {"verifier": verify, "split": "val", "n": verified[0].result["n"],
                                "ranking": [{"trial_id": v.trial.trial_id, "search_rank": v.search_rank,
@@ -132,8 +136,10 @@ def constraints_note(search: Search, best: TrialRecord) -> str | None:
 
 
 def best_summary(search: Search, trial: TrialRecord) -> dict:
+    scores = {o: search.score(trial, o) for o in search.objectives}
     return {"trial_id": trial.trial_id, **{o: trial.value(o) for o in search.objectives},
-            "epochs": trial.last.get("epochs"), "params": trial.params,
+            **{f"{o}_mean": s.mean for o, s in scores.items()}, **{f"{o}_se": s.se for o, s in scores.items()},
+            "seeds": scores[search.objectives[0]].n, "epochs": trial.last.get("epochs"), "params": trial.params,
             "finished_trials": search.counts()["finished"], "trials": len(search.trials)}
 
 
@@ -145,13 +151,16 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
     cfg = space.to_train_config(point)
     (cfg if epochs is None else cfg.scaled_to(epochs).resolve()).to_yaml(path)
     values = ", ".join(f"{o}={trial.value(o):.6g}" for o in search.objectives)
+    scores = [search.score(trial, o) for o in search.objectives]
+    if scores[0].n > 1:
+        values += "; over seeds: " + ", ".join(f"{o} {s.text(6)}" for o, s in zip(search.objectives, scores))
     run = (f"# reproduce: certtune train {path.name} --data-dir {search.record.data_dir}\n" if epochs is None else
            f"# scaled from {cfg.epochs} to {epochs} epochs (warmup, ramp and LR milestones keep their fractions);"
            f" the figures above are the {cfg.epochs}-epoch trial's\n"
            f"# train: certtune train {path.name} --data-dir {search.record.data_dir}\n")
     constraints = search.record.constraints
     verdict = "all satisfied" if search.feasible(trial) else "NOT all satisfied"
-    ranking = (f"rank {rank} of {search.counts()['finished']} trials that ran all epochs" if note is None else
+    ranking = (f"rank {rank} of {len(search.ranked())} points that ran all epochs" if note is None else
                f"rank {rank} of the top trials re-ranked by a verifier (below)")
     header = (f"# certtune export of search '{search.name}': {ranking}\n"
               f"# trial {trial.trial_id}: {values} (validation split, final epoch {trial.last.get('epoch')})\n"
@@ -174,13 +183,27 @@ def trial_table(search: Search, trials: list[TrialRecord]) -> tuple[list[str], l
     params = search.searched_names()
     metrics = metric_columns(search.trials, search.objectives)
     constrained = bool(search.record.constraints)
+    seeds = bool(search.record.reeval_top)
+    objective = search.objectives[0]
     header = ["trial_id", "status", "rank", *[f"param.{p}" for p in params], *metrics, "wall_seconds",
-              *(["constraints_ok"] if constrained else []), "diverged", "error"]
+              *(["constraints_ok"] if constrained else []),
+              *(["config_of", "seed_offset", f"{objective}_mean", f"{objective}_se", "seeds"] if seeds else []),
+              "diverged", "error"]
     rows = [[t.trial_id, t.status, rank.get(t.trial_id), *[t.params.get(p) for p in params],
              *[t.last.get(m) for m in metrics], t.last.get("time_total_s"),
              *([search.feasible(t) if t.last else None] if constrained else []),
+             *(point_cells(search, t, objective) if seeds else []),
              t.diverged, None if t.diverged else t.error] for t in trials]
     return header, rows
+
+
+def point_cells(search: Search, trial: TrialRecord, objective: str) -> list[Any]:
+    """config_of, seed_offset, and for a point's own trial its score over seeds (blank on re-evaluations)."""
+    if trial.is_rerun:
+        return [trial.config_of, trial.seed_offset, None, None, None]
+    score = search.score(trial, objective)
+    return [trial.config_of, trial.seed_offset, score.mean if score.n else None,
+            score.se if score.n > 1 else None, score.n]
 
 
 def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> str:

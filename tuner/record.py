@@ -58,6 +58,13 @@ class SearchRecord:
     # A trial saves a checkpoint at its last epoch and once this many seconds of training have passed since
     # its last one (0: every epoch); tuner/trial.py CheckpointClock, docs/decisions.md.
     checkpoint_every_s: float = 30.0
+    # The trials' fidelity (tuner/fidelity.py): `target`, `epochs:E` or `subset:N`; the space's `fidelity`
+    # section unless --fidelity says otherwise. Export always writes the target run.
+    fidelity: str = "target"
+    # Re-evaluation (tuner/reeval.py): once the other trials have ended, the best `reeval_top` points and the
+    # space's defaults are trained again with `reeval_seeds` more seeds each, within --num-samples.
+    reeval_top: int = 0
+    reeval_seeds: int = 0
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tuner.results import STATUSES, Search, TrialRecord, load_search
+from tuner.results import STATUSES, Search, TrialRecord, load_search, seed_notes, seed_summary
 
 TOP = 10
 ROW_ORDER = ("finished", "running", "stopped", "failed", "pending")
@@ -28,10 +28,17 @@ def format_report(search: Search, top: int = TOP) -> str:
     counts = search.counts()
     record = search.record
     objectives = ", ".join(f"{o} ({m})" for o, m in zip(search.objectives, search.modes))
-    lines = [f"search {search.name}: {len(search.trials)} trials of {record.num_samples} planned; "
+    lines = [f"search {search.name}: {len(search.trials)} trials of {search.planned_trials()} planned; "
              + ", ".join(f"{counts[s]} {s}" for s in STATUSES),
-             f"objective: {objectives}; scheduler: {record.scheduler}; experiment: {search.location}",
+             f"objective: {objectives}; scheduler: {record.scheduler}; fidelity: {record.fidelity}; "
+             f"experiment: {search.location}",
              f"budget: {search.budget_text()}"]
+    if record.reeval_top:
+        reruns = search.reruns()
+        lines.append(f"re-evaluation: the best {record.reeval_top} points and the space's defaults, "
+                     f"{record.reeval_seeds} more seeds each: {len(reruns)} trials, "
+                     f"{sum(t.status == 'finished' for t in reruns)} finished; points are ranked by their mean "
+                     f"over seeds (column mean±se), more seeds first")
     if record.constraints:
         feasible = sum(search.feasible(t) for t in search.ranked())
         lines.append(f"constraints: {', '.join(record.constraints)}; {feasible} of {counts['finished']} finished "
@@ -41,6 +48,7 @@ def format_report(search: Search, top: int = TOP) -> str:
     lines += table(*trial_rows(search, rows[:top]))
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more trials (all of them: `certtune export {search.name}` → trials.csv)")
+    lines += seed_notes(seed_summary(search))
     if counts["stopped"]:
         lines.append("* stopped early (by the scheduler or a spent budget): the value is from its last epoch, not a final one")
     failed = [t for t in search.trials if t.status == "failed"]
@@ -52,14 +60,17 @@ def format_report(search: Search, top: int = TOP) -> str:
 
 
 def ordered_trials(search: Search) -> list[TrialRecord]:
-    """Finished trials ranked by objective(s), then the others by status, each group by objective."""
-    return [t for status in ROW_ORDER for t in search.ranked(status)]
+    """Finished points ranked by objective(s) (their mean over seeds), then the other points by status, each
+    group by objective, then the re-evaluation trials in the order they were created."""
+    return [t for status in ROW_ORDER for t in search.ranked(status)] + search.reruns()
 
 
 def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], list[list[str]]]:
     shown = list(search.objectives) + (["clean_err"] if "clean_err" not in search.objectives else [])
     constrained = bool(search.record.constraints)
-    header = ["rank", "trial_id", "status", *shown, "epochs", *(["ok"] if constrained else []), "params"]
+    seeds = bool(search.record.reeval_top)
+    header = ["rank", "trial_id", "status", *shown, *(["mean±se", "seeds"] if seeds else []), "epochs",
+              *(["ok"] if constrained else []), "params"]
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
     names = search.searched_names()
     rows = []
@@ -68,10 +79,19 @@ def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], li
         epoch, epochs = t.last.get("epoch"), t.last.get("epochs")
         rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status,
                      *[fmt(t.last.get(m)) + (mark if m in search.objectives and m in t.last else "") for m in shown],
+                     *(score_cells(search.score(t, search.objectives[0])) if seeds else []),
                      f"{fmt(epoch)}/{fmt(epochs)}" if epoch is not None else "-",
                      *([("yes" if search.feasible(t) else "no") if t.last else "-"] if constrained else []),
                      " ".join(f"{n}={fmt(t.params[n])}" for n in names if n in t.params)])
     return header, rows
+
+
+def score_cells(score) -> list[str]:
+    """mean±se and seeds of a point's first objective."""
+    if not score.n:
+        return ["-", "0"]
+    se = "" if score.n < 2 else f"±{score.se:.2g}"
+    return [f"{score.mean:.4g}{se}", str(score.n)]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

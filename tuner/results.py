@@ -19,7 +19,10 @@ Rules defined once here:
   its CPUs (the record's `seconds_weight`), summed over trials;
 - the spent budget of an experiment on any storage, local or URI (`spent_by_trial`), for tuner/budget.py;
 - constraints (`Search.feasible`): a trial satisfies every `--constraint` on its last result; the best trial
-  is the best feasible one when any finished trial is feasible (ranked first), with the tie-break above.
+  is the best feasible one when any finished trial is feasible (ranked first), with the tie-break above;
+- points and seeds (`Search.score`, tuner/reeval.py): a re-evaluation trial trains an earlier trial's point
+  with another seed; a point is ranked by its mean over its seeds (the trial's own value and its finished
+  re-evaluations), points evaluated on more seeds first. Without re-evaluation that is the trial's value.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from tuner.constraints import parse_constraints, satisfied
-from tuner.keys import DIVERGED, FAIL_REASON
+from tuner.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
 from tuner.record import (RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path, first_line,
                           is_uri, normalize_storage, space_with_overrides)
-from tuner.spaces import SearchSpace
+from tuner.reeval import ReevalPlan, Score
+from tuner.spaces import SearchSpace, SpaceError
 
 STATUSES = ("finished", "stopped", "failed", "running", "pending")
 ENDED = ("finished", "stopped", "failed")
@@ -67,6 +71,12 @@ class TrialRecord:
     dirname: str | None = None  # its directory in the experiment (where its checkpoints are)
     in_state: bool = True  # False: Ray's newest experiment state does not list it (started after that snapshot)
     superseded: bool = False  # set aside on resume (SUPERSEDED_FILE): its params were trained again as another trial
+    config_of: str = ""  # the trial that first trained this point: itself, or the one a re-evaluation repeats
+    seed_offset: int = 0  # added to the config's seed (re-evaluations: 1, 2, ...)
+
+    @property
+    def is_rerun(self) -> bool:
+        return bool(self.config_of) and self.config_of != self.trial_id
 
     @property
     def last(self) -> dict:
@@ -103,20 +113,56 @@ class Search:
     def counts(self) -> dict[str, int]:
         return {s: sum(t.status == s for t in self.trials) for s in STATUSES}
 
+    def seeds_of(self, trial: TrialRecord) -> list[TrialRecord]:
+        """The trial and the finished re-evaluations of its point (tuner/reeval.py)."""
+        return [trial] + [t for t in self.trials if t.is_rerun and t.config_of == trial.trial_id
+                          and t.status == "finished"]
+
+    def score(self, trial: TrialRecord, objective: str) -> Score:
+        """The point's mean over its seeds on `objective` (only the trial's value without re-evaluation)."""
+        values = [t.value(objective) for t in self.seeds_of(trial)]
+        return Score.of([v for v in values if v is not None and math.isfinite(v)])
+
     def sort_key(self, trial: TrialRecord) -> tuple:
-        """Objectives in order (lexicographic, each minimised or maximised per its mode), then creation order."""
+        """More seeds first (a point is compared with points raced as often), then the objectives' means in order
+        (lexicographic, each minimised or maximised per its mode), then creation order."""
         signs = [1.0 if m == "min" else -1.0 for m in self.modes]
-        values = [trial.value(o) for o in self.objectives]
-        return tuple(math.inf if v is None else s * v for s, v in zip(signs, values)) + (trial.order,)
+        scores = [self.score(trial, o) for o in self.objectives]
+        return ((-scores[0].n,) + tuple(math.inf if not s.n else sign * s.mean for sign, s in zip(signs, scores))
+                + (trial.order,))
+
+    def points(self) -> list[TrialRecord]:
+        """The trials of the search's own points (re-evaluations left out)."""
+        return [t for t in self.trials if not t.is_rerun]
 
     def feasible(self, trial: TrialRecord) -> bool:
         """Every --constraint holds on the trial's last result (True when the search has none)."""
         return satisfied(parse_constraints(self.record.constraints), trial.last)
 
     def ranked(self, status: str = "finished") -> list[TrialRecord]:
-        """Trials of one status, those satisfying every constraint first, each group by sort_key."""
-        return sorted((t for t in self.trials if t.status == status),
+        """Points whose own trial has this status, those satisfying every constraint first, each group by
+        sort_key (re-evaluations count in their point's score, not as points of their own)."""
+        return sorted((t for t in self.points() if t.status == status),
                       key=lambda t: (not self.feasible(t),) + self.sort_key(t))
+
+    def reruns(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.is_rerun]
+
+    def planned_trials(self) -> int:
+        """The trials the search will run: --num-samples, less the re-evaluation trials it will not need (the
+        defaults point among the best needs no seeds of its own; few finished points need fewer)."""
+        record = self.record
+        if not record.reeval_top:
+            return record.num_samples
+        baseline = self.space().default_point() or None
+        plan = ReevalPlan(record.reeval_top, record.reeval_seeds, record.num_samples, baseline)
+        own = self.points()
+        if sum(t.status in ENDED for t in own) < plan.main_trials:
+            return record.num_samples
+        sign_mode = self.modes[0]
+        finals = {t.trial_id: (t.value(self.objectives[0]), self.feasible(t)) for t in own if t.status == "finished"}
+        params = {t.trial_id: t.params for t in own}
+        return len(own) + len(plan.reruns(finals, params, sign_mode))
 
     def best(self) -> TrialRecord | None:
         """The best finished trial (feasible first, then sort_key: objectives, then creation order), or None.
@@ -149,10 +195,79 @@ class Search:
         budget left)."""
         if self.budget_spent():
             return True
-        return sum(t.status in ENDED for t in self.trials) >= self.record.num_samples
+        return sum(t.status in ENDED for t in self.trials) >= self.planned_trials()
 
     def all_failed(self) -> bool:
         return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+
+
+# ---- what the seeds say about the choice (report, export) ----------------------------------------------
+VAL_SE_LIMIT = 0.006  # a score's sampling error on the validation split should stay within 0.6 points
+UNSTABLE_SPREAD = 2.0  # a recipe whose spread over seeds is more than this times the defaults' is flagged
+
+
+def seed_summary(search: Search) -> dict | None:
+    """The best point's score over seeds and what qualifies it (None if nothing finished):
+    - `close_call`: the runner-up is within one standard error (tuner/reeval.py within_one_se): the order of the
+      two is not settled by the seeds run;
+    - `val_se`: the binomial sampling error of the best's first objective on its validation split (an error rate
+      measured on `val_images` images), `val_se_ok` when it is at most VAL_SE_LIMIT;
+    - `spread` and `defaults_spread`: the standard deviation over seeds of the best point and of the space's
+      defaults point (when both have seeds), `unstable` when the best's is more than UNSTABLE_SPREAD times it."""
+    from tuner.reeval import binomial_se, within_one_se
+
+    ranked = search.ranked()
+    if not ranked:
+        return None
+    objective = search.objectives[0]
+    best = ranked[0]
+    score = search.score(best, objective)
+    out = {"trial_id": best.trial_id, "objective": objective, "mean": score.mean, "se": score.se, "seeds": score.n,
+           "close_call": None, "runner_up": None}
+    if len(ranked) > 1:
+        other = search.score(ranked[1], objective)
+        out["runner_up"] = ranked[1].trial_id
+        out["close_call"] = other.n == score.n and within_one_se(score, other)
+    try:
+        val_images = search.space().to_train_config(best.params).data.val_size
+    except (SpaceError, ValueError):
+        val_images = 0
+    if objective.endswith("_err") and val_images:
+        out["val_images"] = val_images
+        out["val_se"] = binomial_se(score.mean, val_images)
+        out["val_se_ok"] = out["val_se"] <= VAL_SE_LIMIT
+    defaults = search.space().default_point()
+    base = next((t for t in search.points() if defaults and t.params == defaults), None)
+    out["spread"] = score.std
+    if base is not None:
+        out["defaults_trial"] = base.trial_id
+        out["defaults_spread"] = search.score(base, objective).std
+        out["unstable"] = (math.isfinite(out["spread"]) and math.isfinite(out["defaults_spread"])
+                           and out["spread"] > UNSTABLE_SPREAD * out["defaults_spread"])
+    return out
+
+
+def seed_notes(summary: dict | None) -> list[str]:
+    """The lines report and export print from seed_summary."""
+    if not summary:
+        return []
+    o, lines = summary["objective"], []
+    if summary["seeds"] > 1:
+        lines.append(f"best point {summary['trial_id']}: {o} {summary['mean']:.4f} ± {summary['se']:.4f} (standard "
+                     f"error over {summary['seeds']} seeds)")
+    if summary["close_call"]:
+        lines.append(f"warning: the best two points ({summary['trial_id']}, {summary['runner_up']}) are within one "
+                     f"standard error of each other: more seeds would be needed to order them")
+    if "val_se" in summary:
+        verdict = "" if summary["val_se_ok"] else (f"; above {100 * VAL_SE_LIMIT:.1f} points: enlarge data.val_size "
+                                                   f"to rank points by more than sampling noise")
+        lines.append(f"validation: {summary['val_images']} images, sampling error of {o} about "
+                     f"{100 * summary['val_se']:.2f} points{verdict}")
+    if "defaults_spread" in summary and math.isfinite(summary["spread"]) and math.isfinite(summary["defaults_spread"]):
+        flag = " (UNSTABLE: more than twice the defaults')" if summary["unstable"] else ""
+        lines.append(f"spread over seeds (std of {o}): best {summary['spread']:.4f}, the space's defaults "
+                     f"{summary['defaults_spread']:.4f}{flag}")
+    return lines
 
 
 def furthest_epoch(rows: Iterable[dict]) -> int:
@@ -307,6 +422,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     params = config
     if logdir is not None and (logdir / "params.json").is_file():
         params = _read_json(logdir / "params.json", config)
+    params = dict(params)
+    config_of, seed_offset = params.pop(CONFIG_OF, None), params.pop(SEED_OFFSET, 0)
     rows = read_results(logdir / "result.json") if logdir is not None else []
     if not rows and state_last:
         rows = [state_last]
@@ -315,7 +432,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
                         epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows),
                         dirname=logdir.name if logdir is not None else None,
-                        superseded=logdir is not None and (logdir / SUPERSEDED_FILE).is_file())
+                        superseded=logdir is not None and (logdir / SUPERSEDED_FILE).is_file(),
+                        config_of=str(config_of or trial_id), seed_offset=seed_offset if is_number(seed_offset) else 0)
     trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
     trial.status, reason = trial_status(ray_status, trial.last, objectives)
     if trial.last.get(FAIL_REASON) and not trial.diverged:

@@ -12,6 +12,7 @@ import math
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from trainers.config import ConfigError
+from tuner.keys import CONFIG_OF
 
 EPOCHS_AT_TARGET = "epochs_at_target"
 SCHEDULER_KINDS = ("asha", "plain-asha", "none")
@@ -67,6 +68,8 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         self._progress = TargetEpochCounter()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if is_rerun(trial):
+            return TrialScheduler.CONTINUE  # a re-evaluation runs its whole length: it is a seed, not a rival
         judged = self._with_progress(trial.trial_id, result)
         if EPOCHS_AT_TARGET in judged and not is_finite(judged.get(self._metric, 0.0)):
             self._num_stopped += 1
@@ -74,7 +77,8 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         return super().on_trial_result(tune_controller, trial, judged)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        super().on_trial_complete(tune_controller, trial, self._with_progress(trial.trial_id, result))
+        if not is_rerun(trial):
+            super().on_trial_complete(tune_controller, trial, self._with_progress(trial.trial_id, result))
         self._progress.forget(trial.trial_id)
 
     def _with_progress(self, trial_id: str, result: dict) -> dict:
@@ -113,6 +117,11 @@ def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int,
                                    max_t=max_epochs_at_target, grace_period=grace_period,
                                    reduction_factor=reduction_factor, brackets=1,
                                    stop_last_trials=stop_last_trials)
+
+
+def is_rerun(trial) -> bool:
+    """A re-evaluation trial (tuner/reeval.py): its config names the trial whose point it trains again."""
+    return CONFIG_OF in (getattr(trial, "config", None) or {})
 
 
 def check_asha_args(mode: str | None, max_t: int, grace_period: int, reduction_factor: float) -> None:

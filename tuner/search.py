@@ -25,10 +25,12 @@ from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
+from tuner.fidelity import Fidelity
 from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
                           normalize_storage, positive_int, read_record, space_source, space_with_overrides,
                           write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
+from tuner.reeval import ReevalPlan, check_reeval
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
 
@@ -117,8 +119,8 @@ def checkpoint_seconds(value: Any) -> float:
     return seconds
 
 
-def max_epochs_at_target(space: SearchSpace) -> int:
-    """The most epochs at target ε any trial of the space can have (places the ASHA rungs).
+def max_epochs_at_target(space: SearchSpace, fidelity: str = "target") -> int:
+    """The most epochs at target ε any trial of the space can have at the fidelity (places the ASHA rungs).
 
     Epochs at target = epochs − first target epoch + 1, largest with the most epochs and the shortest ramp:
     the low corner (shortest ramp) with `epochs` (if searched) at its high bound, the high corner, the
@@ -129,9 +131,12 @@ def max_epochs_at_target(space: SearchSpace) -> int:
         points.append(space.corner("low", fixed={"epochs": space.corner("high")["epochs"]}))
     points += space.seed_points()
     best = 1
+    compress = Fidelity.parse(fidelity)
     for point in points:
         try:
             cfg = space.to_train_config(point)
+            if compress.kind == "epochs":  # the subset fidelity keeps the epochs
+                cfg = compress.trial_config(cfg)
         except (SpaceError, ConfigError):
             continue  # a corner may be outside the space's conditions; the others still count
         best = max(best, cfg.epochs - first_target_epoch(cfg.schedule) + 1)
@@ -147,7 +152,8 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    sampler: str = "tpe", max_trial_epochs: Any = None, max_trial_seconds: Any = None,
                    constraints: list[str] | None = None, optuna_storage: str | None = None,
                    warm_start: str | None = None, enqueue: str | None = None,
-                   wandb_artifacts: bool = False, checkpoint_every: Any = None) -> tuple[SearchRecord, str]:
+                   wandb_artifacts: bool = False, checkpoint_every: Any = None, fidelity: str | None = None,
+                   reeval_top: Any = 0, reeval_seeds: Any = 0) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
@@ -164,15 +170,22 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         raise SearchError(f"--scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if sampler not in SAMPLERS:
         raise SearchError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    trial_fidelity = space.fidelity if fidelity in (None, "") else Fidelity.parse(fidelity)
+    trial_fidelity.check(space.base_config)
     from tuner.schedulers import make_scheduler
-    make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space))  # validates
+    make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)))  # validates
+    samples = positive_int("--num-samples", num_samples)
+    top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.seed_points()), bool(space.defaults))
+    if top and scheduler == "plain-asha":
+        raise SearchError("--reeval-top: re-evaluation runs with --scheduler asha or none (plain-asha would stop "
+                          "the re-evaluation trials at its rungs)")
     wandb_project = wandb_project or os.environ.get("WANDB_PROJECT") or None
     if wandb_artifacts and not wandb_project:
         raise SearchError("--wandb-artifacts: W&B is off; pass --wandb-project P or set WANDB_PROJECT")
     record = SearchRecord(
         name=check_name(name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"),
         space_path=path, space=raw, objective=objectives, modes=modes, scheduler=scheduler,
-        num_samples=positive_int("--num-samples", num_samples),
+        num_samples=samples, fidelity=str(trial_fidelity), reeval_top=top, reeval_seeds=seeds,
         max_concurrent=positive_int("--max-concurrent", max_concurrent),
         resources_per_trial=parse_resources(resources), data_dir=str(resolve_data_dir(data_dir).resolve()),
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project,
@@ -333,9 +346,10 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
                                   sampler=sampler, seed=None if sampler else record.seed,
                                   storage=open_storage(record, storage), study_name=record.name,
                                   train_config=functools.partial(train_config_dict, space),
-                                  constraints=parse_constraints(record.constraints))
+                                  constraints=parse_constraints(record.constraints), reeval=reeval_plan(record, space))
     # The scheduler takes one metric: the first objective.
-    scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0], max_epochs_at_target(space))
+    scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0],
+                               max_epochs_at_target(space, record.fidelity))
     callbacks = [TrialOutcomeLog(record.objective)] + [c for c in [wandb_callback(record)] if c]
     return tune.Tuner(
         tune.with_resources(trainable or make_trainable(record), dict(record.resources_per_trial)),
@@ -355,6 +369,13 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
             # first and the forced ones are rare: the search's overhead stays flat as it grows.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks))
+
+
+def reeval_plan(record: SearchRecord, space: SearchSpace) -> ReevalPlan | None:
+    """The search's re-evaluation (tuner/reeval.py), None without --reeval-top."""
+    if not record.reeval_top:
+        return None
+    return ReevalPlan(record.reeval_top, record.reeval_seeds, record.num_samples, space.default_point() or None)
 
 
 def make_budget(record: SearchRecord, storage: str):

@@ -10,9 +10,12 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from ray.tune.search import Searcher
+
 from tuner.constraints import Constraint
 from trainers.config import ConfigError
-from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
+from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
+from tuner.reeval import ReevalPlan, Rerun
 from tuner.schedulers import TargetEpochCounter, is_finite
 from tuner.study import flat_config
 
@@ -37,6 +40,10 @@ class HonestOptunaSearch(OptunaSearch):
     `train_config(params) -> dict` (optional): the trial's resolved training config, put on the Optuna trial as
     user attrs `config.<dotted key>` when it ends, so a dashboard shows what each trial trained.
 
+    With `reeval` (tuner/reeval.py), the searcher suggests `reeval.main_trials` points of its own, waits until
+    they have ended, and then suggests the re-evaluation trials: earlier points, each with a seed offset, as
+    trials the study is told like any other (user attrs `config_of`, `seed_offset` group them by point).
+
     All state lives in instance attributes, which Ray's save/restore pickle, so it survives Tuner.restore.
     With an Optuna storage (`storage=`), the trials themselves live there and the pickle holds only the
     storage's address; `restore` then reconciles the snapshot with the storage, which the killed driver may
@@ -44,10 +51,16 @@ class HonestOptunaSearch(OptunaSearch):
     """
 
     _constraints: list[Constraint] = []  # class default: a searcher pickled before constraints existed restores
+    _reeval: ReevalPlan | None = None  # likewise, for re-evaluation
 
-    def __init__(self, *args, constraints: list[Constraint] | None = None, train_config=None, **kwargs):
+    def __init__(self, *args, constraints: list[Constraint] | None = None, train_config=None,
+                 reeval: ReevalPlan | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._constraints = list(constraints or [])
+        self._reeval = reeval
+        self._main_ids: list[str] = []  # Ray trials of the search's own points (not re-evaluations)
+        self._finals: dict[str, tuple[float, bool]] = {}  # finished ones: (first objective, feasible)
+        self._reruns: list[Rerun] | None = None  # the re-evaluations still to suggest, once planned
         self._train_config = train_config
         self._orphans: list[int] = []  # storage trial ids asked after the last snapshot, handed out again
         self._progress = TargetEpochCounter()
@@ -82,8 +95,14 @@ class HonestOptunaSearch(OptunaSearch):
             self.on_trial_result(trial_id, result)
         state, value, reason = self._verdict(result, error)
         ot_trial = self._ot_trials[trial_id]
+        if state == TrialState.COMPLETE:
+            first = value[0] if isinstance(value, list) else value
+            self._finals[trial_id] = (first, all(c.violation(result) <= 0 for c in self._constraints))
         # User attrs go in before tell: a finished Optuna trial is read-only.
         ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        if self._reeval is not None and CONFIG_OF not in ot_trial.user_attrs:
+            ot_trial.set_user_attr(CONFIG_OF, trial_id)  # a point of its own (re-evaluations have theirs)
+            ot_trial.set_user_attr(SEED_OFFSET, 0)
         for key, setting in self._config_attrs(ot_trial).items():
             ot_trial.set_user_attr(key, setting)
         if reason:
@@ -135,6 +154,10 @@ class HonestOptunaSearch(OptunaSearch):
         # so the storage has no trial left RUNNING and none counted twice.
         if self._orphans and trial_id not in self._ot_trials and callable(self._space):
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
+        if self._reeval is not None and trial_id not in self._ot_trials:
+            if len(self._main_ids) >= self._reeval.main_trials:
+                return self._suggest_rerun(trial_id)
+            self._main_ids.append(trial_id)
         params = super().suggest(trial_id)
         if self._storage is not None and trial_id in self._ot_trials:
             # Linked from the start, so a trial Ray ends without telling the searcher (the experiment stopped
@@ -142,10 +165,31 @@ class HonestOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return params
 
+    def _suggest_rerun(self, trial_id: str):
+        """A re-evaluation trial once every trial of the search's own has ended; None (ask again later) before."""
+        if self._reruns is None:
+            if any(t not in self._completed_trials for t in self._main_ids):
+                return None
+            points = {t: dict(self._ot_trials[t].params) for t in self._main_ids}
+            mode = self.mode[0] if isinstance(self.mode, list) else self.mode
+            self._reruns = self._reeval.reruns(self._finals, points, mode)
+        if not self._reruns:
+            return Searcher.FINISHED
+        rerun = self._reruns.pop(0)
+        # Enqueued, so the study's next ask() is this point; the user attrs say which point and seed it is.
+        self._ot_study.enqueue_trial(rerun.params, user_attrs={CONFIG_OF: rerun.of, SEED_OFFSET: rerun.seed_offset},
+                                     skip_if_exists=False)
+        config = super().suggest(trial_id)
+        if self._storage is not None and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return {**config, CONFIG_OF: rerun.of, SEED_OFFSET: rerun.seed_offset}
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_train_config", None)  # a snapshot from before these attributes
         self.__dict__.setdefault("_orphans", [])
+        for name, empty in (("_main_ids", []), ("_finals", {}), ("_reruns", None)):
+            self.__dict__.setdefault(name, empty)
         self._reconcile()
 
     def _reconcile(self) -> None:

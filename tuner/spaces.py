@@ -62,8 +62,9 @@ from typing import Any
 from trainers.config import ConfigError, TrainConfig
 from trainers.errors import shown
 from trainers.safe_yaml import parse_yaml, read_yaml_file
+from tuner.fidelity import Fidelity
 
-SECTIONS = ("description", "base", "params", "derived", "defaults", "seeds")
+SECTIONS = ("description", "base", "params", "derived", "defaults", "seeds", "fidelity")
 TYPES = ("uniform", "loguniform", "int", "categorical")
 PARAM_KEYS = {
     "uniform": ("type", "low", "high", "step", "when"),
@@ -368,6 +369,7 @@ class SearchSpace:
         self.derived = derived
         self.defaults = defaults
         self.seeds = list(seeds or [])
+        self.fidelity = Fidelity()  # the trials' fidelity; `base` (with the sampled point) is the target run
         self.base_config = TrainConfig.from_dict(base)
         self.base_values = _flatten(self.base_config.to_dict())
         self.order = self._dependency_order()
@@ -558,8 +560,18 @@ class _Builder:
             raise self.fail("seeds", "seeds are changes to the defaults point; give a defaults section")
         space = SearchSpace(name, self.source, base, params, derived, defaults,
                             str(raw.get("description") or ""), seeds)
+        space.fidelity = self.fidelity(raw.get("fidelity", "target"), space)
         self.check_points(space)
         return space
+
+    def fidelity(self, text: Any, space: SearchSpace) -> Fidelity:
+        """The trials' fidelity (tuner/fidelity.py); the base config is the target run."""
+        try:
+            fidelity = Fidelity.parse(text, "fidelity")
+            fidelity.check(space.base_config, "fidelity")
+        except ConfigError as e:
+            raise self.fail("fidelity", str(e).removeprefix("fidelity: ")) from None
+        return fidelity
 
     # ---- params -----------------------------------------------------------------------------
     def param(self, name: str, spec: Any) -> Param:

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
+from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
 from tuner.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
                           read_record)
 from tuner.spaces import SearchSpace, SpaceError
@@ -201,6 +201,9 @@ def settle_study(record: SearchRecord, root: str, trials: list) -> int:
             for step, value in enumerate(at_target, 1):
                 if step not in ot.intermediate_values and value is not None:
                     storage.set_trial_intermediate_value(ot._trial_id, step, float(value))
+        if record.reeval_top and CONFIG_OF not in ot.user_attrs:
+            storage.set_trial_user_attr(ot._trial_id, CONFIG_OF, trial.config_of)
+            storage.set_trial_user_attr(ot._trial_id, SEED_OFFSET, trial.seed_offset)
         try:
             config = flat_config(train_config_dict(space, ot.params))
         except SpaceError:

@@ -17,6 +17,7 @@ Ray calls the trainable with the trial's config (exactly the sampled params, dot
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -29,12 +30,13 @@ from typing import Callable
 import torch
 from ray import tune
 
-from trainers.config import ConfigError
-from trainers.data import DataError
+from trainers.config import ConfigError, TrainConfig
+from trainers.data import DataError, train_split_size
 from trainers.schedules import first_target_epoch
 from trainers.train import DivergedError, Trainer
-from tuner.keys import DIVERGED, FAIL_REASON
-from tuner.spaces import SpaceError
+from tuner.fidelity import Fidelity
+from tuner.keys import DIVERGED, FAIL_REASON, SEED_OFFSET
+from tuner.spaces import SearchSpace, SpaceError
 
 # best.pt rides along once the trainer has written it: a restarted trial must get it back, or its final
 # checkpoint would lack it (the trainer rewrites best.pt only when a later epoch beats the restored best).
@@ -60,10 +62,11 @@ def run_trial(config: dict, record) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     space = record.build_space()
     try:
-        cfg = space.to_train_config({k: v for k, v in config.items() if k in space.params})
-    except (SpaceError, ConfigError) as e:
+        cfg, full_data_share = trial_config(space, record, config)
+    except (SpaceError, ConfigError, DataError) as e:
         # A sampled combination the config rejects fails the same way on every retry: end it now.
-        tune.report(failed_result(f"invalid config: {e}", record.objective))
+        kind = "data" if isinstance(e, DataError) else "invalid config"
+        tune.report(failed_result(f"{kind}: {e}", record.objective))
         return
     cpus, gpus = record.resources_per_trial["cpu"], record.resources_per_trial.get("gpu", 0)
     torch.set_num_threads(max(1, int(cpus)))  # as many threads as the CPUs Ray reserved, not the node's
@@ -82,6 +85,7 @@ def run_trial(config: dict, record) -> None:
     def report_epoch(metrics: dict, run: Path) -> None:
         nonlocal epochs_done
         epochs_done = metrics["epoch"]
+        metrics = {**metrics, "full_data_epochs": metrics["epoch"] * full_data_share}
         if not clock.due(metrics["epochs"] - metrics["epoch"]):
             tune.report(metrics)
             return
@@ -93,6 +97,27 @@ def run_trial(config: dict, record) -> None:
         trainer.fit(on_epoch=report_epoch)
     except DivergedError as e:
         tune.report(diverged_result(cfg, epochs_done + 1, str(e), record.objective, trainer.train_seconds))
+
+
+def trial_config(space: SearchSpace, record, config: dict) -> tuple[TrainConfig, float]:
+    """What a trial trains, and what one of its epochs costs in epochs over the full training split.
+
+    The target run is the space's point (seed + the re-evaluation's offset: tuner/reeval.py); the trial trains
+    it at the search's fidelity (tuner/fidelity.py), the one mapping from a fidelity to a config."""
+    target = space.to_train_config({k: v for k, v in config.items() if k in space.params})
+    offset = config.get(SEED_OFFSET) or 0
+    if offset:
+        target = target.with_overrides({"seed": (target.seed + int(offset)) % 2**32}).resolve()
+    images = full_train_images(target.dataset, record.data_dir, target.data.npz, target.data.val_size)
+    cfg = Fidelity.parse(record.fidelity).trial_config(target, images)
+    return cfg, (cfg.data.subset or images) / images
+
+
+@functools.lru_cache(maxsize=8)
+def full_train_images(dataset: str, data_dir: str, npz: str | None, val_size: int) -> int:
+    """The training split's size with no subset (read once per worker process: actors are reused)."""
+    from trainers.config import DataConfig
+    return train_split_size(dataset, data_dir, DataConfig(npz=npz, val_size=val_size))
 
 
 class CheckpointClock:
