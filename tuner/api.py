@@ -53,13 +53,15 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
            max_trial_seconds: float | None = None, constraints: list[str] | None = None,
            optuna_storage: str | None = None, warm_start: str | None = None, enqueue: str | Path | None = None,
            wandb_artifacts: bool = False, checkpoint_every: float | None = None, fidelity: str | None = None,
-           reeval_top: int = 0, reeval_seeds: int = 0, echo: bool = True):
+           reeval_top: int = 0, reeval_seeds: int = 0, rungs: str | None = None,
+           grace_seconds: float | None = None, echo: bool = True):
     """`certtune search`: a space file, a shipped space name (`mnist_tiny`) or a space as a dict (the YAML's
     mapping). Every input is checked first (and, for a local search, the data is downloaded once); then the
     trials run. Returns the search read back (tuner.results.Search: `.best()`, `.trials`, `.counts()`).
     `checkpoint_every`: seconds of training between a trial's checkpoints (default 30; 0: every epoch).
     `fidelity`: `target`, `epochs:E` or `subset:N` (tuner/fidelity.py; default: the space's). `reeval_top`,
-    `reeval_seeds`: re-evaluate the best points on more seeds at the end (tuner/reeval.py).
+    `reeval_seeds`: re-evaluate the best points on more seeds at the end (tuner/reeval.py). `rungs`: "epochs"
+    or "seconds" at the target ε (tuner/schedulers.py; default seconds when the space searches `method`).
     `echo` prints the experiment path and the summary, as the CLI does."""
     from tuner.search import finish, prepare_search, run_search
 
@@ -68,7 +70,8 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
         _comma_list("objective", objective), None if storage is None else str(storage), address, wandb_project,
         None if data_dir is None else str(data_dir), seed, sampler, max_trial_epochs, max_trial_seconds,
         constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue), wandb_artifacts,
-        checkpoint_every, fidelity=fidelity, reeval_top=reeval_top, reeval_seeds=reeval_seeds)
+        checkpoint_every, fidelity=fidelity, reeval_top=reeval_top, reeval_seeds=reeval_seeds,
+        rungs=rungs, grace_seconds=grace_seconds)
     if echo:
         print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
     run_search(record, storage)

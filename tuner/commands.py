@@ -42,6 +42,12 @@ def add_search_commands(sub) -> None:
                    help="what a trial trains: the target run (the space's base config), or it compressed to E "
                         "epochs (every phase keeps its fraction of the steps), or on N training images with the "
                         "batch scaled so an epoch keeps its steps (default: the space's fidelity section, else target)")
+    p.add_argument("--rungs", default=None, choices=("epochs", "seconds"),
+                   help="what the warmup-aware ASHA's rungs count at the target eps: epochs, or seconds trained "
+                        "(trials of different cost per epoch meet at equal compute; default: seconds when the space "
+                        "searches `method`, else epochs)")
+    p.add_argument("--grace-seconds", default=None, metavar="S",
+                   help="--rungs seconds: the first rung (default: the first epoch at target of the first trial)")
     p.add_argument("--reeval-top", default="0", metavar="K",
                    help="when the other trials have ended, train the K best points and the space's defaults again "
                         "with --reeval-seeds more seeds each; points are then ranked by their mean over seeds "
@@ -116,7 +122,7 @@ def cmd_search(args) -> int:
         max_trial_seconds=args.max_trial_seconds, constraints=args.constraint, optuna_storage=args.optuna_storage,
         warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts,
         checkpoint_every=args.checkpoint_every, fidelity=args.fidelity, reeval_top=args.reeval_top,
-        reeval_seeds=args.reeval_seeds))
+        reeval_seeds=args.reeval_seeds, rungs=args.rungs, grace_seconds=args.grace_seconds))
 
 
 def cmd_resume(args) -> int:

@@ -65,6 +65,10 @@ class SearchRecord:
     # space's defaults are trained again with `reeval_seeds` more seeds each, within --num-samples.
     reeval_top: int = 0
     reeval_seeds: int = 0
+    # What the warmup-aware ASHA's rungs count at the target ε (tuner/schedulers.py): "epochs", or "seconds"
+    # (the default for spaces that search `method`); `grace_seconds` places the first rung in seconds.
+    rungs: str = "epochs"
+    grace_seconds: float | None = None
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""

@@ -30,7 +30,9 @@ def format_report(search: Search, top: int = TOP) -> str:
     objectives = ", ".join(f"{o} ({m})" for o, m in zip(search.objectives, search.modes))
     lines = [f"search {search.name}: {len(search.trials)} trials of {search.planned_trials()} planned; "
              + ", ".join(f"{counts[s]} {s}" for s in STATUSES),
-             f"objective: {objectives}; scheduler: {record.scheduler}; fidelity: {record.fidelity}; "
+             f"objective: {objectives}; scheduler: {record.scheduler}"
+             + (f" (rungs in {record.rungs} at target)" if record.scheduler == "asha" else "")
+             + f"; fidelity: {record.fidelity}; "
              f"experiment: {search.location}",
              f"budget: {search.budget_text()}"]
     if record.reeval_top:

@@ -1,8 +1,10 @@
-"""Early stopping for certified training: ASHA whose rungs count epochs at the target ε.
+"""Early stopping for certified training: ASHA whose rungs count progress at the target ε.
 
 While ε ramps up, the verified error at the target ε mostly says how far the ramp has got, not how good
 the trial is, so trials with different ramp lengths cannot be compared there. `WarmupAwareASHA` therefore
-measures progress in epochs at target ε and never judges (or stops) a trial during its ramp.
+measures progress only at target ε and never judges (or stops) a trial during its ramp: in epochs at target
+(`rungs="epochs"`), or in seconds trained at target (`rungs="seconds"`, the trainer's `target_seconds`), so
+that methods whose epochs cost up to 10x more meet at their rungs after equal compute, not equal epochs.
 The rule and a worked example: docs/early_stopping.md.
 """
 from __future__ import annotations
@@ -15,7 +17,12 @@ from trainers.config import ConfigError
 from tuner.keys import CONFIG_OF
 
 EPOCHS_AT_TARGET = "epochs_at_target"
+SECONDS_AT_TARGET = "seconds_at_target"
 SCHEDULER_KINDS = ("asha", "plain-asha", "none")
+RUNG_UNITS = ("epochs", "seconds")
+# Rungs in seconds reach this many times the first trial's whole time at target, so a trial whose epochs cost
+# that much more is still compared at its rungs.
+SECONDS_SPAN = 100
 
 
 class TargetEpochCounter:
@@ -46,7 +53,7 @@ class TargetEpochCounter:
 
 
 class WarmupAwareASHA(AsyncHyperBandScheduler):
-    """Ray's ASHA (one bracket) with progress counted in epochs at target ε.
+    """Ray's ASHA (one bracket) with progress counted at target ε: in epochs, or in seconds.
 
     Rungs sit at `grace_period * reduction_factor**k` epochs at target, up to `max_epochs_at_target`.
     A trial reaching a rung is stopped if its metric is worse than the (1 - 1/rf) quantile of the values
@@ -57,15 +64,42 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
     `stop_last_trials` defaults to False: the trainable owns its budget (`epochs`) and the scheduler only
     stops at rungs, so "stopped by the scheduler" always means "lost at a rung". With True, a trial is also
     stopped once it reaches `max_epochs_at_target` (Ray's default behaviour).
+
+    With `rungs="seconds"`, progress is a trial's seconds trained at target (`target_seconds`, reported by the
+    trainer with every epoch). The rungs sit at `grace_seconds * reduction_factor**k`; without `grace_seconds`
+    the first epoch at target any trial reports sets it (its seconds), which places the first rung at one
+    epoch at target of the first trial (the space's defaults point, run first), and the rungs reach
+    SECONDS_SPAN times that trial's whole time at target (`max_epochs_at_target` epochs of it).
     """
 
     def __init__(self, metric: str | None = None, mode: str | None = None, max_epochs_at_target: int = 100,
-                 grace_period: int = 1, reduction_factor: float = 3, stop_last_trials: bool = False):
+                 grace_period: int = 1, reduction_factor: float = 3, stop_last_trials: bool = False,
+                 rungs: str = "epochs", grace_seconds: float | None = None):
         check_asha_args(mode, max_epochs_at_target, grace_period, reduction_factor)
-        super().__init__(time_attr=EPOCHS_AT_TARGET, metric=metric, mode=mode, max_t=max_epochs_at_target,
-                         grace_period=grace_period, reduction_factor=reduction_factor, brackets=1,
-                         stop_last_trials=stop_last_trials)
+        check_rungs(rungs, grace_seconds)
+        seconds = rungs == "seconds"
+        super().__init__(time_attr=SECONDS_AT_TARGET if seconds else EPOCHS_AT_TARGET, metric=metric, mode=mode,
+                         max_t=max_epochs_at_target, grace_period=grace_period, reduction_factor=reduction_factor,
+                         brackets=1, stop_last_trials=stop_last_trials)
         self._progress = TargetEpochCounter()
+        self._max_epochs_at_target = max_epochs_at_target
+        self._rungs_set = not seconds  # rungs in seconds are placed by grace_seconds or the first epoch at target
+        if seconds and grace_seconds is not None:
+            self._place_second_rungs(grace_seconds)
+
+    def _place_second_rungs(self, grace: float) -> None:
+        from ray.tune.schedulers.async_hyperband import _Bracket
+
+        self._max_t = grace * self._max_epochs_at_target * SECONDS_SPAN
+        self._brackets = [_Bracket(grace, self._max_t, self._reduction_factor, 0,
+                                   stop_last_trials=self._stop_last_trials)]
+        self._trial_info = {trial_id: self._brackets[0] for trial_id in self._trial_info}
+        self._rungs_set = True
+
+    @property
+    def rungs(self) -> list[float]:
+        """The rung levels, lowest first (in epochs or seconds at target); [] until rungs in seconds are placed."""
+        return sorted(milestone for milestone, _ in self._brackets[0]._rungs) if self._rungs_set else []
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if is_rerun(trial):
@@ -87,15 +121,25 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         A copy, because Ray hands the same dict to the searcher and the loggers afterwards; any
         `epochs_at_target` the trainable reported itself is replaced, since the rule must not depend on it.
         """
-        judged = {k: v for k, v in result.items() if k != EPOCHS_AT_TARGET}
+        judged = {k: v for k, v in result.items() if k not in (EPOCHS_AT_TARGET, SECONDS_AT_TARGET)}
         progress = self._progress.update(trial_id, result)
-        if progress is not None:
+        if progress is None:
+            return judged
+        if self._time_attr == EPOCHS_AT_TARGET:
             judged[EPOCHS_AT_TARGET] = progress
+            return judged
+        seconds = result.get("target_seconds")
+        if not is_finite(seconds) or float(seconds) <= 0:
+            return judged  # no seconds at target reported: nothing to judge on
+        if not self._rungs_set:
+            self._place_second_rungs(float(seconds))
+        judged[SECONDS_AT_TARGET] = float(seconds)
         return judged
 
 
 def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int, grace_period: int = 1,
-                   reduction_factor: float = 3, stop_last_trials: bool = False) -> TrialScheduler | None:
+                   reduction_factor: float = 3, stop_last_trials: bool = False, rungs: str = "epochs",
+                   grace_seconds: float | None = None) -> TrialScheduler | None:
     """The early-stopping scheduler for a search.
 
     kind: "asha" (warmup-aware, the default choice), "plain-asha" (Ray's stock ASHA over
@@ -112,11 +156,27 @@ def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int,
     if kind == "asha":
         return WarmupAwareASHA(metric=metric, mode=mode, max_epochs_at_target=max_epochs_at_target,
                                grace_period=grace_period, reduction_factor=reduction_factor,
-                               stop_last_trials=stop_last_trials)
+                               stop_last_trials=stop_last_trials, rungs=rungs, grace_seconds=grace_seconds)
+    if rungs != "epochs":
+        raise ConfigError("--rungs seconds: only the warmup-aware scheduler (--scheduler asha) has rungs in seconds")
     return AsyncHyperBandScheduler(time_attr="training_iteration", metric=metric, mode=mode,
                                    max_t=max_epochs_at_target, grace_period=grace_period,
                                    reduction_factor=reduction_factor, brackets=1,
                                    stop_last_trials=stop_last_trials)
+
+
+def check_rungs(rungs: str, grace_seconds: float | None) -> None:
+    if rungs not in RUNG_UNITS:
+        raise ConfigError(f"--rungs: {str(rungs)[:40]!r} is not one of {', '.join(RUNG_UNITS)}")
+    if grace_seconds is not None and not (is_finite(grace_seconds) and 0 < float(grace_seconds) <= 10**7):
+        raise ConfigError(f"--grace-seconds: must be seconds in (0, 1e7], got {str(grace_seconds)[:40]!r}")
+    if grace_seconds is not None and rungs != "seconds":
+        raise ConfigError("--grace-seconds: goes with --rungs seconds")
+
+
+def default_rungs(searched: list[str]) -> str:
+    """Seconds where trials differ in cost per epoch by design (the space searches `method`), epochs elsewhere."""
+    return "seconds" if "method" in searched else "epochs"
 
 
 def is_rerun(trial) -> bool:

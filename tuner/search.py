@@ -99,13 +99,13 @@ def check_constraints(texts: list[str] | None, space: SearchSpace) -> list[str]:
     return [str(c) for c in constraints]
 
 
-def positive_seconds(value: Any) -> float:
+def positive_seconds(value: Any, flag: str = "--max-trial-seconds", unit: str = "device-seconds") -> float:
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = math.nan
     if not math.isfinite(seconds) or seconds <= 0:
-        raise SearchError(f"--max-trial-seconds: must be a number of device-seconds > 0, got {str(value)[:40]!r}")
+        raise SearchError(f"{flag}: must be a number of {unit} > 0, got {str(value)[:40]!r}")
     return seconds
 
 
@@ -153,7 +153,8 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    constraints: list[str] | None = None, optuna_storage: str | None = None,
                    warm_start: str | None = None, enqueue: str | None = None,
                    wandb_artifacts: bool = False, checkpoint_every: Any = None, fidelity: str | None = None,
-                   reeval_top: Any = 0, reeval_seeds: Any = 0) -> tuple[SearchRecord, str]:
+                   reeval_top: Any = 0, reeval_seeds: Any = 0, rungs: str | None = None,
+                   grace_seconds: Any = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
@@ -172,8 +173,11 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         raise SearchError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     trial_fidelity = space.fidelity if fidelity in (None, "") else Fidelity.parse(fidelity)
     trial_fidelity.check(space.base_config)
-    from tuner.schedulers import make_scheduler
-    make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)))  # validates
+    from tuner.schedulers import default_rungs, make_scheduler
+    rungs = rungs or default_rungs(space.searched_names())
+    grace_seconds = None if grace_seconds in (None, "") else positive_seconds(grace_seconds, "--grace-seconds", "seconds")
+    make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)),
+                   rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds)  # validates
     samples = positive_int("--num-samples", num_samples)
     top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.seed_points()), bool(space.defaults))
     if top and scheduler == "plain-asha":
@@ -186,6 +190,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         name=check_name(name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"),
         space_path=path, space=raw, objective=objectives, modes=modes, scheduler=scheduler,
         num_samples=samples, fidelity=str(trial_fidelity), reeval_top=top, reeval_seeds=seeds,
+        rungs=rungs, grace_seconds=grace_seconds,
         max_concurrent=positive_int("--max-concurrent", max_concurrent),
         resources_per_trial=parse_resources(resources), data_dir=str(resolve_data_dir(data_dir).resolve()),
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project,
@@ -349,7 +354,9 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
                                   constraints=parse_constraints(record.constraints), reeval=reeval_plan(record, space))
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0],
-                               max_epochs_at_target(space, record.fidelity))
+                               max_epochs_at_target(space, record.fidelity),
+                               rungs=record.rungs if record.scheduler == "asha" else "epochs",
+                               grace_seconds=record.grace_seconds)
     callbacks = [TrialOutcomeLog(record.objective)] + [c for c in [wandb_callback(record)] if c]
     return tune.Tuner(
         tune.with_resources(trainable or make_trainable(record), dict(record.resources_per_trial)),

@@ -1,0 +1,59 @@
+"""Rungs in seconds at the target ε (tuner/schedulers.py): trials of different cost per epoch meet at their rungs
+after equal compute. Driven result by result on Ray's own Trial objects, as tests/test_scheduler_searcher.py does."""
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from trainers.config import ConfigError
+from tuner.schedulers import SECONDS_AT_TARGET, WarmupAwareASHA, default_rungs, make_scheduler
+
+
+def result(epoch: int, seconds_per_epoch: float, ramp: int, err: float) -> dict:
+    at_target = epoch > ramp
+    return {"epoch": epoch, "epochs": 30, "at_target": at_target, "ibp_err": err if at_target else 0.99,
+            "target_seconds": seconds_per_epoch * max(0, epoch - ramp), "training_iteration": epoch}
+
+
+def test_cheap_and_costly_trials_meet_at_equal_seconds():
+    sched = WarmupAwareASHA(metric="ibp_err", mode="min", max_epochs_at_target=10, reduction_factor=3,
+                            rungs="seconds")
+    assert sched.rungs == []  # placed by the first epoch at target
+    cheap, costly, costly_bad = (Trial("t", stub=True) for _ in range(3))
+    for t in (cheap, costly, costly_bad):
+        sched.on_trial_add(None, t)
+    # ramp epochs carry no progress: never judged, whatever their error
+    assert sched.on_trial_result(None, cheap, result(1, 1.0, ramp=2, err=0.5)) == TrialScheduler.CONTINUE
+    seen = {}
+    for epoch in range(3, 13):  # the cheap trial (1 s an epoch at target) runs 10 epochs at target
+        r = result(epoch, 1.0, ramp=2, err=0.30)
+        sched.on_trial_result(None, cheap, r)
+        seen[r["target_seconds"]] = epoch
+    assert sched.rungs[:3] == [1.0, 3.0, 9.0]  # its first epoch at target took 1 s
+    # the costly trial (9 s an epoch at target) is judged at the 9 s rung after ONE epoch at target, against what
+    # the cheap one had after nine: better there, it continues; a worse costly trial stops
+    assert sched.on_trial_result(None, costly, result(3, 9.0, ramp=2, err=0.20)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, costly_bad, result(3, 9.0, ramp=2, err=0.60)) == TrialScheduler.STOP
+    recorded = dict((m, r) for m, r in sched._brackets[0]._rungs)[9.0]
+    assert set(recorded) == {cheap.trial_id, costly.trial_id, costly_bad.trial_id} and seen[9.0] == 11
+
+
+def test_seconds_progress_is_judged_only_at_target_and_the_key_is_ours():
+    sched = WarmupAwareASHA(metric="ibp_err", mode="min", max_epochs_at_target=5, rungs="seconds", grace_seconds=2.0)
+    assert sched.rungs[:2] == [2.0, 6.0]
+    trial = Trial("t", stub=True)
+    sched.on_trial_add(None, trial)
+    ramp = {**result(1, 1.0, ramp=3, err=0.9), SECONDS_AT_TARGET: 1e9}  # a trainable's own key is ignored
+    assert SECONDS_AT_TARGET not in sched._with_progress(trial.trial_id, ramp)
+    assert sched._with_progress(trial.trial_id, result(5, 1.5, ramp=3, err=0.4))[SECONDS_AT_TARGET] == 3.0
+
+
+def test_rungs_flags_and_defaults():
+    assert default_rungs(["method", "lr"]) == "seconds" and default_rungs(["lr"]) == "epochs"
+    with pytest.raises(ConfigError, match="--rungs: 'minutes'"):
+        make_scheduler("asha", "ibp_err", "min", 10, rungs="minutes")
+    with pytest.raises(ConfigError, match="--grace-seconds: goes with --rungs seconds"):
+        make_scheduler("asha", "ibp_err", "min", 10, grace_seconds=5.0)
+    with pytest.raises(ConfigError, match="only the warmup-aware scheduler"):
+        make_scheduler("plain-asha", "ibp_err", "min", 10, rungs="seconds")
+    with pytest.raises(ConfigError, match=r"--grace-seconds: must be seconds in \(0, 1e7\]"):
+        make_scheduler("asha", "ibp_err", "min", 10, rungs="seconds", grace_seconds=float("nan"))
