@@ -59,7 +59,7 @@ PAPER = {
     # bench/shorter_warmup.py's first trial: the MNIST recipe with every epoch count halved, on its trials' subset
     "mnist_short_warmup": paper(dataset="mnist", model="cnn_small", eps=0.4, epochs=35, batch_size=256,
                                 lr_milestones=[25, 30], schedule=dict(start=1, length=10),
-                                data=dict(subset=20000, val_size=5000), eval=dict(metrics=["clean", "ibp"],
+                                data=dict(subset=0, val_size=5000), eval=dict(metrics=["clean", "ibp"],
                                                                                   batch_size=1000)),
 }
 

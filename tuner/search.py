@@ -206,6 +206,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
         check_fits(record.resources_per_trial, local_resources())
         check_data(space, record.data_dir)
+        check_fidelity_data(space, trial_fidelity, record.data_dir)
     storage = normalize_storage(storage)
     if experiment_exists(storage, record.name):
         raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
@@ -267,6 +268,21 @@ def check_data(space: SearchSpace, data_dir: str) -> None:
             load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed, download=True)
         except DataError as e:
             raise SearchError(f"{cfg.dataset} data, checked before starting Ray: {first_line(e)}") from None
+
+
+def check_fidelity_data(space: SearchSpace, fidelity: Fidelity, data_dir: str) -> None:
+    """A subset fidelity is smaller than the target's training split, checked on the data (the defaults point)."""
+    if fidelity.kind != "subset":
+        return
+    from trainers.data import DataError, train_split_size
+
+    target = space.to_train_config(space.default_point() or space.corner("low"))
+    try:
+        fidelity.trial_config(target, train_split_size(target.dataset, data_dir, target.data))
+    except DataError as e:
+        raise SearchError(f"{target.dataset} data, checked before starting Ray: {first_line(e)}") from None
+    except ConfigError as e:
+        raise SearchError(f"--fidelity {fidelity}: {first_line(e).removeprefix(f'fidelity {fidelity}: ')}") from None
 
 
 def seed_value(seed: Any) -> int:
