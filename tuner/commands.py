@@ -48,6 +48,13 @@ def add_search_commands(sub) -> None:
                         "searches `method`, else epochs)")
     p.add_argument("--grace-seconds", default=None, metavar="S",
                    help="--rungs seconds: the first rung (default: the first epoch at target of the first trial)")
+    p.add_argument("--select-by", default=None, metavar="VERIFIER",
+                   help="when the trials have ended, certify the top --select-top points on the validation split "
+                        "with ibp, crown-ibp, crown, alpha-crown or bab and pick the winner by it (report shows both; "
+                        "export follows it)")
+    p.add_argument("--select-top", default="3", metavar="K", help="--select-by: points certified (default 3)")
+    p.add_argument("--select-n", default=None, metavar="N",
+                   help="--select-by: only the first N validation images (default all)")
     p.add_argument("--reeval-top", default="0", metavar="K",
                    help="when the other trials have ended, train the K best points and the space's defaults again "
                         "with --reeval-seeds more seeds each; points are then ranked by their mean over seeds "
@@ -122,7 +129,8 @@ def cmd_search(args) -> int:
         max_trial_seconds=args.max_trial_seconds, constraints=args.constraint, optuna_storage=args.optuna_storage,
         warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts,
         checkpoint_every=args.checkpoint_every, fidelity=args.fidelity, reeval_top=args.reeval_top,
-        reeval_seeds=args.reeval_seeds, rungs=args.rungs, grace_seconds=args.grace_seconds))
+        reeval_seeds=args.reeval_seeds, rungs=args.rungs, grace_seconds=args.grace_seconds, select_by=args.select_by,
+        select_top=args.select_top, select_n=args.select_n))
 
 
 def cmd_resume(args) -> int:

@@ -72,6 +72,8 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
         verified = rerank(search, ranked[:top_k], verify, data_dir, verify_n, verifier_options, device)
         ranked = [v.trial for v in verified] + ranked[top_k:]
     notes = verified_notes(verified, verify)
+    if verify is None and search.selection:  # the search's --select-by choice: its order first
+        ranked, notes = selected_order(search, ranked)
     out.mkdir(parents=True, exist_ok=True)
     best = ranked[0]
     constraints = constraints_note(search, best)
@@ -106,11 +108,26 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     if seeds is not None:
         summary["seeds"] = seeds
         summary["notes"] = seed_notes(seeds)
+    if verify is None and search.selection:
+        summary["selection"] = search.selection
     if verified is not None:
         summary["verified"] = {"verifier": verify, "split": "val", "n": verified[0].result["n"],
                                "ranking": [{"trial_id": v.trial.trial_id, "search_rank": v.search_rank,
                                             f"val_{verify}_err": v.verifier_err} for v in verified]}
     return summary
+
+
+def selected_order(search: Search, ranked: list[TrialRecord]) -> tuple[list[TrialRecord], dict[str, str]]:
+    """The points the search certified (--select-by), in its order, then the rest; and their header lines."""
+    chosen = search.selection
+    order = [row["trial_id"] for row in chosen["points"]]
+    first = [t for i in order for t in ranked if t.trial_id == i]
+    metric = chosen["metric"]
+    notes = {row["trial_id"]: f"# selected by the search's --select-by {chosen['verifier']}: {metric} "
+                              f"{row[metric]:.6g} on {chosen['n']} validation images ({row['seeds']} seed(s)); rank "
+                              f"{i} of {len(order)} by it, rank {row['search_rank']} in the search"
+             for i, row in enumerate(chosen["points"], 1)}
+    return first + [t for t in ranked if t.trial_id not in order], notes
 
 
 def verified_notes(verified, verifier: str | None) -> dict[str, str]:

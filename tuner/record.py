@@ -69,6 +69,11 @@ class SearchRecord:
     # (the default for spaces that search `method`); `grace_seconds` places the first rung in seconds.
     rungs: str = "epochs"
     grace_seconds: float | None = None
+    # --select-by (tuner/selection.py): when the trials have ended, the top `select_top` points are certified by
+    # this verifier on the first `select_n` validation images (all when None) and the winner picked by it.
+    select_by: str | None = None
+    select_top: int = 0
+    select_n: int | None = None
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from tuner.results import STATUSES, Search, TrialRecord, load_search, seed_notes, seed_summary
+from tuner.selection import selection_lines
 
 TOP = 10
 ROW_ORDER = ("finished", "running", "stopped", "failed", "pending")
@@ -51,6 +52,7 @@ def format_report(search: Search, top: int = TOP) -> str:
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more trials (all of them: `certtune export {search.name}` → trials.csv)")
     lines += seed_notes(seed_summary(search))
+    lines += selection_lines(search)
     if counts["stopped"]:
         lines.append("* stopped early (by the scheduler or a spent budget): the value is from its last epoch, not a final one")
     failed = [t for t in search.trials if t.status == "failed"]

@@ -45,6 +45,7 @@ STATUSES = ("finished", "stopped", "failed", "running", "pending")
 ENDED = ("finished", "stopped", "failed")
 NO_RESULT = "ended without reporting a result"
 SUPERSEDED_FILE = "certtune_superseded.json"  # in a trial directory: trained again under another id (resume)
+SELECTION_FILE = "certtune_selection.json"  # in the experiment: the --select-by choice (tuner/selection.py)
 TRIAL_FILES = ("params.json", "result.json", "error.txt", SUPERSEDED_FILE)  # what a remote copy needs per trial
 
 
@@ -95,6 +96,7 @@ class Search:
     trials: list[TrialRecord]
     location: str = ""  # where the experiment lives: local path or URI
     superseded: list[TrialRecord] = field(default_factory=list)  # trained again under another id: compute only
+    selection: dict | None = None  # the --select-by verifier's choice (tuner/selection.py), once made
 
     @property
     def objectives(self) -> list[str]:
@@ -144,6 +146,15 @@ class Search:
         sort_key (re-evaluations count in their point's score, not as points of their own)."""
         return sorted((t for t in self.points() if t.status == status),
                       key=lambda t: (not self.feasible(t),) + self.sort_key(t))
+
+    def selected(self) -> TrialRecord | None:
+        """The search's winner: the --select-by verifier's first point once the selection is made, else best()."""
+        if self.selection and self.selection.get("points"):
+            by_id = {t.trial_id: t for t in self.points()}
+            chosen = by_id.get(self.selection["points"][0].get("trial_id"))
+            if chosen is not None:
+                return chosen
+        return self.best()
 
     def reruns(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.is_rerun]
@@ -347,12 +358,27 @@ def _load_local(name: str, path: Path, where: str) -> Search:
     record = SearchRecord.from_json(record_file.read_text(), f"{where}/{RECORD_FILE}")
     every = read_trials(path, record.objective)
     trials = [t for t in every if not t.superseded]
-    search = Search(name, path, record, trials, where, [t for t in every if t.superseded])
+    search = Search(name, path, record, trials, where, [t for t in every if t.superseded],
+                    read_selection(path / SELECTION_FILE, where))
     if search.budget_spent():
         for t in trials:  # started just as the budget ran out, stopped before its first epoch: not a failure
             if t.status == "failed" and not t.history and t.error == NO_RESULT:
                 t.status, t.error = "stopped", None
     return search
+
+
+def read_selection(path: Path, where: str) -> dict | None:
+    """The --select-by choice, if the search made one; a damaged file is named, not ignored."""
+    if not path.is_file():
+        return None
+    try:
+        chosen = json.loads(path.read_text())
+        if not isinstance(chosen, dict) or not isinstance(chosen.get("points"), list):
+            raise ValueError("expected an object with a list of points")
+    except ValueError as e:
+        raise ExportError(f"{where}/{SELECTION_FILE}: not certtune's selection ({first_line(e)}); delete it to "
+                          f"report the search without it") from None
+    return chosen
 
 
 def download_experiment(uri: str, local: Path) -> Path:
@@ -366,7 +392,8 @@ def download_experiment(uri: str, local: Path) -> Path:
         raise ExportError(f"{uri}: cannot read the experiment ({str(e).splitlines()[0]})") from None
     for info in infos:
         rel = Path(info.path[len(root):].lstrip("/"))
-        wanted = (len(rel.parts) == 1 and (rel.name == RECORD_FILE or rel.name.startswith("experiment_state-"))
+        wanted = (len(rel.parts) == 1 and (rel.name in (RECORD_FILE, SELECTION_FILE)
+                                           or rel.name.startswith("experiment_state-"))
                   or len(rel.parts) == 2 and rel.name in TRIAL_FILES)
         if info.type == pyarrow.fs.FileType.File and wanted:
             (local / rel).parent.mkdir(parents=True, exist_ok=True)

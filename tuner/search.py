@@ -31,6 +31,7 @@ from tuner.record import (SearchError, SearchRecord, check_name, device_weight, 
                           write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
 from tuner.reeval import ReevalPlan, check_reeval
+from tuner.selection import check_selection
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
 
@@ -154,7 +155,8 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    warm_start: str | None = None, enqueue: str | None = None,
                    wandb_artifacts: bool = False, checkpoint_every: Any = None, fidelity: str | None = None,
                    reeval_top: Any = 0, reeval_seeds: Any = 0, rungs: str | None = None,
-                   grace_seconds: Any = None) -> tuple[SearchRecord, str]:
+                   grace_seconds: Any = None, select_by: str | None = None, select_top: Any = 3,
+                   select_n: Any = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
@@ -180,6 +182,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds)  # validates
     samples = positive_int("--num-samples", num_samples)
     top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.seed_points()), bool(space.defaults))
+    select_by, select_top, select_n = check_selection(select_by, select_top, select_n)
     if top and scheduler == "plain-asha":
         raise SearchError("--reeval-top: re-evaluation runs with --scheduler asha or none (plain-asha would stop "
                           "the re-evaluation trials at its rungs)")
@@ -190,7 +193,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         name=check_name(name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"),
         space_path=path, space=raw, objective=objectives, modes=modes, scheduler=scheduler,
         num_samples=samples, fidelity=str(trial_fidelity), reeval_top=top, reeval_seeds=seeds,
-        rungs=rungs, grace_seconds=grace_seconds,
+        rungs=rungs, grace_seconds=grace_seconds, select_by=select_by, select_top=select_top, select_n=select_n,
         max_concurrent=positive_int("--max-concurrent", max_concurrent),
         resources_per_trial=parse_resources(resources), data_dir=str(resolve_data_dir(data_dir).resolve()),
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project,
@@ -431,6 +434,7 @@ def run_search(record: SearchRecord, storage: str):
     connect_ray(record.address)
     results = build_tuner(record, storage).fit()
     settle(record, storage)
+    select_winner(record, storage)
     return results
 
 
@@ -439,6 +443,20 @@ def settle(record: SearchRecord, storage: str) -> None:
     from tuner.study import settle_study
 
     settle_study(record, storage, load_search(record.name, storage).trials)
+
+
+def select_winner(record: SearchRecord, storage: str) -> None:
+    """--select-by: once every trial has ended, certify the top points and record the choice (tuner/selection.py)."""
+    if not record.select_by:
+        return
+    from tuner.selection import select_and_record
+
+    search = load_search(record.name, storage)
+    if not search.is_complete() or search.selection is not None:
+        return  # interrupted: the resume selects; selected already: a resume of a finished search changes nothing
+    print(f"certtune: certifying the top {record.select_top} points by {record.select_by} on validation "
+          f"(--select-by)", flush=True)
+    select_and_record(search, storage, "cuda" if record.resources_per_trial.get("gpu") else "cpu")
 
 
 def resume_search(name: str, storage: str | None, address: str | None):
@@ -468,6 +486,7 @@ def resume_search(name: str, storage: str | None, address: str | None):
                                restart_errored=False)
     results = tuner.fit()
     settle(record, storage)
+    select_winner(record, storage)
     return results
 
 
@@ -520,13 +539,15 @@ def summarize(search: Search, storage: str) -> str:
              f"experiment: {search.location}"]
     best = search.best()
     if best is not None:
-        values = " ".join(f"{o}={best.value(o):.6g}" for o in search.objectives)
+        values = " ".join(f"{o}={search.score(best, o).mean:.6g}" for o in search.objectives)
         feasible = search.feasible(best)
         which = "best finished trial" + (" satisfying every constraint" if record.constraints and feasible else "")
         lines.append(f"{which}: {values} trial_id={best.trial_id} {json.dumps(best.params, sort_keys=True)}")
         if not feasible:
             lines.append(f"no finished trial satisfies every constraint ({', '.join(record.constraints)}); "
                          f"the one above is the best finished trial regardless")
+    from tuner.selection import selection_lines
+    lines += selection_lines(search)
     if search.all_failed():
         lines.append(f"every trial failed ({len(search.trials)}); reasons:")
         reasons: dict[str, int] = {}
