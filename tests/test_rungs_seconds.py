@@ -57,3 +57,42 @@ def test_rungs_flags_and_defaults():
         make_scheduler("plain-asha", "ibp_err", "min", 10, rungs="seconds")
     with pytest.raises(ConfigError, match=r"--grace-seconds: must be seconds in \(0, 1e7\]"):
         make_scheduler("asha", "ibp_err", "min", 10, rungs="seconds", grace_seconds=float("nan"))
+
+
+def test_trial_cost_by_hand():
+    from trainers.config import TrainConfig
+    from tuner.costs import STEP_COST, trial_cost
+
+    cfg = TrainConfig.from_dict({"method": "crown-ibp", "epochs": 10, "batch_size": 100, "lr_milestones": [8],
+                                 "schedule": {"start": 2, "length": 3}, "data": {"subset": 1000}}).resolve()
+    # 10 steps an epoch; epochs 1-4 before the target (CROWN-IBP's cost), 6 at target with IBP's
+    assert trial_cost(cfg, 50_000) == pytest.approx(10 * (4 * STEP_COST["crown-ibp"] + 6 * STEP_COST["vanilla"]))
+
+
+SPACE = {"base": {"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05, "epochs": 3,
+                  "batch_size": 50, "lr": 1e-3, "lr_milestones": [3], "schedule": {"start": 1, "length": 1},
+                  "data": {"subset": 300, "val_size": 100}, "eval": {"metrics": ["clean", "ibp"], "batch_size": 100}},
+         "params": {"method": {"type": "categorical", "choices": ["fast", "staps"]}},
+         "defaults": {"method": "fast"}, "seeds": [{"method": "staps"}]}
+
+
+def test_a_search_over_two_methods_of_different_cost_meets_at_equal_seconds(data_dir, tmp_path, ray_shut_down_after):
+    """A real search over `fast` and STAPS (about 7x the cost of a step): rungs are in seconds by default for a
+    space searching `method`, the trials report their seconds at target, and a STAPS epoch costs more of them,
+    so at a rung in seconds it has trained fewer epochs (the rule itself: the tests above)."""
+    import certtune
+    from tuner.results import load_search
+
+    certtune.search(SPACE, name="cost", num_samples=2, max_concurrent=1, data_dir=str(data_dir),
+                    storage=str(tmp_path), grace_seconds=0.01, echo=False)
+    search = load_search("cost", str(tmp_path))
+    assert search.record.rungs == "seconds" and search.record.grace_seconds == 0.01
+    assert search.record.method_costs["staps"] > 3 * search.record.method_costs["fast"]
+    per_epoch = {}
+    for t in search.trials:
+        at_target = [r for r in t.history if r["at_target"]]
+        assert t.status == "finished" and len(at_target) == 2
+        seconds = [r["target_seconds"] for r in at_target]
+        assert 0.01 <= seconds[0] < seconds[1]  # both pass the first rung at their first epoch at target
+        per_epoch[t.params["method"]] = seconds[1] / 2
+    assert per_epoch["staps"] > per_epoch["fast"]

@@ -77,6 +77,9 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
         rungs=rungs, grace_seconds=grace_seconds, select_by=select_by, select_top=select_top, select_n=select_n)
     if echo:
         print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
+        if record.method_costs:
+            from tuner.costs import cost_line
+            print(f"search {record.name}: {cost_line(record.method_costs)}", flush=True)
     run_search(record, storage)
     return _finished(record, storage, echo)
 

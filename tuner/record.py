@@ -74,6 +74,9 @@ class SearchRecord:
     select_by: str | None = None
     select_top: int = 0
     select_n: int | None = None
+    # A space that searches `method`: each method's trial cost relative to the first, estimated before the search
+    # from measured step costs (tuner/costs.py); {} otherwise, or when the data is not on this machine.
+    method_costs: dict[str, float] = field(default_factory=dict)
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""

@@ -36,6 +36,9 @@ def format_report(search: Search, top: int = TOP) -> str:
              + f"; fidelity: {record.fidelity}; "
              f"experiment: {search.location}",
              f"budget: {search.budget_text()}"]
+    if record.method_costs:
+        from tuner.costs import cost_line
+        lines.append(cost_line(record.method_costs))
     if record.reeval_top:
         reruns = search.reruns()
         lines.append(f"re-evaluation: the best {record.reeval_top} points and the space's defaults, "

@@ -210,6 +210,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         check_fits(record.resources_per_trial, local_resources())
         check_data(space, record.data_dir)
         check_fidelity_data(space, trial_fidelity, record.data_dir)
+        record.method_costs = estimate_method_costs(space, trial_fidelity, record.data_dir)
     storage = normalize_storage(storage)
     if experiment_exists(storage, record.name):
         raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
@@ -286,6 +287,18 @@ def check_fidelity_data(space: SearchSpace, fidelity: Fidelity, data_dir: str) -
         raise SearchError(f"{target.dataset} data, checked before starting Ray: {first_line(e)}") from None
     except ConfigError as e:
         raise SearchError(f"--fidelity {fidelity}: {first_line(e).removeprefix(f'fidelity {fidelity}: ')}") from None
+
+
+def estimate_method_costs(space: SearchSpace, fidelity: Fidelity, data_dir: str) -> dict[str, float]:
+    """Each method's trial cost relative to the first trial's, when the space searches `method` (tuner/costs.py)."""
+    if "method" not in space.params:
+        return {}
+    from trainers.data import train_split_size
+    from tuner.costs import method_costs
+
+    target = space.to_train_config(space.default_point() or space.corner("low"))
+    return {m: round(c, 3) for m, c in method_costs(space, fidelity, train_split_size(
+        target.dataset, data_dir, target.data)).items()}
 
 
 def seed_value(seed: Any) -> int:
