@@ -329,3 +329,108 @@ def test_non_utf8_space_file(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_bytes(yaml.safe_dump(SPACE).encode() + "# é\n".encode("latin-1"))
     assert_refused(certtune("search", path, "--storage", tmp_path / "results"), "not a UTF-8 text file")
+
+
+# ---- 6. writes stay inside certtune's own files (issue 21) -------------------------------------------------
+def plant_link(where: Path, victim: Path) -> None:
+    """What another user of a shared storage can leave where certtune is about to write."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.symlink_to(victim)
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A file outside every run and experiment, which no certtune command may change."""
+    path = tmp_path / "outside" / "victim.txt"
+    path.parent.mkdir()
+    path.write_text("another user's file\n")
+    return path
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.yaml", "last.pt", "best.pt"])
+def test_train_never_writes_through_a_link_in_its_out(tmp_path, config_file, data_dir, victim, name):
+    run = tmp_path / "run"
+    plant_link(run / name, victim)
+    assert_refused(certtune("train", config_file, "--data-dir", data_dir, "--out", run),
+                   str(run / name), "symbolic link")
+    assert victim.read_text() == "another user's file\n"  # a refused lock did not truncate it either
+
+
+def test_train_refuses_a_fifo_for_metrics_at_once(tmp_path, config_file, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "metrics.jsonl")
+    start = time.monotonic()
+    assert_refused(certtune("train", config_file, "--data-dir", data_dir, "--out", run, timeout=60),
+                   "metrics.jsonl", "FIFO")
+    assert time.monotonic() - start < 60
+
+
+def test_train_temporary_files_are_fresh_names_not_planted_links(tmp_path, config_file, data_dir, victim):
+    run = tmp_path / "run"
+    for name in ("last.pt.tmp", "best.pt.tmp", "config.yaml.tmp", "metrics.jsonl.tmp"):
+        plant_link(run / name, victim)
+    proc = certtune("train", config_file, "--data-dir", data_dir, "--out", run, "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert victim.read_text() == "another user's file\n"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]  # none left
+
+
+# ---- 7. --warm-start reads its source, never writes it (issue 21) -------------------------------------------
+def space_file(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "latin1", "json_but_not_journal", "torn_only"])
+def test_warm_start_from_a_file_that_is_not_a_journal_is_one_line_and_leaves_it_as_it_was(
+        tmp_path, trained, data_dir, source):
+    path = tmp_path / "source"
+    path.write_bytes({"checkpoint": (trained / "best.pt").read_bytes(),
+                      "latin1": "caf\xe9 op_code\n".encode("latin-1"),
+                      "json_but_not_journal": b'{"a": 1}\n',
+                      "torn_only": b'{"op_code": 0, "study_na'}[source])
+    before = snapshot(tmp_path)
+    assert_refused(certtune("search", space_file(tmp_path), "--name", "w", "--storage", tmp_path / "results",
+                            "--data-dir", data_dir, "--warm-start", f"{path}#base"),
+                   f"--warm-start {path}", "not an Optuna journal")
+    after = snapshot(tmp_path)
+    assert after == {**before, "space.yaml": after["space.yaml"]}  # the source untouched, no .lock beside it
+    assert not (tmp_path / "results").exists()
+
+
+def journal_with_torn_tail(path: Path) -> bytes:
+    """An Optuna journal of one finished trial in SPACE, whose last line a crash tore."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.create_study(study_name="old", storage=JournalStorage(JournalFileBackend(str(path))))
+    dist = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions={"lr": dist}, value=0.5))
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 4, "worker_id": "x", "study_i')
+    for lock in path.parent.glob("*.lock"):
+        lock.unlink()
+    return path.read_bytes()
+
+
+def test_warm_start_from_a_journal_with_a_torn_tail_reads_it_and_never_repairs_it(tmp_path):
+    """Given as FILE#STUDY, or as the name of another search (whose own journal it is): read, not repaired."""
+    from tuner.record import RECORD_FILE, SearchRecord
+    from tuner.spaces import SearchSpace
+    from tuner.study import warm_start_trials
+
+    journal = tmp_path / "old" / "optuna_journal.log"
+    journal.parent.mkdir()
+    data = journal_with_torn_tail(journal)
+    (journal.parent / RECORD_FILE).write_text(SearchRecord(
+        "old", "space.yaml", SPACE, ["ibp_err"], ["min"], "none", 1, 1, {"cpu": 1, "gpu": 0}, "data",
+        study_storage="journal").to_json())
+    before = snapshot(tmp_path)
+    for spec in (f"{journal}#old", "old"):
+        trials = warm_start_trials(spec, str(tmp_path), SearchSpace.from_dict(SPACE, name="s"), ["ibp_err"], ["min"])
+        assert [(t.params, t.values) for t in trials] == [({"lr": 1e-3}, [0.5])]
+    assert journal.read_bytes() == data and snapshot(tmp_path) == before  # no repair, no lock file beside it
