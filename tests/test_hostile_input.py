@@ -434,3 +434,148 @@ def test_warm_start_from_a_journal_with_a_torn_tail_reads_it_and_never_repairs_i
         trials = warm_start_trials(spec, str(tmp_path), SearchSpace.from_dict(SPACE, name="s"), ["ibp_err"], ["min"])
         assert [(t.params, t.values) for t in trials] == [({"lr": 1e-3}, [0.5])]
     assert journal.read_bytes() == data and snapshot(tmp_path) == before  # no repair, no lock file beside it
+
+
+# ---- 8. export writes only into a folder of its own; reads only inside the experiment (issue 21) ------------
+STATE_FILE = "experiment_state-2026-01-01_00-00-00.json"
+
+
+def fake_experiment(storage: Path, name: str = "exp") -> Path:
+    """A search as Ray and certtune leave it on disk (record, Ray's experiment state, trial directories with
+    params, results and error.txt), written directly: report and export read these plain files only."""
+    import json
+
+    from tuner.record import RECORD_FILE, SearchRecord
+
+    exp = storage / name
+    exp.mkdir(parents=True)
+    (exp / RECORD_FILE).write_text(SearchRecord(name, "space.yaml", SPACE, ["ibp_err"], ["min"], "none", 3, 1,
+                                                {"cpu": 1, "gpu": 0}, "data").to_json())
+    state = []
+    for n, (tid, lr, status, ibp) in enumerate([("a", 1e-3, "TERMINATED", 0.4), ("b", 2e-3, "TERMINATED", 0.3),
+                                                ("c", 3e-3, "ERROR", None)], 1):
+        d = exp / f"trial_{tid}"
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps({"lr": lr}))
+        rows = [{"epoch": e, "epochs": 2, "at_target": True, "ibp_err": (ibp or 0.9) + 0.1 * (2 - e),
+                 "clean_err": 0.2, "train_seconds": float(e)} for e in ((1, 2) if ibp else (1,))]
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if status == "ERROR":
+            (d / "error.txt").write_text("RuntimeError: synthetic failure\n")
+        info = {"trial_id": tid, "status": status, "config": {"lr": lr}, "relative_logdir": d.name,
+                "experiment_tag": f"{n}_lr={lr}"}
+        runtime = {"error_filename": "error.txt" if status == "ERROR" else None, "last_result": rows[-1],
+                   "last_result_time": float(n)}
+        state.append([json.dumps(info), json.dumps(runtime)])
+    (exp / STATE_FILE).write_text(json.dumps({"trial_data": state}))
+    return exp
+
+
+def edit_state(exp: Path, trial: int, info: dict | None = None, runtime: dict | None = None) -> None:
+    import json
+
+    raw = json.loads((exp / STATE_FILE).read_text())
+    old_info, old_runtime = (json.loads(x) for x in raw["trial_data"][trial])
+    raw["trial_data"][trial] = [json.dumps({**old_info, **(info or {})}), json.dumps({**old_runtime, **(runtime or {})})]
+    (exp / STATE_FILE).write_text(json.dumps(raw))
+
+
+def test_export_refuses_a_non_empty_folder_it_did_not_write(tmp_path):
+    fake_experiment(tmp_path / "results")
+    out = tmp_path / "mine"
+    (out / "top_k").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine\n")
+    (out / "top_k" / "rank1.yaml").write_text("mine\n")
+    before = snapshot(tmp_path)
+    assert_refused(certtune("export", "exp", "--storage", tmp_path / "results", "--out", out),
+                   f"--out {out}", "not written by `certtune export`")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_second_export_replaces_only_what_the_first_wrote(tmp_path):
+    fake_experiment(tmp_path / "results")
+    out = tmp_path / "out"
+    export = ("export", "exp", "--storage", tmp_path / "results", "--out", out)
+    assert certtune(*export, "--top-k", "2").returncode == 0
+    assert sorted(p.name for p in (out / "top_k").iterdir()) == ["rank1.yaml", "rank2.yaml"]
+    (out / "notes.txt").write_text("added by the user\n")
+    (out / "top_k" / "mine.yaml").write_text("added by the user\n")
+    proc = certtune(*export, "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "top_k").iterdir()) == ["mine.yaml", "rank1.yaml"]  # rank2: its own, gone
+    assert (out / "notes.txt").read_text() == "added by the user\n"
+
+
+@pytest.mark.parametrize("planted", ["trials.csv", "best.yaml", "history.png", "top_k", "top_k/rank1.yaml"])
+def test_export_never_writes_through_a_link_in_its_out(tmp_path, victim, planted):
+    fake_experiment(tmp_path / "results")
+    out = tmp_path / "out"
+    export = ("export", "exp", "--storage", tmp_path / "results", "--out", out)
+    assert certtune(*export).returncode == 0  # an export folder of its own, then a link planted in it
+    target = out / planted
+    (target.unlink() if target.is_file() else __import__("shutil").rmtree(target))
+    plant_link(target, victim.parent if planted == "top_k" else victim)
+    before = snapshot(tmp_path)
+    line = assert_refused(certtune(*export), "--out")
+    assert "link" in line and victim.read_text() == "another user's file\n" and snapshot(tmp_path) == before
+
+
+def test_export_out_that_is_a_file_is_one_line(tmp_path, victim):
+    fake_experiment(tmp_path / "results")
+    assert_refused(certtune("export", "exp", "--storage", tmp_path / "results", "--out", victim),
+                   "exists and is not a directory")
+    assert victim.read_text() == "another user's file\n"
+
+
+SECRET = "SECRET-TOKEN-do-not-copy"
+
+
+@pytest.mark.parametrize("tamper", ["absolute_logdir", "dotdot_logdir", "dotdot_error_file", "error_file_link",
+                                    "result_link", "trial_dir_link"])
+def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
+    exp = fake_experiment(tmp_path / "results")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "error.txt").write_text(f"{SECRET}\n")
+    (outside / "result.json").write_text('{"epoch": 2, "epochs": 2, "ibp_err": 0.01, "note": "%s"}\n' % SECRET)
+    (outside / "params.json").write_text('{"lr": 0.001}')
+    named = STATE_FILE
+    if tamper == "absolute_logdir":
+        edit_state(exp, 2, info={"relative_logdir": str(outside)})
+    elif tamper == "dotdot_logdir":
+        edit_state(exp, 2, info={"relative_logdir": "../../outside"})
+    elif tamper == "dotdot_error_file":
+        edit_state(exp, 2, runtime={"error_filename": "../../../outside/error.txt"})
+    elif tamper == "error_file_link":
+        (exp / "trial_c" / "error.txt").unlink()
+        (exp / "trial_c" / "error.txt").symlink_to(outside / "error.txt")
+        named = "trial_c/error.txt"
+    elif tamper == "result_link":
+        (exp / "trial_a" / "result.json").unlink()
+        (exp / "trial_a" / "result.json").symlink_to(outside / "result.json")
+        named = "trial_a/result.json"
+    else:  # a trial directory Ray's state does not know, which is a link to elsewhere
+        (exp / "trial_d").symlink_to(outside)
+        named = "trial_d"
+    before = snapshot(tmp_path)
+    out = tmp_path / "export"
+    for command in (("export", "exp", "--storage", tmp_path / "results", "--out", out),
+                    ("report", "exp", "--storage", tmp_path / "results")):
+        proc = certtune(*command)
+        assert_refused(proc, named, "outside the experiment")
+        assert SECRET not in proc.stdout + proc.stderr
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_report_and_export_of_a_copied_experiment_read_only_the_copy(tmp_path):
+    import shutil
+
+    original = fake_experiment(tmp_path / "results")
+    shutil.copytree(original, tmp_path / "copy" / "exp", symlinks=True)
+    moved = original.rename(tmp_path / "moved-away")  # the original is gone from where it ran
+    before = snapshot(moved)
+    report = certtune("report", "exp", "--storage", tmp_path / "copy")
+    assert report.returncode == 0 and "3 trials of 3 planned; 2 finished" in report.stdout, report.stderr[-2000:]
+    export = certtune("export", "exp", "--storage", tmp_path / "copy")
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert (tmp_path / "copy" / "exp" / "export" / "trials.csv").is_file() and snapshot(moved) == before
