@@ -579,3 +579,37 @@ def test_report_and_export_of_a_copied_experiment_read_only_the_copy(tmp_path):
     export = certtune("export", "exp", "--storage", tmp_path / "copy")
     assert export.returncode == 0, export.stderr[-2000:]
     assert (tmp_path / "copy" / "exp" / "export" / "trials.csv").is_file() and snapshot(moved) == before
+
+
+# ---- 9. one driver per experiment (issue 21) ----------------------------------------------------------------
+HOLD_LOCK = ("import sys, time\nfrom trainers.files import open_lock, take_lock\nfd = open_lock(sys.argv[1])\n"
+             "assert take_lock(fd) is None\nprint('held', flush=True)\ntime.sleep(600)\n")
+
+
+def test_a_second_driver_of_one_experiment_is_refused_naming_the_first(tmp_path, data_dir):
+    exp = fake_experiment(tmp_path / "results")
+    (exp / "tuner.pkl").write_bytes(b"")  # what makes Ray (and `certtune search`) see an experiment to resume
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(exp / ".lock")], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:  # the holder plays a driver running the search `exp`
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path)
+        for command in (("resume", "exp", "--storage", tmp_path / "results"),
+                        ("search", space_file(tmp_path / "results"), "--name", "exp", "--storage",
+                         tmp_path / "results", "--data-dir", data_dir)):
+            assert_refused(certtune(*command), "search 'exp'", "another certtune driver", f"pid {holder.pid} on ")
+            assert snapshot(tmp_path) == {**before, **{k: v for k, v in snapshot(tmp_path).items()
+                                                       if k == "results/space.yaml"}}
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock, which the next driver takes over
+        holder.wait()
+    # Past the lock now: refused only because the search exists (its name is taken by a real experiment).
+    assert_refused(certtune("search", space_file(tmp_path), "--name", "exp", "--storage", tmp_path / "results",
+                            "--data-dir", data_dir), "a search of that name already exists")
+
+
+def test_a_link_planted_as_the_driver_lock_is_refused_and_its_target_kept(tmp_path, victim):
+    exp = fake_experiment(tmp_path / "results")
+    plant_link(exp / ".lock", victim)
+    assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results"), ".lock", "symbolic link")
+    assert victim.read_text() == "another user's file\n"
