@@ -613,35 +613,3 @@ def test_a_link_planted_as_the_driver_lock_is_refused_and_its_target_kept(tmp_pa
     plant_link(exp / ".lock", victim)
     assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results"), ".lock", "symbolic link")
     assert victim.read_text() == "another user's file\n"
-
-
-# ---- 10. a copied experiment is its own (issue 21) ----------------------------------------------------------
-def test_a_searcher_restored_from_a_copied_experiment_writes_only_the_copys_journal(tmp_path):
-    """Ray's searcher snapshot pickles the journal's absolute path: `resume NAME --storage COPY` restores it
-    from the copy and must append to the copy's journal, the original staying byte-identical."""
-    import shutil
-
-    import optuna
-    from optuna.trial import TrialState
-
-    from tuner.searcher import HonestOptunaSearch
-    from tuner.spaces import SearchSpace
-    from tuner.study import JOURNAL_FILE, open_journal
-
-    space = SearchSpace.from_dict(SPACE, name="s")
-    original = tmp_path / "original"
-    original.mkdir()
-    searcher = HonestOptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min", seed=0,
-                                  storage=open_journal(original / JOURNAL_FILE), study_name="s")
-    searcher.set_search_properties(None, None, {})
-    searcher.suggest("a")
-    searcher.save(str(original / "searcher-state-1.pkl"))  # Ray's snapshot, then the experiment is copied
-    shutil.copytree(original, tmp_path / "copy")
-    before = snapshot(original)
-    restored = HonestOptunaSearch()
-    restored.restore(str(tmp_path / "copy" / "searcher-state-1.pkl"))
-    restored.on_trial_complete("a", {"epoch": 2, "epochs": 2, "at_target": True, "ibp_err": 0.5})
-    restored.suggest("b")
-    assert snapshot(original) == before and sorted(p.name for p in original.iterdir()) == sorted(before)
-    study = optuna.load_study(study_name="s", storage=open_journal(tmp_path / "copy" / JOURNAL_FILE))
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]

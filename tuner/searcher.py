@@ -6,8 +6,6 @@ metric makes `tell` raise, which Ray only logs, leaving the Optuna trial RUNNING
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
@@ -16,7 +14,7 @@ from tuner.constraints import Constraint
 from trainers.config import ConfigError
 from tuner.keys import FAIL_REASON, RAY_TRIAL_ID
 from tuner.schedulers import TargetEpochCounter, is_finite
-from tuner.study import flat_config, relocate_journal
+from tuner.study import flat_config
 
 
 class HonestOptunaSearch(OptunaSearch):
@@ -148,8 +146,6 @@ class HonestOptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_train_config", None)  # a snapshot from before these attributes
         self.__dict__.setdefault("_orphans", [])
-        if self._ot_study is not None:  # a copied or moved experiment appends to its own journal
-            relocate_journal(self._ot_study._storage, Path(checkpoint_path).parent)
         self._reconcile()
 
     def _reconcile(self) -> None:

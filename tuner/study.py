@@ -83,26 +83,6 @@ def open_journal(path: Path, create: bool = True):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path), JournalFileOpenLock(str(path))))
 
 
-def relocate_journal(storage, experiment_dir: str | Path) -> None:
-    """A search's journal travels with its experiment. Ray's searcher snapshot pickles the journal's absolute
-    path; restored from a copied or moved experiment, it would append to the original's journal. A journal
-    backend named JOURNAL_FILE is re-pointed (with its lock) to the journal in `experiment_dir`, where the
-    snapshot was read from, when there is one."""
-    from optuna.storages.journal import JournalFileBackend
-
-    backend = getattr(storage, "_backend", None)
-    if not isinstance(backend, JournalFileBackend) or Path(backend._file_path).name != JOURNAL_FILE:
-        return
-    own = Path(experiment_dir) / JOURNAL_FILE
-    if not own.is_file() or Path(backend._file_path) == own:
-        return
-    backend._file_path = str(own)
-    lock = backend._lock
-    for attr, path in (("_lock_file", f"{own}.lock"), ("_lock_target_file", str(own))):
-        if hasattr(lock, attr):
-            setattr(lock, attr, path)
-
-
 def cut_torn_tail(path: Path) -> None:
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
     with os.fdopen(fd, "rb+") as f:
