@@ -450,7 +450,7 @@ def fake_experiment(storage: Path, name: str = "exp") -> Path:
     exp = storage / name
     exp.mkdir(parents=True)
     (exp / RECORD_FILE).write_text(SearchRecord(name, "space.yaml", SPACE, ["ibp_err"], ["min"], "none", 3, 1,
-                                                {"cpu": 1, "gpu": 0}, "data").to_json())
+                                                {"cpu": 1, "gpu": 0}, "data", location=str(exp)).to_json())
     state = []
     for n, (tid, lr, status, ibp) in enumerate([("a", 1e-3, "TERMINATED", 0.4), ("b", 2e-3, "TERMINATED", 0.3),
                                                 ("c", 3e-3, "ERROR", None)], 1):
@@ -565,6 +565,21 @@ def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
         assert_refused(proc, named, "outside the experiment")
         assert SECRET not in proc.stdout + proc.stderr
     assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_resume_of_a_copied_experiment_is_refused_and_changes_neither(tmp_path):
+    """Ray's saved state points at where a search started: resuming a copy would train its new trials into
+    the original. Refused in one line before anything is written (not even the driver lock)."""
+    import shutil
+
+    original = fake_experiment(tmp_path / "results")
+    (original / "tuner.pkl").write_bytes(b"")
+    copy = tmp_path / "copy" / "exp"
+    shutil.copytree(original, copy)
+    before = snapshot(tmp_path)
+    assert_refused(certtune("resume", "exp", "--storage", tmp_path / "copy"),
+                   f"was started in {original}", f"now read from {copy}", "resumes a search only where it started")
+    assert snapshot(tmp_path) == before and not (copy / ".lock").exists()
 
 
 def test_report_and_export_of_a_copied_experiment_read_only_the_copy(tmp_path):

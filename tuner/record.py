@@ -59,6 +59,9 @@ class SearchRecord:
     # A trial saves a checkpoint at its last epoch and once this many seconds of training have passed since
     # its last one (0: every epoch); tuner/trial.py CheckpointClock, docs/decisions.md.
     checkpoint_every_s: float = 30.0
+    # Where the experiment was started (experiment_path). Ray's state and searcher snapshot keep absolute paths
+    # to it, so `resume` runs it only there (check_location); report and export read a copy anywhere.
+    location: str | None = None
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
@@ -237,6 +240,16 @@ def release_driver_lock(storage: str, name: str) -> None:
     fd = None if is_uri(storage) else _held_locks.pop(str(Path(experiment_path(storage, name))), None)
     if fd is not None:
         os.close(fd)
+
+
+def check_location(record: SearchRecord, storage: str) -> None:
+    """`resume` of a copied or moved experiment is refused: Ray's pickled state would send new trials and the
+    study's writes to where it was started (the original, or a path that is gone) rather than to the copy."""
+    here = experiment_path(storage, record.name)
+    if record.location is not None and record.location != here:
+        raise SearchError(f"search {record.name!r} was started in {record.location} and is now read from {here}; "
+                          f"Ray's saved state points at the first, so certtune resumes a search only where it "
+                          f"started (move it back to resume it; report and export read it anywhere)")
 
 
 def read_record(storage: str, name: str) -> SearchRecord:

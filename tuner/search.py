@@ -25,9 +25,9 @@ from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
-from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
-                          hold_driver_lock, normalize_storage, positive_int, read_record, release_driver_lock,
-                          space_source, space_with_overrides, write_record, write_text)
+from tuner.record import (SearchError, SearchRecord, check_location, check_name, device_weight, experiment_path,
+                          first_line, hold_driver_lock, normalize_storage, positive_int, read_record,
+                          release_driver_lock, space_source, space_with_overrides, write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
@@ -190,6 +190,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         check_data(space, record.data_dir)
     storage = normalize_storage(storage)
     check_study_inputs(record, space, storage, optuna_storage, warm_start, enqueue)
+    record.location = experiment_path(storage, record.name)
     hold_driver_lock(storage, record.name)  # released when run_search ends (or with this process)
     try:
         if experiment_exists(storage, record.name):
@@ -413,6 +414,7 @@ def resume_search(name: str, storage: str | None, address: str | None):
     their retries and were told to Optuna as FAIL) stay failed."""
     storage = normalize_storage(storage)
     record = read_record(storage, name)
+    check_location(record, storage)  # a copy or a moved experiment: nothing written, not even a lock
     path = experiment_path(storage, name)
     hold_driver_lock(storage, name)  # before anything is written
     try:
