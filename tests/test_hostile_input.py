@@ -377,6 +377,16 @@ def test_train_temporary_files_are_fresh_names_not_planted_links(tmp_path, confi
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]  # none left
 
 
+def test_a_link_planted_as_a_new_searchs_journal_is_refused_before_anything_is_written(tmp_path, data_dir,
+                                                                                      victim):
+    plant_link(tmp_path / "results" / "new" / "optuna_journal.log", victim)
+    space = space_file(tmp_path)
+    before = snapshot(tmp_path)
+    assert_refused(certtune("search", space, "--name", "new", "--storage", tmp_path / "results", "--data-dir",
+                            data_dir), "optuna_journal.log", "symbolic link")
+    assert snapshot(tmp_path) == before and victim.read_text() == "another user's file\n"
+
+
 # ---- 7. --warm-start reads its source, never writes it (issue 21) -------------------------------------------
 def space_file(tmp_path: Path) -> Path:
     path = tmp_path / "space.yaml"

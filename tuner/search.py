@@ -206,11 +206,14 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
 def check_study_inputs(record: SearchRecord, space: SearchSpace, storage: str, optuna_storage: str | None,
                        warm_start: str | None, enqueue: str | None) -> None:
     """--optuna-storage, --warm-start and --enqueue (tuner/study.py), checked and put into the record."""
-    from tuner.study import check_new_study, read_enqueue_file, study_storage_kind, warm_start_trials
+    from tuner.study import (check_new_study, check_own_journal, journal_path, read_enqueue_file,
+                             study_storage_kind, warm_start_trials)
 
     record.study_storage = study_storage_kind(optuna_storage, storage)
     if record.study_storage != "journal":  # a fresh experiment directory has no study yet
         check_new_study(record, storage)
+    else:
+        check_own_journal(journal_path(storage, record.name))
     if enqueue:
         record.enqueue = read_enqueue_file(enqueue, space)
     if warm_start:

@@ -68,19 +68,25 @@ def open_journal(path: Path, create: bool = True):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    from trainers.files import UnsafeFileError, check_target
-
     if not create and not path.is_file():
         raise SearchError(f"{path}: no such Optuna journal file")
-    try:
-        check_target(path)  # a link planted there would have Optuna append to its target
-    except UnsafeFileError as e:
-        raise SearchError(f"Optuna journal {e}") from None
+    check_own_journal(path)
     if path.is_file():
         cut_torn_tail(path)
     # The open(O_CREAT|O_EXCL) lock works on NFSv3+ (symlink locks are the other choice; both recover a lock
     # left by a killed writer after the grace period).
     return optuna.storages.JournalStorage(JournalFileBackend(str(path), JournalFileOpenLock(str(path))))
+
+
+def check_own_journal(path: Path) -> None:
+    """A search's journal is absent or a regular file: a link planted there would have Optuna append to its
+    target (Optuna opens the journal by name for every append)."""
+    from trainers.files import UnsafeFileError, check_target
+
+    try:
+        check_target(path)
+    except UnsafeFileError as e:
+        raise SearchError(f"Optuna journal {e}") from None
 
 
 def cut_torn_tail(path: Path) -> None:
