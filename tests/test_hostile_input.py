@@ -329,3 +329,312 @@ def test_non_utf8_space_file(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_bytes(yaml.safe_dump(SPACE).encode() + "# é\n".encode("latin-1"))
     assert_refused(certtune("search", path, "--storage", tmp_path / "results"), "not a UTF-8 text file")
+
+
+# ---- 6. writes stay inside certtune's own files (issue 21) -------------------------------------------------
+def plant_link(where: Path, victim: Path) -> None:
+    """What another user of a shared storage can leave where certtune is about to write."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.symlink_to(victim)
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A file outside every run and experiment, which no certtune command may change."""
+    path = tmp_path / "outside" / "victim.txt"
+    path.parent.mkdir()
+    path.write_text("another user's file\n")
+    return path
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.yaml", "last.pt", "best.pt"])
+def test_train_never_writes_through_a_link_in_its_out(tmp_path, config_file, data_dir, victim, name):
+    run = tmp_path / "run"
+    plant_link(run / name, victim)
+    assert_refused(certtune("train", config_file, "--data-dir", data_dir, "--out", run),
+                   str(run / name), "symbolic link")
+    assert victim.read_text() == "another user's file\n"  # a refused lock did not truncate it either
+
+
+def test_train_refuses_a_fifo_for_metrics_at_once(tmp_path, config_file, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "metrics.jsonl")
+    start = time.monotonic()
+    assert_refused(certtune("train", config_file, "--data-dir", data_dir, "--out", run, timeout=60),
+                   "metrics.jsonl", "FIFO")
+    assert time.monotonic() - start < 60
+
+
+def test_train_temporary_files_are_fresh_names_not_planted_links(tmp_path, config_file, data_dir, victim):
+    run = tmp_path / "run"
+    for name in ("last.pt.tmp", "best.pt.tmp", "config.yaml.tmp", "metrics.jsonl.tmp"):
+        plant_link(run / name, victim)
+    proc = certtune("train", config_file, "--data-dir", data_dir, "--out", run, "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert victim.read_text() == "another user's file\n"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]  # none left
+
+
+def test_a_link_planted_as_a_new_searchs_journal_is_refused_before_anything_is_written(tmp_path, data_dir,
+                                                                                      victim):
+    plant_link(tmp_path / "results" / "new" / "optuna_journal.log", victim)
+    space = space_file(tmp_path)
+    before = snapshot(tmp_path)
+    assert_refused(certtune("search", space, "--name", "new", "--storage", tmp_path / "results", "--data-dir",
+                            data_dir), "optuna_journal.log", "symbolic link")
+    assert snapshot(tmp_path) == before and victim.read_text() == "another user's file\n"
+
+
+# ---- 7. --warm-start reads its source, never writes it (issue 21) -------------------------------------------
+def space_file(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "latin1", "json_but_not_journal", "torn_only"])
+def test_warm_start_from_a_file_that_is_not_a_journal_is_one_line_and_leaves_it_as_it_was(
+        tmp_path, trained, data_dir, source):
+    path = tmp_path / "source"
+    path.write_bytes({"checkpoint": (trained / "best.pt").read_bytes(),
+                      "latin1": "caf\xe9 op_code\n".encode("latin-1"),
+                      "json_but_not_journal": b'{"a": 1}\n',
+                      "torn_only": b'{"op_code": 0, "study_na'}[source])
+    before = snapshot(tmp_path)
+    assert_refused(certtune("search", space_file(tmp_path), "--name", "w", "--storage", tmp_path / "results",
+                            "--data-dir", data_dir, "--warm-start", f"{path}#base"),
+                   f"--warm-start {path}", "not an Optuna journal")
+    after = snapshot(tmp_path)
+    assert after == {**before, "space.yaml": after["space.yaml"]}  # the source untouched, no .lock beside it
+    assert not (tmp_path / "results").exists()
+
+
+def journal_with_torn_tail(path: Path) -> bytes:
+    """An Optuna journal of one finished trial in SPACE, whose last line a crash tore."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.create_study(study_name="old", storage=JournalStorage(JournalFileBackend(str(path))))
+    dist = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions={"lr": dist}, value=0.5))
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 4, "worker_id": "x", "study_i')
+    for lock in path.parent.glob("*.lock"):
+        lock.unlink()
+    return path.read_bytes()
+
+
+def test_warm_start_from_a_journal_with_a_torn_tail_reads_it_and_never_repairs_it(tmp_path):
+    """Given as FILE#STUDY, or as the name of another search (whose own journal it is): read, not repaired."""
+    from tuner.record import RECORD_FILE, SearchRecord
+    from tuner.spaces import SearchSpace
+    from tuner.study import warm_start_trials
+
+    journal = tmp_path / "old" / "optuna_journal.log"
+    journal.parent.mkdir()
+    data = journal_with_torn_tail(journal)
+    (journal.parent / RECORD_FILE).write_text(SearchRecord(
+        "old", "space.yaml", SPACE, ["ibp_err"], ["min"], "none", 1, 1, {"cpu": 1, "gpu": 0}, "data",
+        study_storage="journal").to_json())
+    before = snapshot(tmp_path)
+    for spec in (f"{journal}#old", "old"):
+        trials = warm_start_trials(spec, str(tmp_path), SearchSpace.from_dict(SPACE, name="s"), ["ibp_err"], ["min"])
+        assert [(t.params, t.values) for t in trials] == [({"lr": 1e-3}, [0.5])]
+    assert journal.read_bytes() == data and snapshot(tmp_path) == before  # no repair, no lock file beside it
+
+
+# ---- 8. export writes only into a folder of its own; reads only inside the experiment (issue 21) ------------
+STATE_FILE = "experiment_state-2026-01-01_00-00-00.json"
+
+
+def fake_experiment(storage: Path, name: str = "exp") -> Path:
+    """A search as Ray and certtune leave it on disk (record, Ray's experiment state, trial directories with
+    params, results and error.txt), written directly: report and export read these plain files only."""
+    import json
+
+    from tuner.record import RECORD_FILE, SearchRecord
+
+    exp = storage / name
+    exp.mkdir(parents=True)
+    (exp / RECORD_FILE).write_text(SearchRecord(name, "space.yaml", SPACE, ["ibp_err"], ["min"], "none", 3, 1,
+                                                {"cpu": 1, "gpu": 0}, "data", location=str(exp)).to_json())
+    state = []
+    for n, (tid, lr, status, ibp) in enumerate([("a", 1e-3, "TERMINATED", 0.4), ("b", 2e-3, "TERMINATED", 0.3),
+                                                ("c", 3e-3, "ERROR", None)], 1):
+        d = exp / f"trial_{tid}"
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps({"lr": lr}))
+        rows = [{"epoch": e, "epochs": 2, "at_target": True, "ibp_err": (ibp or 0.9) + 0.1 * (2 - e),
+                 "clean_err": 0.2, "train_seconds": float(e)} for e in ((1, 2) if ibp else (1,))]
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if status == "ERROR":
+            (d / "error.txt").write_text("RuntimeError: synthetic failure\n")
+        info = {"trial_id": tid, "status": status, "config": {"lr": lr}, "relative_logdir": d.name,
+                "experiment_tag": f"{n}_lr={lr}"}
+        runtime = {"error_filename": "error.txt" if status == "ERROR" else None, "last_result": rows[-1],
+                   "last_result_time": float(n)}
+        state.append([json.dumps(info), json.dumps(runtime)])
+    (exp / STATE_FILE).write_text(json.dumps({"trial_data": state}))
+    return exp
+
+
+def edit_state(exp: Path, trial: int, info: dict | None = None, runtime: dict | None = None) -> None:
+    import json
+
+    raw = json.loads((exp / STATE_FILE).read_text())
+    old_info, old_runtime = (json.loads(x) for x in raw["trial_data"][trial])
+    raw["trial_data"][trial] = [json.dumps({**old_info, **(info or {})}), json.dumps({**old_runtime, **(runtime or {})})]
+    (exp / STATE_FILE).write_text(json.dumps(raw))
+
+
+def test_export_refuses_a_non_empty_folder_it_did_not_write(tmp_path):
+    fake_experiment(tmp_path / "results")
+    out = tmp_path / "mine"
+    (out / "top_k").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine\n")
+    (out / "top_k" / "rank1.yaml").write_text("mine\n")
+    before = snapshot(tmp_path)
+    assert_refused(certtune("export", "exp", "--storage", tmp_path / "results", "--out", out),
+                   f"--out {out}", "not written by `certtune export`")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_second_export_replaces_only_what_the_first_wrote(tmp_path):
+    fake_experiment(tmp_path / "results")
+    out = tmp_path / "out"
+    export = ("export", "exp", "--storage", tmp_path / "results", "--out", out)
+    assert certtune(*export, "--top-k", "2").returncode == 0
+    assert sorted(p.name for p in (out / "top_k").iterdir()) == ["rank1.yaml", "rank2.yaml"]
+    (out / "notes.txt").write_text("added by the user\n")
+    (out / "top_k" / "mine.yaml").write_text("added by the user\n")
+    proc = certtune(*export, "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "top_k").iterdir()) == ["mine.yaml", "rank1.yaml"]  # rank2: its own, gone
+    assert (out / "notes.txt").read_text() == "added by the user\n"
+
+
+@pytest.mark.parametrize("planted", ["trials.csv", "best.yaml", "history.png", "top_k", "top_k/rank1.yaml"])
+def test_export_never_writes_through_a_link_in_its_out(tmp_path, victim, planted):
+    fake_experiment(tmp_path / "results")
+    out = tmp_path / "out"
+    export = ("export", "exp", "--storage", tmp_path / "results", "--out", out)
+    assert certtune(*export).returncode == 0  # an export folder of its own, then a link planted in it
+    target = out / planted
+    (target.unlink() if target.is_file() else __import__("shutil").rmtree(target))
+    plant_link(target, victim.parent if planted == "top_k" else victim)
+    before = snapshot(tmp_path)
+    line = assert_refused(certtune(*export), "--out")
+    assert "link" in line and victim.read_text() == "another user's file\n" and snapshot(tmp_path) == before
+
+
+def test_export_out_that_is_a_file_is_one_line(tmp_path, victim):
+    fake_experiment(tmp_path / "results")
+    assert_refused(certtune("export", "exp", "--storage", tmp_path / "results", "--out", victim),
+                   "exists and is not a directory")
+    assert victim.read_text() == "another user's file\n"
+
+
+SECRET = "SECRET-TOKEN-do-not-copy"
+
+
+@pytest.mark.parametrize("tamper", ["absolute_logdir", "dotdot_logdir", "dotdot_error_file", "error_file_link",
+                                    "result_link", "trial_dir_link"])
+def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
+    exp = fake_experiment(tmp_path / "results")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "error.txt").write_text(f"{SECRET}\n")
+    (outside / "result.json").write_text('{"epoch": 2, "epochs": 2, "ibp_err": 0.01, "note": "%s"}\n' % SECRET)
+    (outside / "params.json").write_text('{"lr": 0.001}')
+    named = STATE_FILE
+    if tamper == "absolute_logdir":
+        edit_state(exp, 2, info={"relative_logdir": str(outside)})
+    elif tamper == "dotdot_logdir":
+        edit_state(exp, 2, info={"relative_logdir": "../../outside"})
+    elif tamper == "dotdot_error_file":
+        edit_state(exp, 2, runtime={"error_filename": "../../../outside/error.txt"})
+    elif tamper == "error_file_link":
+        (exp / "trial_c" / "error.txt").unlink()
+        (exp / "trial_c" / "error.txt").symlink_to(outside / "error.txt")
+        named = "trial_c/error.txt"
+    elif tamper == "result_link":
+        (exp / "trial_a" / "result.json").unlink()
+        (exp / "trial_a" / "result.json").symlink_to(outside / "result.json")
+        named = "trial_a/result.json"
+    else:  # a trial directory Ray's state does not know, which is a link to elsewhere
+        (exp / "trial_d").symlink_to(outside)
+        named = "trial_d"
+    before = snapshot(tmp_path)
+    out = tmp_path / "export"
+    for command in (("export", "exp", "--storage", tmp_path / "results", "--out", out),
+                    ("report", "exp", "--storage", tmp_path / "results")):
+        proc = certtune(*command)
+        assert_refused(proc, named, "outside the experiment")
+        assert SECRET not in proc.stdout + proc.stderr
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_resume_of_a_copied_experiment_is_refused_and_changes_neither(tmp_path):
+    """Ray's saved state points at where a search started: resuming a copy would train its new trials into
+    the original. Refused in one line before anything is written (not even the driver lock)."""
+    import shutil
+
+    original = fake_experiment(tmp_path / "results")
+    (original / "tuner.pkl").write_bytes(b"")
+    copy = tmp_path / "copy" / "exp"
+    shutil.copytree(original, copy)
+    before = snapshot(tmp_path)
+    assert_refused(certtune("resume", "exp", "--storage", tmp_path / "copy"),
+                   f"was started in {original}", f"now read from {copy}", "resumes a search only where it started")
+    assert snapshot(tmp_path) == before and not (copy / ".lock").exists()
+
+
+def test_report_and_export_of_a_copied_experiment_read_only_the_copy(tmp_path):
+    import shutil
+
+    original = fake_experiment(tmp_path / "results")
+    shutil.copytree(original, tmp_path / "copy" / "exp", symlinks=True)
+    moved = original.rename(tmp_path / "moved-away")  # the original is gone from where it ran
+    before = snapshot(moved)
+    report = certtune("report", "exp", "--storage", tmp_path / "copy")
+    assert report.returncode == 0 and "3 trials of 3 planned; 2 finished" in report.stdout, report.stderr[-2000:]
+    export = certtune("export", "exp", "--storage", tmp_path / "copy")
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert (tmp_path / "copy" / "exp" / "export" / "trials.csv").is_file() and snapshot(moved) == before
+
+
+# ---- 9. one driver per experiment (issue 21) ----------------------------------------------------------------
+HOLD_LOCK = ("import sys, time\nfrom trainers.files import open_lock, take_lock\nfd = open_lock(sys.argv[1])\n"
+             "assert take_lock(fd) is None\nprint('held', flush=True)\ntime.sleep(600)\n")
+
+
+def test_a_second_driver_of_one_experiment_is_refused_naming_the_first(tmp_path, data_dir):
+    exp = fake_experiment(tmp_path / "results")
+    (exp / "tuner.pkl").write_bytes(b"")  # what makes Ray (and `certtune search`) see an experiment to resume
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(exp / ".lock")], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:  # the holder plays a driver running the search `exp`
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path)
+        for command in (("resume", "exp", "--storage", tmp_path / "results"),
+                        ("search", space_file(tmp_path / "results"), "--name", "exp", "--storage",
+                         tmp_path / "results", "--data-dir", data_dir)):
+            assert_refused(certtune(*command), "search 'exp'", "another certtune driver", f"pid {holder.pid} on ")
+            assert snapshot(tmp_path) == {**before, **{k: v for k, v in snapshot(tmp_path).items()
+                                                       if k == "results/space.yaml"}}
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock, which the next driver takes over
+        holder.wait()
+    # Past the lock now: refused only because the search exists (its name is taken by a real experiment).
+    assert_refused(certtune("search", space_file(tmp_path), "--name", "exp", "--storage", tmp_path / "results",
+                            "--data-dir", data_dir), "a search of that name already exists")
+
+
+def test_a_link_planted_as_the_driver_lock_is_refused_and_its_target_kept(tmp_path, victim):
+    exp = fake_experiment(tmp_path / "results")
+    plant_link(exp / ".lock", victim)
+    assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results"), ".lock", "symbolic link")
+    assert victim.read_text() == "another user's file\n"

@@ -10,7 +10,6 @@ CheckpointError line.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .files import write_atomic
 
 FORMAT = "certtune-checkpoint-1"
 REQUIRED_KEYS = ("config", "model")
@@ -30,14 +30,9 @@ class CheckpointError(ConfigError):
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash or a full disk never leaves a
-    half-written checkpoint under the real name."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT} | state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a fresh temporary file, flush it to disk, then rename (trainers/files.py): a crash or a full
+    disk never leaves a half-written checkpoint under the real name, and a link there is never followed."""
+    write_atomic(path, lambda f: torch.save({"format": FORMAT} | state, f), sync=True)
 
 
 def load_checkpoint(path: str | Path, device="cpu", for_training: bool = False) -> dict:

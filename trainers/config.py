@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -147,13 +146,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path) -> None:
-        """Write atomically (temporary file, then rename): a crash never leaves half a config."""
+        """Write atomically (a fresh temporary file, then rename; trainers/files.py): a crash never leaves half
+        a config, and a link at `path` is never written through."""
+        self.write_yaml(path)
+
+    def write_yaml(self, path: str | Path, header: str = "") -> None:
+        """As to_yaml, with `header` (comment lines) before the config."""
         import yaml
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        from .files import write_atomic
+
+        write_atomic(Path(path), header + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
         """Apply dotted `key: value` overrides (e.g. {"schedule.length": 10}) and re-validate."""

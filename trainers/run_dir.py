@@ -7,14 +7,14 @@
 Opening takes an exclusive lock (`flock` on `<out>/.lock`, released when the process ends, however it ends),
 so a second `certtune train` on the same directory stops with one line instead of interleaving its
 metrics with the first. Then it checks, in this order and before writing anything: the path is a
-directory; a `config.yaml` or `last.pt` already there was written by this same config; `last.pt` is
-readable. Only then is `config.yaml` written. A failed start leaves the directory as it was.
+directory; the run's files are absent or regular files (never a link certtune would write through,
+trainers/files.py); a `config.yaml` or `last.pt` already there was written by this same config; `last.pt`
+is readable. Only then is `config.yaml` written. A failed start leaves the directory as it was.
 
 `restart=True` starts over: the old run's files move to `<out>/replaced-<UTC time>/`, so nothing is lost.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .errors import ConfigError, shown
+from .files import UnsafeFileError, check_own_files, open_lock, take_lock
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 LOCK_FILE = ".lock"
@@ -42,11 +43,17 @@ class RunDir:
             raise RunDirError(f"--out: {path} exists and is not a directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_lock(path / LOCK_FILE)  # a link there is refused, its target never truncated
+        except UnsafeFileError as e:
+            raise RunDirError(f"--out: {e}") from None
         except OSError as e:
             raise RunDirError(f"--out: cannot use {path}: {e.strerror or e}") from None
         try:
             _lock(fd, path)
+            try:
+                check_own_files(path, RUN_FILES)
+            except UnsafeFileError as e:
+                raise RunDirError(f"--out: {e}") from None
             if restart:
                 _set_aside(path)
             state = _check_existing(path, config, device)
@@ -68,14 +75,10 @@ class RunDir:
 
 
 def _lock(fd: int, path: Path) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    owner = take_lock(fd)
+    if owner is not None:
         raise RunDirError(f"--out: {path} is in use by another certtune process (pid {owner}); "
-                          "wait for it to finish or choose another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+                          "wait for it to finish or choose another --out")
 
 
 def _check_existing(path: Path, config: dict, device) -> dict | None:

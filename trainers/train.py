@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from .config import ConfigError, TrainConfig
 from .cpu_memory import keep_freed_memory
 from .data import load_splits, make_loader
 from .evaluate import InputBox, evaluate
+from .files import open_append, write_atomic
 from .init import apply_init
 from .methods import certified_loss, robust_ce  # noqa: F401 (robust_ce: re-exported for callers of this module)
 from .models import build_model
@@ -200,7 +200,7 @@ class Trainer:
             raise DivergedError(f"non-finite {', '.join(bad)} at epoch {metrics['epoch']}")
 
     def _write_epoch(self, metrics: dict, improved: bool) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        with open_append(self.out_dir / "metrics.jsonl") as f:  # never through a link (trainers/files.py)
             f.write(json.dumps(metrics) + "\n")
         state = self.state_dict()
         save_checkpoint(state, self.out_dir / "last.pt")
@@ -239,9 +239,7 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if path.exists():
             lines = [line for line in path.read_text(errors="replace").splitlines() if _epoch_of(line) <= self.epoch]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in lines))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _epoch_of(line: str) -> float:

@@ -10,11 +10,12 @@ shorter budget (ray-project/ray#10113), and a diverged or errored one has none. 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
+from trainers.files import UnsafeFileError, check_own_files, read_regular, write_atomic
 from tuner.plots import plot_history, plot_importances, plot_pareto, plot_schedules
 from tuner.record import is_uri, normalize_storage
 from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
@@ -22,6 +23,10 @@ from tuner.results import ExportError, Search, TrialRecord, counts_text, load_se
 from tuner.spaces import SearchSpace
 
 EXPORT_DIR = "export"
+TOP_DIR = "top_k"
+MANIFEST = ".certtune_export.json"  # in an export folder: the files that export wrote (claim_out_dir)
+OUT_FILES = ("best.yaml", "trials.csv", "verified.csv", "pareto.csv", "history.png", "importances.png",
+             "schedules.png", "pareto.png")  # written under these names by every export that needs them
 # Final metrics in trials.csv, in this order (design.md names; those no trial reported are left out).
 METRICS = ("epoch", "epochs", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
@@ -67,6 +72,7 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
                           "only finished trials are exported (early-stopped values are truncated)")
     space = search.space()
     out = Path(out) if out is not None else search.path / EXPORT_DIR
+    earlier = claim_out_dir(out)  # before any work: a folder export may write into
     verified = None
     if verify is not None:
         verified = rerank(search, ranked[:top_k], verify, data_dir, verify_n, verifier_options, device)
@@ -74,21 +80,13 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     notes = verified_notes(verified, verify)
     if verify is None and search.selection:  # the search's --select-by choice: its order first
         ranked, notes = selected_order(search, ranked)
-    out.mkdir(parents=True, exist_ok=True)
     best = ranked[0]
     constraints = constraints_note(search, best)
     written = {"best_yaml": write_config(search, space, best, 1, out / "best.yaml", note=notes.get(best.trial_id))}
-    for stale in out.glob("best_*ep.yaml"):  # from an earlier export with another --epochs
-        stale.unlink()
     if epochs is not None:
         written["best_scaled_yaml"] = write_config(search, space, best, 1, out / f"best_{epochs}ep.yaml", epochs)
-    top_dir = out / "top_k"
-    if top_dir.is_dir():
-        shutil.rmtree(top_dir)  # a previous export's ranks would mix with these
-    top_dir.mkdir()
-    written["top_k"] = [write_config(search, space, t, i, top_dir / f"rank{i}.yaml", note=notes.get(t.trial_id))
+    written["top_k"] = [write_config(search, space, t, i, out / TOP_DIR / f"rank{i}.yaml", note=notes.get(t.trial_id))
                         for i, t in enumerate(ranked[:top_k], 1)]
-    (out / "verified.csv").unlink(missing_ok=True)  # from an earlier export with --verify
     if verified is not None:
         written["verified_csv"] = write_table(*verified_rows(verified, verify, search.objectives),
                                               out / "verified.csv")
@@ -96,12 +94,12 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     written["plots"] = [plot_history(search, out / "history.png"),
                         plot_importances(search, space, out / "importances.png"),
                         plot_schedules(search, space, best, out / "schedules.png")]
-    for stale in ("pareto.csv", "pareto.png"):  # from an earlier export under other objectives
-        (out / stale).unlink(missing_ok=True)
     if len(search.objectives) > 1:
         front = pareto_front(search)
         written["pareto_csv"] = write_trials_csv(search, front, out / "pareto.csv")
         written["plots"].append(plot_pareto(search, front, out / "pareto.png"))
+    # an earlier export's files this one did not write again (other ranks, --epochs, --verify, objectives)
+    record_export(out, [p for v in written.values() for p in (v if isinstance(v, list) else [v])], earlier)
     summary = {"out": str(out), **{k: _as_str(v) for k, v in written.items()}, "best": best_summary(search, best),
                **({"constraints": constraints} if constraints else {})}
     seeds = seed_summary(search) if verified is None else None  # a verifier's ranking has no seeds behind it
@@ -128,6 +126,53 @@ def selected_order(search: Search, ranked: list[TrialRecord]) -> tuple[list[Tria
                               f"{i} of {len(order)} by it, rank {row['search_rank']} in the search"
              for i, row in enumerate(chosen["points"], 1)}
     return first + [t for t in ranked if t.trial_id not in order], notes
+
+
+# ---- the --out folder: only what an export wrote is replaced or removed --------------------------------
+def claim_out_dir(out: Path) -> list[str]:
+    """Make `out` an export folder: created if missing, used if empty or written by an earlier export (its
+    MANIFEST lists what it wrote), else refused in one line, so an export never overwrites or deletes a file
+    it did not write. Returns the earlier export's files (relative names)."""
+    if out.is_symlink() and not out.is_dir() or out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    if not entries:
+        return []
+    if MANIFEST not in entries:
+        raise ExportError(f"--out {out}: the folder is not empty and was not written by `certtune export` "
+                          f"(no {MANIFEST}); export never replaces files it did not write: choose a new or empty "
+                          f"folder")
+    try:
+        earlier = json.loads(read_regular(out / MANIFEST))["files"]
+        assert isinstance(earlier, list) and all(isinstance(f, str) for f in earlier)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise ExportError(f"--out {out}: {MANIFEST} there is not an export manifest; choose a new or empty "
+                          f"folder") from None
+    top = out / TOP_DIR
+    if top.is_symlink() or top.exists() and not top.is_dir():
+        raise ExportError(f"--out {out}: {TOP_DIR} there is not a plain folder; export never writes through a "
+                          f"link: remove it or choose a new folder")
+    try:  # before writing anything: every name this export may write is absent or a plain file
+        check_own_files(out, {*earlier, *OUT_FILES, MANIFEST})
+    except UnsafeFileError as e:
+        raise ExportError(f"--out: {e}") from None
+    return earlier
+
+
+def record_export(out: Path, paths: list, earlier: list[str]) -> None:
+    """Write the MANIFEST of this export, then remove the earlier export's files it did not write again (a
+    name that leaves `out` or is not a plain file or link is left alone)."""
+    files = sorted(str(Path(p).relative_to(out)) for p in paths)
+    write_atomic(out / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+    for name in set(earlier) - set(files):
+        stale = out / name
+        if ".." in Path(name).parts or Path(name).is_absolute() or stale.is_dir() and not stale.is_symlink():
+            continue
+        stale.unlink(missing_ok=True)  # a link is removed itself, never its target
 
 
 def verified_notes(verified, verifier: str | None) -> dict[str, str]:
@@ -166,7 +211,6 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
     it; with `epochs`, the same recipe scaled to that many epochs (TrainConfig.scaled_to)."""
     point = {k: v for k, v in trial.params.items() if k in space.params}
     cfg = space.to_train_config(point)
-    (cfg if epochs is None else cfg.scaled_to(epochs).resolve()).to_yaml(path)
     values = ", ".join(f"{o}={trial.value(o):.6g}" for o in search.objectives)
     scores = [search.score(trial, o) for o in search.objectives]
     if scores[0].n > 1:
@@ -184,7 +228,8 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
               + (f"# constraints {', '.join(constraints)}: {verdict}\n" if constraints else "")
               + (f"{note}\n" if note else "")
               + run)
-    path.write_text(header + path.read_text())
+    path.parent.mkdir(exist_ok=True)  # top_k/ (claim_out_dir refused a link there)
+    (cfg if epochs is None else cfg.scaled_to(epochs).resolve()).write_yaml(path, header)
     return str(path)
 
 
@@ -229,10 +274,11 @@ def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> s
 
 
 def write_table(header: list[str], rows: list[list[Any]], path: Path) -> str:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([_cell(v) for v in row] for row in rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows([_cell(v) for v in row] for row in rows)
+    write_atomic(path, text.getvalue())
     return str(path)
 
 

@@ -234,5 +234,11 @@ def _message_plot(path: Path, title: str, message: str) -> str:
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=110)
+    import io
+
+    from trainers.files import write_atomic
+
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    write_atomic(path, image.getvalue())  # never through a link (trainers/files.py)
     return str(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainers.config import ConfigError, TrainConfig, set_dotted
+from trainers.files import UnsafeFileError, open_lock, take_lock, write_atomic
 from tuner.spaces import SearchSpace, load_space, parse_space_yaml
 
 RECORD_FILE = "certtune_search.json"
@@ -77,6 +78,9 @@ class SearchRecord:
     # A space that searches `method`: each method's trial cost relative to the first, estimated before the search
     # from measured step costs (tuner/costs.py); {} otherwise, or when the data is not on this machine.
     method_costs: dict[str, float] = field(default_factory=dict)
+    # Where the experiment was started (experiment_path). Ray's state and searcher snapshot keep absolute paths
+    # to it, so `resume` runs it only there (check_location); report and export read a copy anywhere.
+    location: str | None = None
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
@@ -214,12 +218,57 @@ def write_text(target: str, text: str) -> None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(text.encode())
-    else:
+    else:  # a fresh temporary file, then a rename; never through a link (trainers/files.py)
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
+
+
+DRIVER_LOCK = ".lock"  # in a local experiment directory: held (flock) by the driver running the search
+_held_locks: dict[str, int] = {}  # experiment directory -> descriptor holding its lock, in this process
+
+
+def hold_driver_lock(storage: str, name: str) -> None:
+    """One driver per experiment: `search` and `resume` hold an exclusive `flock` on `<experiment>/.lock`
+    (as `train` does on its --out) before they write anything, so a second driver of the same --name and
+    --storage gets one line naming the first (pid and host) instead of rewriting the record and running the
+    search twice. The kernel releases the lock when its holder ends, `kill -9` included, so a dead driver's
+    lock is simply taken over. Held again by the same process: nothing to do. A URI storage (s3://, ...) has
+    no lock: object stores have no flock (docs/reliability.md)."""
+    if is_uri(storage):
+        return
+    folder = Path(experiment_path(storage, name))
+    if str(folder) in _held_locks:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = open_lock(folder / DRIVER_LOCK)
+    except UnsafeFileError as e:
+        raise SearchError(f"search {name!r}: {e}") from None
+    except OSError as e:
+        raise SearchError(f"--storage {storage}: cannot write the experiment there ({e.strerror or e})") from None
+    owner = take_lock(fd)
+    if owner is not None:
+        os.close(fd)
+        raise SearchError(f"search {name!r} in {storage} is being run by another certtune driver (pid {owner}); "
+                          f"wait for it to end, or stop it first (a killed driver's lock goes with it)")
+    _held_locks[str(folder)] = fd
+
+
+def release_driver_lock(storage: str, name: str) -> None:
+    fd = None if is_uri(storage) else _held_locks.pop(str(Path(experiment_path(storage, name))), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def check_location(record: SearchRecord, storage: str) -> None:
+    """`resume` of a copied or moved experiment is refused: Ray's pickled state would send new trials and the
+    study's writes to where it was started (the original, or a path that is gone) rather than to the copy."""
+    here = experiment_path(storage, record.name)
+    if record.location is not None and record.location != here:
+        raise SearchError(f"search {record.name!r} was started in {record.location} and is now read from {here}; "
+                          f"Ray's saved state points at the first, so certtune resumes a search only where it "
+                          f"started (move it back to resume it; report and export read it anywhere)")
 
 
 def read_record(storage: str, name: str) -> SearchRecord:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from trainers.errors import shown
 from tuner.constraints import parse_constraints, satisfied
 from tuner.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
 from tuner.record import (RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path, first_line,
@@ -352,6 +353,8 @@ def load_search(name: str, storage: str | None) -> Search:
 def _load_local(name: str, path: Path, where: str) -> Search:
     """`where` names the experiment in messages (its URI when `path` is a local copy)."""
     record_file = path / RECORD_FILE
+    if record_file.is_symlink():
+        inside(path, RECORD_FILE, record_file)
     if not record_file.is_file():
         raise ExportError(f"{where}: no certtune search there ({RECORD_FILE} not found); check the name and "
                           f"pass the --storage the search ran with")
@@ -403,12 +406,18 @@ def download_experiment(uri: str, local: Path) -> Path:
 
 
 def read_trials(path: Path, objectives: list[str]) -> list[TrialRecord]:
-    """Every trial of the experiment: those in Ray's newest experiment state, then any other trial directory."""
+    """Every trial of the experiment: those in Ray's newest experiment state, then any other trial directory.
+    Every path read is inside the experiment (`inside`), whatever the state file or a link says."""
     state = read_experiment_state(path)
+    state_file = newest_state_file(path)
     trials, seen = [], set()
     for n, (info, runtime) in enumerate(state):
-        logdir = path / info.get("relative_logdir", "") if info.get("relative_logdir") else None
+        logdir = inside(path, str(info["relative_logdir"]), state_file) if info.get("relative_logdir") else None
         error_file = runtime.get("error_filename")
+        if logdir is not None and error_file:
+            inside(logdir, str(error_file), state_file)
+        if logdir is not None:
+            check_trial_files(path, logdir)
         trials.append(make_trial(
             info.get("trial_id", f"#{n}"), info.get("status"), info.get("config") or {}, logdir,
             runtime.get("last_result") or {}, (logdir / error_file) if logdir and error_file else None,
@@ -417,6 +426,8 @@ def read_trials(path: Path, objectives: list[str]) -> list[TrialRecord]:
             seen.add(logdir.name)
     # Trial directories the state does not know yet (the driver died before its next snapshot).
     for d in sorted(p for p in path.glob("trial_*") if p.is_dir() and p.name not in seen):
+        inside(path, d.name, d)
+        check_trial_files(path, d)
         if (d / "params.json").is_file() or (d / "result.json").is_file():
             error = d / "error.txt"
             trials.append(make_trial(d.name.removeprefix("trial_"), None, {}, d, {},
@@ -426,13 +437,38 @@ def read_trials(path: Path, objectives: list[str]) -> list[TrialRecord]:
     return sorted(trials, key=lambda t: t.order)
 
 
+def inside(root: Path, relative: str, named_in: Path | str) -> Path:
+    """`root / relative`, which must stay inside `root` once links are followed: a tampered state file (an
+    absolute log dir, `../`) or a planted link never makes a reader open a file outside the experiment.
+    ExportError naming the file that points outside."""
+    target = root / relative
+    if not target.resolve().is_relative_to(root.resolve()):
+        named_in = target if target.is_symlink() else named_in  # the planted link, else the file naming it
+        raise ExportError(f"{named_in}: points outside the experiment ({shown(relative)} from {root}); refused: "
+                          f"certtune reads only the experiment's own files (was it edited, or a link planted?)")
+    return target
+
+
+def check_trial_files(root: Path, trial_dir: Path) -> None:
+    """Each file read from a trial directory (params, results, error, marker) is inside the experiment."""
+    for name in TRIAL_FILES:
+        if (trial_dir / name).is_symlink():
+            inside(root, str((trial_dir / name).relative_to(root)), trial_dir / name)
+
+
+def newest_state_file(path: Path) -> Path | None:
+    files = sorted(path.glob("experiment_state-*.json"))  # names carry a sortable timestamp
+    return files[-1] if files else None
+
+
 def read_experiment_state(path: Path) -> list[tuple[dict, dict]]:
     """(trial info, trial runtime) per trial from the newest experiment_state-<time>.json; [] if none."""
-    files = sorted(path.glob("experiment_state-*.json"))  # names carry a sortable timestamp
-    if not files:
+    newest = newest_state_file(path)
+    if newest is None:
         return []
+    inside(path, newest.name, newest)
     try:
-        raw = json.loads(files[-1].read_text())
+        raw = json.loads(newest.read_text())
         return [(json.loads(info), json.loads(runtime)) for info, runtime in raw["trial_data"]]
     except (ValueError, KeyError, TypeError):
         return []  # a snapshot cut short: the trial directories still hold the results

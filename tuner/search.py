@@ -26,9 +26,9 @@ from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
 from tuner.fidelity import Fidelity
-from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
-                          normalize_storage, positive_int, read_record, space_source, space_with_overrides,
-                          write_record, write_text)
+from tuner.record import (SearchError, SearchRecord, check_location, check_name, device_weight, experiment_path,
+                          first_line, hold_driver_lock, normalize_storage, positive_int, read_record,
+                          release_driver_lock, space_source, space_with_overrides, write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
 from tuner.reeval import ReevalPlan, check_reeval
 from tuner.selection import check_selection
@@ -212,22 +212,31 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         check_fidelity_data(space, trial_fidelity, record.data_dir)
         record.method_costs = estimate_method_costs(space, trial_fidelity, record.data_dir)
     storage = normalize_storage(storage)
-    if experiment_exists(storage, record.name):
-        raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
-                          f"continue it with `certtune resume {record.name}` or choose another --name")
     check_study_inputs(record, space, storage, optuna_storage, warm_start, enqueue)
-    write_record(record, storage)
+    record.location = experiment_path(storage, record.name)
+    hold_driver_lock(storage, record.name)  # released when run_search ends (or with this process)
+    try:
+        if experiment_exists(storage, record.name):
+            raise SearchError(f"--name {record.name}: a search of that name already exists in {storage}; "
+                              f"continue it with `certtune resume {record.name}` or choose another --name")
+        write_record(record, storage)
+    except BaseException:
+        release_driver_lock(storage, record.name)
+        raise
     return record, storage
 
 
 def check_study_inputs(record: SearchRecord, space: SearchSpace, storage: str, optuna_storage: str | None,
                        warm_start: str | None, enqueue: str | None) -> None:
     """--optuna-storage, --warm-start and --enqueue (tuner/study.py), checked and put into the record."""
-    from tuner.study import check_new_study, read_enqueue_file, study_storage_kind, warm_start_trials
+    from tuner.study import (check_new_study, check_own_journal, journal_path, read_enqueue_file,
+                             study_storage_kind, warm_start_trials)
 
     record.study_storage = study_storage_kind(optuna_storage, storage)
     if record.study_storage != "journal":  # a fresh experiment directory has no study yet
         check_new_study(record, storage)
+    else:
+        check_own_journal(journal_path(storage, record.name))
     if enqueue:
         record.enqueue = read_enqueue_file(enqueue, space)
     if warm_start:
@@ -440,15 +449,20 @@ def make_sampler(record: SearchRecord):
 def run_search(record: SearchRecord, storage: str):
     from tuner.study import create_search_study, warm_start_trials
 
-    warm = None
-    if record.warm_start:
-        warm = warm_start_trials(record.warm_start, storage, record.build_space(), record.objective, record.modes)
-    create_search_study(record, storage, warm)
-    connect_ray(record.address)
-    results = build_tuner(record, storage).fit()
-    settle(record, storage)
-    select_winner(record, storage)
-    return results
+    hold_driver_lock(storage, record.name)  # prepare_search took it; a caller that did not prepare takes it here
+    try:
+        warm = None
+        if record.warm_start:
+            warm = warm_start_trials(record.warm_start, storage, record.build_space(), record.objective,
+                                     record.modes)
+        create_search_study(record, storage, warm)
+        connect_ray(record.address)
+        results = build_tuner(record, storage).fit()
+        settle(record, storage)
+        select_winner(record, storage)
+        return results
+    finally:
+        release_driver_lock(storage, record.name)
 
 
 def settle(record: SearchRecord, storage: str) -> None:
@@ -476,14 +490,24 @@ def resume_search(name: str, storage: str | None, address: str | None):
     """Continue an interrupted search: finished trials stay as they are, unfinished ones resume from their
     last checkpoint, the searcher (Optuna study) continues from its snapshot; errored trials (which used up
     their retries and were told to Optuna as FAIL) stay failed."""
+    storage = normalize_storage(storage)
+    record = read_record(storage, name)
+    check_location(record, storage)  # a copy or a moved experiment: nothing written, not even a lock
+    path = experiment_path(storage, name)
+    hold_driver_lock(storage, name)  # before anything is written
+    try:
+        return _resume(record, storage, path, address)
+    finally:
+        release_driver_lock(storage, name)
+
+
+def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     from ray import tune
 
     from tuner.tracking import prepare_resume
     from tuner.trial import make_trainable
 
-    storage = normalize_storage(storage)
-    record = read_record(storage, name)
-    path = experiment_path(storage, name)
+    name = record.name
     if not tune.Tuner.can_restore(path):
         raise SearchError(f"search {name!r} in {storage} has no Ray experiment state to resume "
                           f"(it stopped before its first trial); start it again with `certtune search`")

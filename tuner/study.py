@@ -19,6 +19,8 @@ study someone hands us cannot run code.
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,14 +60,17 @@ def open_storage(record: SearchRecord, root: str):
 
 
 def open_journal(path: Path, create: bool = True):
-    """A JournalStorage on a file. A line torn by a crash at the end (no newline) is cut off first:
-    Optuna skips a torn last line when reading, but the next append would glue onto it and make the
-    whole rest of the file unreadable."""
+    """The JournalStorage of a search's own journal file, which this driver appends to. A line torn by a
+    crash at the end (no newline) is cut off first: Optuna skips a torn last line when reading, but the next
+    append would glue onto it and make the whole rest of the file unreadable. Only a search's own journal,
+    during its own search or resume, is opened so; a study that is only read (--warm-start) goes through
+    `read_journal`, which never writes."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if not create and not path.is_file():
         raise SearchError(f"{path}: no such Optuna journal file")
+    check_own_journal(path)
     if path.is_file():
         cut_torn_tail(path)
     # The open(O_CREAT|O_EXCL) lock works on NFSv3+ (symlink locks are the other choice; both recover a lock
@@ -73,11 +78,65 @@ def open_journal(path: Path, create: bool = True):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path), JournalFileOpenLock(str(path))))
 
 
+def check_own_journal(path: Path) -> None:
+    """A search's journal is absent or a regular file: a link planted there would have Optuna append to its
+    target (Optuna opens the journal by name for every append)."""
+    from trainers.files import UnsafeFileError, check_target
+
+    try:
+        check_target(path)
+    except UnsafeFileError as e:
+        raise SearchError(f"Optuna journal {e}") from None
+
+
 def cut_torn_tail(path: Path) -> None:
-    with open(path, "rb+") as f:
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb+") as f:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_journal(path: Path, flag: str):
+    """A JournalStorage that only reads `path` (another search's journal, a file named by --warm-start): the
+    file is read once, never opened for writing, no lock file is made beside it. A torn last line is skipped
+    (as Optuna does); a file that is not a journal is one SearchError line naming it."""
+    import optuna
+    from optuna.storages.journal import BaseJournalBackend
+
+    from trainers.files import UnsafeFileError, read_regular
+
+    class ReadOnlyJournal(BaseJournalBackend):
+        def read_logs(self, log_number_from: int):
+            return iter(logs[log_number_from:])
+
+        def append_logs(self, new_logs) -> None:
+            raise SearchError(f"{path}: read only; certtune never writes a study it only reads")
+
+    try:
+        data = read_regular(path)
+    except UnsafeFileError as e:
+        raise SearchError(f"{flag} {e}") from None
+    except OSError as e:
+        raise SearchError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    logs = []
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn or empty
+        try:
+            log = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            log = None
+        if not isinstance(log, dict) or "op_code" not in log:
+            raise SearchError(f"{flag} {path}: not an Optuna journal file (line {number} is not a journal entry)")
+        logs.append(log)
+    if data and not logs:
+        raise SearchError(f"{flag} {path}: not an Optuna journal file (no complete journal line)")
+    try:
+        return optuna.storages.JournalStorage(ReadOnlyJournal())
+    except SearchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a replay of entries that do not fit together fails in many ways
+        raise SearchError(f"{flag} {path}: not a readable Optuna journal ({first_line(e)})") from None
 
 
 def open_rdb(url: str, flag: str, create: bool):
@@ -260,11 +319,13 @@ def warm_start_source(spec: str, root: str):
         if not where or not study_name:
             raise SearchError(f"--warm-start: expected SEARCH or STORAGE#STUDY, got {spec!r}")
         storage = open_rdb(where, "--warm-start", create=False) if "://" in where else \
-            open_journal(Path(where).expanduser(), create=False)
+            read_journal(Path(where).expanduser(), "--warm-start")
     else:
         study_name = check_name(spec, "--warm-start")
         record = read_record(root, spec)
-        storage = open_storage(record, root)
+        # that search's journal is read, never repaired or locked: it is not ours
+        storage = read_journal(journal_path(root, spec), f"--warm-start {spec}:") \
+            if record.study_storage == "journal" else open_storage(record, root)
         if storage is None:
             raise SearchError(f"--warm-start {spec}: that search has no Optuna storage (it predates it, or ran "
                               f"with a remote --storage and no --optuna-storage)")
