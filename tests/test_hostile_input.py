@@ -329,3 +329,81 @@ def test_non_utf8_space_file(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_bytes(yaml.safe_dump(SPACE).encode() + "# é\n".encode("latin-1"))
     assert_refused(certtune("search", path, "--storage", tmp_path / "results"), "not a UTF-8 text file")
+
+
+# ---- 6. every input is bounded before work (issue 21 §5) ---------------------------------------------------
+def run_measured(*args, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """certtune as a child process, with its peak resident memory in MiB (from wait4: this child only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")} | {"PYTHONPATH": str(REPO)}
+    with open(tmp_path / "out.txt", "w+") as out, open(tmp_path / "err.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *map(str, args)], cwd=REPO, env=env,
+                                stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024
+
+
+def test_a_small_checkpoint_that_inflates_to_a_gigabyte_is_refused_without_inflating(tmp_path, trained, data_dir):
+    """torch.load reads deflated zip records; torch.save never writes one. 2 MB on disk, 1 GiB inflated."""
+    import zipfile
+    import zlib
+
+    big = 2**28  # float32 elements: 1 GiB
+    state = torch.load(trained / "best.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.dim() == 2)
+    state["model"][name] = torch.zeros(70001)  # a placeholder storage we make claim `big` elements below
+    torch.save(state, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as z:
+        records = {i.filename: z.read(i.filename) for i in z.infolist()}
+    pkl_name = next(n for n in records if n.endswith("data.pkl"))
+    key = next(n for n, data in records.items() if data == bytes(4 * 70001))  # the placeholder's bytes
+    index = key.rsplit("/", 1)[1]
+    pkl = records[pkl_name]
+    at = pkl.index(b"J" + (70001).to_bytes(4, "little"), pkl.index(index.encode() + b"q"))
+    records[pkl_name] = pkl[:at] + b"J" + big.to_bytes(4, "little") + pkl[at + 5:]
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w") as w:
+        for n, data in records.items():
+            if n == key:
+                info = zipfile.ZipInfo(n)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with w.open(info, "w", force_zip64=True) as f:
+                    for _ in range(big * 4 // 2**24):
+                        f.write(bytes(2**24))
+            else:
+                w.writestr(zipfile.ZipInfo(n), data)
+    assert (tmp_path / "bomb.pt").stat().st_size < 5 * 2**20
+    start = time.monotonic()
+    proc, rss_mib = run_measured("verify", tmp_path / "bomb.pt", "--data-dir", data_dir, tmp_path=tmp_path)
+    assert_refused(proc, "bomb.pt", "compressed", "refused")
+    assert time.monotonic() - start < 30
+    (tmp_path / "empty.pt").write_bytes(b"")  # the same command refused at once: its memory is the baseline
+    _, baseline_mib = run_measured("verify", tmp_path / "empty.pt", "--data-dir", data_dir, tmp_path=tmp_path)
+    assert rss_mib < baseline_mib + 200, (rss_mib, baseline_mib)  # loading it would take 1 GiB more
+
+
+def test_a_checkpoint_holding_more_than_its_architecture_is_refused_before_reading(tmp_path, trained, data_dir):
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["extra"] = torch.zeros(2**22)  # 16 MiB no cnn_small checkpoint holds
+    torch.save(state, tmp_path / "fat.pt")
+    assert_refused(certtune("verify", tmp_path / "fat.pt", "--data-dir", data_dir), "fat.pt", "its tensors claim",
+                   "more than a checkpoint of its architecture holds")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("epoch", -1000000, "epoch -1000000 is not an epoch of its 2-epoch run"),
+    ("step", "7", "step '7'"),
+    ("best_ibp_err", float("nan"), "best_ibp_err nan"),
+    ("rng_cpu", torch.zeros(10, dtype=torch.uint8), "rng_cpu is not a CPU random-generator state"),
+    ("rng_cuda", [torch.zeros(3, 3)], "rng_cuda"),
+])
+def test_out_of_range_training_state_is_refused_before_training(tmp_path, trained, data_dir, key, value, fragment):
+    run = copy_run(trained, tmp_path / "run")
+    state = torch.load(run / "last.pt", weights_only=True)
+    state[key] = value
+    torch.save(state, run / "last.pt")
+    before = snapshot(run)
+    start = time.monotonic()
+    assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run),
+                   "last.pt", fragment, "--restart")
+    assert snapshot(run) == before and time.monotonic() - start < 60
