@@ -407,3 +407,70 @@ def test_out_of_range_training_state_is_refused_before_training(tmp_path, traine
     assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run),
                    "last.pt", fragment, "--restart")
     assert snapshot(run) == before and time.monotonic() - start < 60
+
+
+def test_an_npz_header_claiming_279_tib_is_refused_without_allocating(tmp_path, config_file, data_dir):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (2**40 * 279 // 784, 28, 28)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("train_data.npy", header.getvalue() + bytes(784))
+        for key in ("train_targets", "test_data", "test_targets"):
+            array = io.BytesIO()
+            np.save(array, np.zeros((1, 28, 28) if key == "test_data" else 1, np.uint8))
+            z.writestr(key + ".npy", array.getvalue())
+    start = time.monotonic()
+    assert_refused(certtune("train", config_file, f"data.npz={tmp_path / 'huge.npz'}", "--data-dir", data_dir,
+                            "--out", tmp_path / "run"), "huge.npz", "'train_data' claims shape", "refused")
+    assert time.monotonic() - start < 60 and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def mnist_copy(data_dir: Path, to: Path, edit) -> Path:
+    """A data dir whose MNIST/raw holds the real files, one of them changed by `edit(name, bytes) -> bytes`."""
+    raw = to / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        (raw / path.name).write_bytes(edit(path.name, path.read_bytes()))
+    return to
+
+
+def _labels_out_of_range(name, data):
+    return data[:8] + bytes([12]) + data[9:] if name == "t10k-labels-idx1-ubyte" else data
+
+
+def _float_labels(name, data):  # idx type 0x0d: 4-byte floats
+    if name != "train-labels-idx1-ubyte":
+        return data
+    return data[:2] + b"\x0d\x01" + data[4:8] + np.frombuffer(data[8:], np.uint8).astype(">f4").tobytes()
+
+
+def _fewer_images_than_labels(name, data):
+    if name != "t10k-images-idx3-ubyte":
+        return data
+    n = int.from_bytes(data[4:8], "big") - 1
+    return data[:4] + n.to_bytes(4, "big") + data[8:-784]
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda name, data: b"\x00\x00\x08\x04" + data[4:] if name == "train-images-idx3-ubyte" else data,
+     ["train-images-idx3-ubyte", "bad magic number 0x00000804"]),
+    (_labels_out_of_range, ["t10k-labels-idx1-ubyte", "labels must be in [0, 9], found 12"]),
+    (_float_labels, ["train-labels-idx1-ubyte", "bad magic number 0x00000d01"]),
+    (_fewer_images_than_labels, ["t10k-labels-idx1-ubyte", "10000 labels for 9999 images"]),
+])
+def test_mnist_idx_files_are_checked_like_an_npz(tmp_path, config_file, data_dir, edit, fragments):
+    bad = mnist_copy(data_dir, tmp_path / "data", edit)
+    assert_refused(certtune("train", config_file, "--data-dir", bad, "--out", tmp_path / "run"), *fragments)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_search_on_bad_mnist_labels_is_refused_before_ray_and_leaves_nothing(tmp_path, data_dir):
+    bad = mnist_copy(data_dir, tmp_path / "data", _labels_out_of_range)
+    space = write_space(tmp_path, lambda raw: None)
+    start = time.monotonic()
+    assert_refused(certtune("search", space, "--data-dir", bad, "--name", "s", "--storage", tmp_path / "results"),
+                   "checked before starting Ray", "labels must be in [0, 9]")
+    assert time.monotonic() - start < 60 and not (tmp_path / "results").exists()
