@@ -22,6 +22,7 @@ from tuner.spaces import SearchSpace, load_space, parse_space_yaml
 
 RECORD_FILE = "certtune_search.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME_CHARS = 100
 
 
 class SearchError(ConfigError):
@@ -178,7 +179,9 @@ def check_name(name: str, flag: str = "--name") -> str:
     """A search name is one path component: `../other` or `/abs/path` never leave `--storage`."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise SearchError(f"{flag}: a search name uses letters, digits, '.', '_' and '-' (no '/', not starting "
-                          f"with '.'), got {name!r}")
+                          f"with '.'), got {shown(name)}")
+    if len(name) > MAX_NAME_CHARS:  # a file name holds 255 bytes; Ray and certtune add to it
+        raise SearchError(f"{flag}: {len(name)} characters; a search name has at most {MAX_NAME_CHARS}")
     return name
 
 

@@ -63,6 +63,9 @@ def parse_objective(text: str, space: SearchSpace) -> tuple[list[str], list[str]
     return names, ["min"] * len(names)
 
 
+MIN_RESOURCE = 0.01  # the smallest share of a CPU or GPU a trial may ask for
+
+
 def parse_resources(text: str) -> dict[str, float]:
     """`cpu=2,gpu=0.5` → {"cpu": 2, "gpu": 0.5}. GPUs below 1 are shared, above 1 must be whole."""
     out: dict[str, float] = {"cpu": 1, "gpu": 0}
@@ -77,7 +80,10 @@ def parse_resources(text: str) -> dict[str, float]:
             raise SearchError(f"--resources-per-trial: {key} must be a number, got {value.strip()!r}") from None
         if not math.isfinite(number) or number < 0 or (key == "cpu" and number == 0):
             raise SearchError(f"--resources-per-trial: {key} must be {'> 0' if key == 'cpu' else '>= 0'}, "
-                              f"got {value.strip()}")
+                              f"got {value.strip()[:60]}")
+        if 0 < number < MIN_RESOURCE:  # Ray counts resources in 1/10000 units and refuses finer ones later
+            raise SearchError(f"--resources-per-trial: {key}={number:g} is below the smallest share, "
+                              f"{MIN_RESOURCE:g}")
         if number > 1 and not number.is_integer():
             raise SearchError(f"--resources-per-trial: {key} above 1 must be a whole number, got {number:g}")
         out[key] = int(number) if number.is_integer() else number
@@ -252,10 +258,14 @@ def check_data(space: SearchSpace, data_dir: str) -> None:
 
 
 def seed_value(seed: Any) -> int:
+    """An integer in [0, 2**32), the range of the trials' own `seed` (checked here, before Ray starts)."""
     try:
-        return int(seed)
-    except (TypeError, ValueError):
-        raise SearchError(f"--seed: must be an integer, got {str(seed)!r}") from None
+        value = int(seed)
+    except (TypeError, ValueError, OverflowError):
+        raise SearchError(f"--seed: must be an integer, got {str(seed)[:60]!r}") from None
+    if isinstance(seed, float) and seed != value or not 0 <= value < 2**32:
+        raise SearchError(f"--seed: must be an integer in [0, 2**32), got {str(seed)[:60]}")
+    return value
 
 
 def connect_ray(address: str | None) -> None:
@@ -417,6 +427,7 @@ def resume_search(name: str, storage: str | None, address: str | None):
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
     record.build_space()  # the space must still be valid with this version of certtune
+    check_study_readable(record, storage)
     connect_ray(address)
     prepare_resume(record.wandb_project)
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
@@ -425,6 +436,16 @@ def resume_search(name: str, storage: str | None, address: str | None):
     results = tuner.fit()
     settle(record, storage)
     return results
+
+
+def check_study_readable(record: SearchRecord, storage: str) -> None:
+    """The search's journal parses, checked before Ray starts (tuner/study.py check_journal)."""
+    from tuner.study import check_journal, journal_path
+
+    if record.study_storage == "journal":
+        path = journal_path(storage, record.name)
+        if path.exists():
+            check_journal(path)
 
 
 def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
