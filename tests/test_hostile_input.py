@@ -474,3 +474,71 @@ def test_a_search_on_bad_mnist_labels_is_refused_before_ray_and_leaves_nothing(t
     assert_refused(certtune("search", space, "--data-dir", bad, "--name", "s", "--storage", tmp_path / "results"),
                    "checked before starting Ray", "labels must be in [0, 9]")
     assert time.monotonic() - start < 60 and not (tmp_path / "results").exists()
+
+
+def test_oversized_or_deeply_nested_yaml_is_refused_at_once(tmp_path, config_file):
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(200 * 2**20)  # 200 MB (sparse): refused by its size before a byte is read
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lr_milestones: " + "[" * 5000 + "]" * 5000 + "\n")
+    for args, fragments in [((big,), ("big.yaml", "200.0 MiB is too large", "at most 1.0 MiB")),
+                            ((deep,), ("deep.yaml", "nesting deeper than 50 levels")),
+                            ((config_file, "lr_milestones=" + "[" * 3000 + "]" * 3000), ("nesting deeper than 50",)),
+                            ((config_file, "note=" + "x" * 20000), ("20005 characters; at most 10000",))]:
+        start = time.monotonic()
+        assert_refused(certtune("train", *args, "--out", tmp_path / "run"), *fragments)
+        assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
+
+
+def test_fifos_where_input_files_should_be_are_refused_without_blocking(tmp_path, trained, data_dir):
+    fifo_config = tmp_path / "config.yaml"
+    os.mkfifo(fifo_config)
+    assert_refused(certtune("train", fifo_config, "--out", tmp_path / "run1", timeout=60),
+                   "config.yaml: a FIFO, not a regular file")
+    run = copy_run(trained, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")  # resuming reads it to drop lines after the checkpoint
+    assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run, timeout=60),
+                   "metrics.jsonl: a FIFO, not a regular file", "--restart")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda raw: raw["params"].update({f"_h{i}": {"type": "uniform", "low": 0, "high": 1} for i in range(5000)}),
+     "5001 params; at most 200"),
+    (lambda raw: raw["params"].update(lr={"type": "categorical", "choices": [1e-3 + i * 1e-8 for i in range(20000)]}),
+     "20000 choices; at most 1000"),
+])
+def test_huge_spaces_are_refused_quickly(tmp_path, edit, fragment):
+    path = write_space(tmp_path, edit)
+    start = time.monotonic()
+    assert_refused(certtune("search", path, "--storage", tmp_path / "results", timeout=60), fragment)
+    assert time.monotonic() - start < 30 and not (tmp_path / "results").exists()
+
+
+# ---- 7. checked before Ray starts (issue 21 §6) ------------------------------------------------------------
+@pytest.mark.parametrize("args, fragment", [
+    (["--seed", "-5"], "--seed: must be an integer in [0, 2**32), got -5"),
+    (["--seed", str(2**64)], "--seed: must be an integer in [0, 2**32)"),
+    (["--resources-per-trial", "cpu=0.00001"], "cpu=1e-05 is below the smallest share, 0.01"),
+    (["--name", "a" * 300], "--name: 300 characters; a search name has at most 100"),
+])
+def test_search_flags_are_refused_before_ray_and_leave_the_name_usable(tmp_path, args, fragment):
+    space = write_space(tmp_path, lambda raw: None)
+    start = time.monotonic()
+    assert_refused(certtune("search", space, "--name", "s", *args, "--storage", tmp_path / "results"), fragment)
+    assert time.monotonic() - start < 60 and not (tmp_path / "results").exists()  # nothing blocks the name
+
+
+def test_an_address_that_speaks_tcp_but_not_ray_is_one_line_within_the_handshake_timeout(tmp_path):
+    import socket
+
+    space = write_space(tmp_path, lambda raw: None)
+    with socket.socket() as server:  # accepts connections (the kernel completes them) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        assert_refused(certtune("search", space, "--address", address, "--storage", tmp_path / "results",
+                                timeout=60), address, "answers TCP but not as a Ray cluster", "no HTTP/2 answer")
+    assert time.monotonic() - start < 30 and not (tmp_path / "results").exists()
