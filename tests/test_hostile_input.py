@@ -542,3 +542,95 @@ def test_an_address_that_speaks_tcp_but_not_ray_is_one_line_within_the_handshake
         assert_refused(certtune("search", space, "--address", address, "--storage", tmp_path / "results",
                                 timeout=60), address, "answers TCP but not as a Ray cluster", "no HTTP/2 answer")
     assert time.monotonic() - start < 30 and not (tmp_path / "results").exists()
+
+
+# ---- 8. damaged state is named, not misread (issue 21 §7) ----------------------------------------------------
+SEARCH_SPACE = {"base": TINY | {"eps": 0.02, "data": {"subset": 256, "val_size": 200}},
+                "params": {"_unused": {"type": "uniform", "low": 0.0, "high": 1.0}}}
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, data_dir):
+    """A real search of two finished trials (2 epochs each) to copy and damage."""
+    root = tmp_path_factory.mktemp("search")
+    (root / "space.yaml").write_text(yaml.safe_dump(SEARCH_SPACE, sort_keys=False))
+    proc = certtune("search", root / "space.yaml", "--name", "s", "--num-samples", 2, "--max-concurrent", 1,
+                    "--scheduler", "none", "--data-dir", data_dir, "--storage", root / "storage", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "storage"
+
+
+def damaged_copy(finished_search: Path, to: Path, damage) -> tuple[Path, Path]:
+    """A copy of the search with `damage(experiment_dir, first_trial_dir)` applied."""
+    import shutil
+
+    shutil.copytree(finished_search, to)
+    experiment = to / "s"
+    damage(experiment, sorted(experiment.glob("trial_*"))[0])
+    return to, experiment
+
+
+def _replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (old, text[:300])
+    path.write_text(text.replace(old, new, 1))
+
+
+def _deep_state(experiment, _):
+    next(experiment.glob("experiment_state-*.json")).write_text("[" * 100000 + "]" * 100000)
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda e, t: _replace_in(t / "result.json", '"ibp_err": 1.0', '"ibp_err": NaN'),
+     ["result.json: line 1 holds NaN in a result that is not a failure"]),
+    (lambda e, t: _replace_in(t / "result.json", '"epoch": 2,', '"epoch": Infinity,'),
+     ["result.json: line 2 holds Infinity"]),
+    (lambda e, t: _replace_in(t / "result.json", '"epoch": 2,', '"epoch": "2",'),
+     ["result.json: line 2: 'epoch' is '2', not an integer"]),
+    (lambda e, t: _replace_in(e / "certtune_search.json", '"objective": [\n    "ibp_err"\n  ]', '"objective": "ibp_err"'),
+     ["certtune_search.json: field 'objective' must be list[str], got 'ibp_err'"]),
+    (lambda e, t: (t / "params.json").write_text('{"_unused": "zzz"}'),
+     [f"params.json: not a point of the search's space: param '_unused': expected a number, got 'zzz'"]),
+    (_deep_state, ["experiment_state-", "nested too deeply"]),
+    (lambda e, t: (next(e.glob("experiment_state-*.json")).unlink(), os.mkfifo(e / "experiment_state-9.json")),
+     ["experiment_state-9.json: a FIFO, not a regular file"]),
+])
+def test_damaged_experiment_state_is_named_by_report_and_export(tmp_path, finished_search, damage, fragments):
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", damage)
+    before = snapshot(experiment) if not any(p.is_fifo() for p in experiment.iterdir()) else None
+    for command in (["report", "s"], ["export", "s", "--out", tmp_path / "exported"]):
+        start = time.monotonic()
+        assert_refused(certtune(*command, "--storage", storage, timeout=60), *fragments)
+        assert time.monotonic() - start < 60 and not (tmp_path / "exported").exists()
+    if before is not None:
+        assert snapshot(experiment) == before
+
+
+def test_a_finished_trial_whose_result_json_lost_its_tail_is_not_demoted(tmp_path, finished_search):
+    def cut_last_line(_, trial):
+        text = (trial / "result.json").read_text()
+        (trial / "result.json").write_text(text[: text.rstrip("\n").rfind("\n") + 1] + text.rstrip("\n")[-300:-200])
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", cut_last_line)
+    proc = certtune("report", "s", "--storage", storage, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 finished, 0 stopped" in proc.stdout.splitlines()[0], proc.stdout
+
+
+def test_a_garbled_journal_is_named_before_ray_starts(tmp_path, finished_search, data_dir):
+    def garble(experiment, _):
+        lines = (experiment / "optuna_journal.log").read_text().splitlines(keepends=True)
+        lines[2] = '{"op_code": garbled\n'
+        (experiment / "optuna_journal.log").write_text("".join(lines))
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", garble)
+    before = snapshot(experiment)
+    for args in (["resume", "s", "--storage", storage],
+                 ["search", storage.parent / "space.yaml", "--name", "w", "--storage", storage, "--warm-start", "s",
+                  "--data-dir", data_dir]):
+        if args[0] == "search":
+            (storage.parent / "space.yaml").write_text(yaml.safe_dump(SEARCH_SPACE, sort_keys=False))
+        start = time.monotonic()
+        assert_refused(certtune(*args, timeout=60), "optuna_journal.log: line 3 is not an Optuna journal entry")
+        assert time.monotonic() - start < 30
+    assert snapshot(experiment) == before and not (storage / "w").exists()
