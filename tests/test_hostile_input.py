@@ -634,3 +634,46 @@ def test_a_garbled_journal_is_named_before_ray_starts(tmp_path, finished_search,
         assert_refused(certtune(*args, timeout=60), "optuna_journal.log: line 3 is not an Optuna journal entry")
         assert time.monotonic() - start < 30
     assert snapshot(experiment) == before and not (storage / "w").exists()
+
+
+def test_verify_on_an_empty_split_is_one_line(tmp_path, trained):
+    np.savez(tmp_path / "no_test.npz", train_data=np.zeros((300, 28, 28), np.uint8),
+             train_targets=np.zeros(300, np.int64), test_data=np.zeros((0, 28, 28), np.uint8),
+             test_targets=np.zeros(0, np.int64))
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["config"]["data"]["test_subset"] = 0  # all of the (empty) test split
+    torch.save(state, tmp_path / "all.pt")
+    assert_refused(certtune("verify", tmp_path / "all.pt", "--data-dir", tmp_path / "no_test.npz"),
+                   "--split test", "has no test examples")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 1 MiB file system (a tmpfs; mounting needs root, which the CI and this machine have).
+    Without root, a 1 MiB file-size limit on the child (RLIMIT_FSIZE) makes its writes fail the same way."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    yield disk, mounted
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(small_disk, config_file, data_dir):
+    import resource
+    import signal
+
+    disk, mounted = small_disk
+
+    def limit_file_size():  # only without the tmpfs
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")} | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "train", str(config_file), "--data-dir", str(data_dir),
+                           "--out", str(disk / "run"), "--no-progress"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300, preexec_fn=None if mounted else limit_file_size)
+    assert_refused(proc, "last.pt: cannot write the checkpoint", "the previous last.pt, if any, is intact",
+                   *(["No space left on device"] if mounted else []))
+    assert not list((disk / "run").glob("*.tmp")) and not (disk / "run" / "last.pt").exists()

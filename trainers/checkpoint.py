@@ -31,15 +31,36 @@ class CheckpointError(ConfigError):
     """A checkpoint file that cannot be used; the message names the file and says what is wrong."""
 
 
+class WriteError(ConfigError):
+    """A run's file could not be written (a full disk, a quota, a read-only file system): one line naming it."""
+
+
+def _write_problem(e: BaseException, path: Path) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:  # torch's own message for a short write is "unexpected pos ...": say what the disk says instead
+        stat = os.statvfs(path.parent)
+        if stat.f_bavail * stat.f_frsize < 2**20:
+            return "No space left on device"
+    except OSError:
+        pass
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write to a temporary file, flush it to disk, then rename: a crash or a full disk never leaves a
     half-written checkpoint under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT} | state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT} | state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError("... unexpected pos")
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write the checkpoint ({_write_problem(e, path)}); the previous "
+                         f"{path.name}, if any, is intact") from None
 
 
 def load_checkpoint(path: str | Path, device="cpu", for_training: bool = False) -> dict:
