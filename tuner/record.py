@@ -94,6 +94,9 @@ MAX_RECORD_BYTES = 16 * 2**20  # the record holds a space file (at most 1 MiB of
 def check_record_fields(raw: dict, where: str) -> None:
     """Each field of a record read back has the type its annotation names: a record edited by hand
     (`"objective": "ibp_err"`) is named here, not misread later (as every trial failing)."""
+    unknown = sorted(set(raw) - {f.name for f in fields(SearchRecord)})
+    if unknown:
+        raise SearchError(f"{where}: not a certtune search record (unknown field {shown(unknown[0])})")
     for f in fields(SearchRecord):
         if f.name in raw and not _fits(raw[f.name], str(f.type)):
             raise SearchError(f"{where}: field '{f.name}' must be {f.type}, got {shown(raw[f.name])}")
