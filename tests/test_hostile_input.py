@@ -677,3 +677,14 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(small_disk, config_file
     assert_refused(proc, "last.pt: cannot write the checkpoint", "the previous last.pt, if any, is intact",
                    *(["No space left on device"] if mounted else []))
     assert not list((disk / "run").glob("*.tmp")) and not (disk / "run" / "last.pt").exists()
+
+
+def test_resume_refuses_a_fifo_among_the_experiment_files_before_ray(tmp_path, finished_search):
+    def fifo_for_ray_state(experiment, _):
+        (experiment / "tuner.pkl").unlink()
+        os.mkfifo(experiment / "tuner.pkl")  # Ray's Tuner.restore would block reading it
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", fifo_for_ray_state)
+    start = time.monotonic()
+    assert_refused(certtune("resume", "s", "--storage", storage, timeout=60), "tuner.pkl: a FIFO, not a regular file")
+    assert time.monotonic() - start < 30 and not list(experiment.glob("trial_*/certtune_superseded.json"))

@@ -26,7 +26,7 @@ from trainers.schedules import first_target_epoch
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
 from tuner.record import (SearchError, SearchRecord, check_name, device_weight, experiment_path, first_line,
-                          normalize_storage, positive_int, read_record, space_source, space_with_overrides,
+                          is_uri, normalize_storage, positive_int, read_record, space_source, space_with_overrides,
                           write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
@@ -422,12 +422,12 @@ def resume_search(name: str, storage: str | None, address: str | None):
     if not tune.Tuner.can_restore(path):
         raise SearchError(f"search {name!r} in {storage} has no Ray experiment state to resume "
                           f"(it stopped before its first trial); start it again with `certtune search`")
+    check_experiment_readable(record, storage)  # before anything is written
     set_aside_superseded(record, storage)
     address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
     record.build_space()  # the space must still be valid with this version of certtune
-    check_study_readable(record, storage)
     connect_ray(address)
     prepare_resume(record.wandb_project)
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
@@ -438,10 +438,20 @@ def resume_search(name: str, storage: str | None, address: str | None):
     return results
 
 
-def check_study_readable(record: SearchRecord, storage: str) -> None:
-    """The search's journal parses, checked before Ray starts (tuner/study.py check_journal)."""
+def check_experiment_readable(record: SearchRecord, storage: str) -> None:
+    """Before Ray starts: the experiment's own files are regular files (Ray would block reading a FIFO named
+    tuner.pkl) and the search's journal parses (tuner/study.py check_journal)."""
+    from trainers.input_files import regular_file_size
     from tuner.study import check_journal, journal_path
 
+    if is_uri(storage):
+        return
+    for path in sorted(Path(experiment_path(storage, record.name)).iterdir()):
+        if not path.is_dir():
+            try:
+                regular_file_size(path, "a file of the experiment")
+            except ConfigError as e:
+                raise SearchError(str(e)) from None
     if record.study_storage == "journal":
         path = journal_path(storage, record.name)
         if path.exists():
