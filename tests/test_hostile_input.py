@@ -310,6 +310,8 @@ def write_space(tmp_path: Path, edit) -> Path:
     (lambda r: r.update(derived={"lr_milestones": "[1]*10**12"}), "too long"),
     (lambda r: r.update(derived={"_x": "((10**64)**64)**64"}), "number too large"),
     (lambda r: r["params"].update(epochs={"type": "int", "low": 1, "high": "1e308*10"}), "finite"),
+    (lambda r: r.update(derived={"_x": "-" * 1990 + "1"}), "nested deeper than 50 levels"),
+    (lambda r: r.update(derived={"_x": "not " * 490 + "1"}), "nested deeper than 50 levels"),
 ])
 def test_bad_space_expressions_are_refused_quickly(tmp_path, edit, fragment):
     path = write_space(tmp_path, edit)

@@ -99,6 +99,7 @@ MAX_EXPONENT = 64  # keeps `**` from building astronomically large numbers
 MAX_INT_BITS = 256  # and products of such numbers
 MAX_LIST_ITEMS = 1000  # `[x] * n` and list concatenation
 MAX_EXPR_CHARS = 2000
+MAX_EXPR_DEPTH = 50  # `-` * 1999 + `1` would otherwise exhaust Python's stack in the checker
 MAX_PARAMS = 200  # searched params (and derived keys) per space: the config has about 80 knobs
 MAX_CHOICES = 1000  # choices of one categorical, like any other list
 
@@ -133,6 +134,8 @@ class Expr:
             tree = ast.parse(text.strip(), mode="eval")
         except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
             raise ExprError(f"cannot parse {shown(text)}: {getattr(e, 'msg', None) or type(e).__name__}") from None
+        if _depth(tree.body) > MAX_EXPR_DEPTH:  # the checker and the interpreter recurse
+            raise ExprError(f"{shown(text)} is nested deeper than {MAX_EXPR_DEPTH} levels")
         names: set[str] = set()
         _check(tree.body, names)
         return cls(text, tree, names)
@@ -144,6 +147,16 @@ class Expr:
             raise
         except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
             raise ExprError(f"{shown(self.text)}: {e}") from None
+
+
+def _depth(root: ast.AST) -> int:
+    """The depth of an expression tree, without recursion."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _check(node: ast.AST, names: set[str]) -> None:
