@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .input_files import regular_file_size
 
 FORMAT = "certtune-checkpoint-1"
 REQUIRED_KEYS = ("config", "model")
@@ -66,8 +67,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path: str | Path, device="cpu", for_training: bool = False) -> dict:
     """Read a checkpoint safely. `for_training`: it must also hold the optimizer/RNG state to resume from."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        regular_file_size(path, "checkpoint")  # a FIFO would block torch.load
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the checkpoint file is empty")
     _check_archive(path)
