@@ -5,8 +5,10 @@ depends on what else runs on it. tests/test_ray_jobs.py runs the RAY_ADDRESS pat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 
 import pytest
 
@@ -24,6 +26,29 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def listener(answer: bytes | None):
+    """A TCP port on 127.0.0.1 whose server sends `answer` to each connection (None: says nothing)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def serve():
+            with contextlib.suppress(OSError):
+                while True:
+                    connection, _ = server.accept()
+                    if answer is not None:
+                        connection.sendall(answer)
+                    threading.Timer(10, connection.close).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+# What a gRPC server such as Ray's GCS sends first: an (empty) HTTP/2 SETTINGS frame.
+GRPC_HELLO = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 @pytest.mark.parametrize("flag, env, expected", [
@@ -69,13 +94,19 @@ def test_unreachable_ray_address_names_the_variable(monkeypatch):
     assert check_address("local") is None  # nothing to reach
 
 
-def test_a_listening_address_passes_the_check(monkeypatch):
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        address = f"127.0.0.1:{server.getsockname()[1]}"
+def test_an_address_that_answers_grpc_passes_the_check(monkeypatch):
+    with listener(GRPC_HELLO) as address:
         monkeypatch.setenv("RAY_ADDRESS", address)
         assert check_address(None) == address
+
+
+@pytest.mark.parametrize("answer, fragment", [(None, "no HTTP/2 answer within 3 s"),
+                                              (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not HTTP/2")])
+def test_a_port_that_speaks_tcp_but_not_ray_fails_within_the_handshake_timeout(answer, fragment):
+    with listener(answer) as address:
+        with pytest.raises(AddressError, match=f"--address {address}: {address} answers TCP but not as a Ray "
+                                               f"cluster .*{fragment}"):
+            check_address(address)
 
 
 @pytest.mark.parametrize("flag, env, expected", [
@@ -143,9 +174,7 @@ def test_a_search_in_a_job_asks_the_cluster_for_gpus_not_this_machine(monkeypatc
     args = ("mnist_tiny", {"epochs": 4}, None, 1, 1, f"cpu=1,gpu={gpus}", "none", "ibp_err")
     with pytest.raises(SearchError, match="this machine has"):
         prepare_search(*args, str(tmp_path / "local"), None, None, str(data_dir), 0)
-    with socket.socket() as head:  # stands in for the cluster's GCS port (only a TCP connect is made)
-        head.bind(("127.0.0.1", 0))
-        head.listen()
-        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{head.getsockname()[1]}")
+    with listener(GRPC_HELLO) as head:  # stands in for the cluster's GCS port (only the handshake is made)
+        monkeypatch.setenv("RAY_ADDRESS", head)
         record, _ = prepare_search(*args, str(tmp_path / "job"), None, None, str(data_dir), 0)
     assert record.resources_per_trial["gpu"] == gpus and record.address == "auto"

@@ -5,6 +5,7 @@ goes through the real CLI, which must say the same thing with exit code 2 and to
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -121,3 +122,89 @@ def test_fuzzed_configs_through_the_cli(tmp_path):
         # The field the in-process check named (the value may print differently after a YAML round trip).
         assert_refused(certtune("train", path, "--out", out), message.split(":")[0] + ":")
         assert not out.exists(), what
+
+
+# ---- issue 21: state files and checkpoints read back --------------------------------------------------
+STATE_VALUES = HOSTILE + [float("nan")] * 3 + ["2", -1000000, 10**30, [[[[[]]]]]]
+
+
+def text_mutants(text: str, rng: random.Random, n: int):
+    """Byte-level damage to a JSON text: cut anywhere, a byte changed, a span duplicated, deep brackets."""
+    for _ in range(n):
+        kind = rng.choice(["cut", "byte", "dup", "deep"])
+        at = rng.randrange(len(text))
+        if kind == "cut":
+            yield text[:at]
+        elif kind == "byte":
+            yield text[:at] + rng.choice('{}[]",:0-eNI\\') + text[at + 1:]
+        elif kind == "dup":
+            yield text[:at] + text[at:at + rng.randrange(1, 40)] + text[at:]
+        else:
+            yield text[:at] + "[" * 5000 + text[at:]
+
+
+def test_fuzzed_search_records_load_or_fail_with_one_line():
+    from tuner.record import SearchError, SearchRecord
+
+    valid = {"name": "s", "space_path": "s.yaml", "space": {"base": {}, "params": {}}, "objective": ["ibp_err"],
+             "modes": ["min"], "scheduler": "none", "num_samples": 2, "max_concurrent": 1,
+             "resources_per_trial": {"cpu": 1, "gpu": 0}, "data_dir": "/data", "seed": 0}
+    rng = random.Random(2)
+    refused = 0
+    mutants = [json.dumps(mutate(valid, rng, STATE_VALUES)[0]) for _ in range(300)]
+    mutants += list(text_mutants(json.dumps(valid), rng, 300))
+    for text in mutants:
+        try:
+            record = SearchRecord.from_json(text, "certtune_search.json")
+        except SearchError as e:
+            one_line(e)
+            assert "certtune_search.json" in str(e)
+            refused += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - nothing but a SearchError may escape
+            pytest.fail(f"{text[:200]}: {type(e).__name__}: {e}")
+        assert isinstance(record.objective, list) and isinstance(record.num_samples, int)
+    assert refused > 250
+
+
+def test_fuzzed_result_lines_parse_or_fail_with_one_line():
+    from tuner.results import ExportError, parse_result_lines
+
+    valid = "".join(json.dumps({"epoch": e, "epochs": 3, "ibp_err": 0.5, "clean_err": 0.1}) + "\n"
+                    for e in (1, 2, 3))
+    rng = random.Random(3)
+    for text in text_mutants(valid, rng, 600):
+        try:
+            rows = parse_result_lines(text, "result.json")
+        except ExportError as e:
+            one_line(e)
+            assert str(e).startswith("result.json: line ")
+            continue
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"{text[:200]!r}: {type(e).__name__}: {e}")
+        for row in rows:  # what is read is what a trial reports: integer epochs, finite numbers
+            assert all(isinstance(row[k], int) for k in ("epoch", "epochs") if k in row), row
+            assert all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
+
+
+def test_fuzzed_yaml_nesting_and_size_fail_with_one_line():
+    from trainers.safe_yaml import parse_yaml
+
+    rng = random.Random(4)
+    for _ in range(60):
+        depth = rng.randrange(1, 3000)
+        opener, closer = rng.choice([("[", "]"), ("{a: ", "}"), ("- ", "")])
+        text = ("lr_milestones: " + opener * depth + "1" + closer * depth) if opener != "- " else \
+            "".join("  " * i + "- \n" for i in range(depth))
+        start = time.monotonic()
+        try:
+            parse_yaml(text, "fuzz.yaml")
+            refused = False
+        except ConfigError as e:
+            one_line(e)
+            assert "nesting deeper than 50" in str(e) and depth >= 48, (depth, str(e))
+            refused = True
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"depth {depth} {opener!r}: {type(e).__name__}: {e}")
+        assert refused or depth <= 51, depth
+        assert time.monotonic() - start < 5

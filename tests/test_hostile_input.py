@@ -310,6 +310,8 @@ def write_space(tmp_path: Path, edit) -> Path:
     (lambda r: r.update(derived={"lr_milestones": "[1]*10**12"}), "too long"),
     (lambda r: r.update(derived={"_x": "((10**64)**64)**64"}), "number too large"),
     (lambda r: r["params"].update(epochs={"type": "int", "low": 1, "high": "1e308*10"}), "finite"),
+    (lambda r: r.update(derived={"_x": "-" * 1990 + "1"}), "nested deeper than 50 levels"),
+    (lambda r: r.update(derived={"_x": "not " * 490 + "1"}), "nested deeper than 50 levels"),
 ])
 def test_bad_space_expressions_are_refused_quickly(tmp_path, edit, fragment):
     path = write_space(tmp_path, edit)
@@ -638,3 +640,364 @@ def test_a_link_planted_as_the_driver_lock_is_refused_and_its_target_kept(tmp_pa
     plant_link(exp / ".lock", victim)
     assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results"), ".lock", "symbolic link")
     assert victim.read_text() == "another user's file\n"
+
+# ---- 6. every input is bounded before work (issue 21 §5) ---------------------------------------------------
+def run_measured(*args, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """certtune as a child process, with its peak resident memory in MiB (from wait4: this child only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")} | {"PYTHONPATH": str(REPO)}
+    with open(tmp_path / "out.txt", "w+") as out, open(tmp_path / "err.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *map(str, args)], cwd=REPO, env=env,
+                                stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024
+
+
+def test_a_small_checkpoint_that_inflates_to_a_gigabyte_is_refused_without_inflating(tmp_path, trained, data_dir):
+    """torch.load reads deflated zip records; torch.save never writes one. 2 MB on disk, 1 GiB inflated."""
+    import zipfile
+    import zlib
+
+    big = 2**28  # float32 elements: 1 GiB
+    state = torch.load(trained / "best.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.dim() == 2)
+    state["model"][name] = torch.zeros(70001)  # a placeholder storage we make claim `big` elements below
+    torch.save(state, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as z:
+        records = {i.filename: z.read(i.filename) for i in z.infolist()}
+    pkl_name = next(n for n in records if n.endswith("data.pkl"))
+    key = next(n for n, data in records.items() if data == bytes(4 * 70001))  # the placeholder's bytes
+    index = key.rsplit("/", 1)[1]
+    pkl = records[pkl_name]
+    at = pkl.index(b"J" + (70001).to_bytes(4, "little"), pkl.index(index.encode() + b"q"))
+    records[pkl_name] = pkl[:at] + b"J" + big.to_bytes(4, "little") + pkl[at + 5:]
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w") as w:
+        for n, data in records.items():
+            if n == key:
+                info = zipfile.ZipInfo(n)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with w.open(info, "w", force_zip64=True) as f:
+                    for _ in range(big * 4 // 2**24):
+                        f.write(bytes(2**24))
+            else:
+                w.writestr(zipfile.ZipInfo(n), data)
+    assert (tmp_path / "bomb.pt").stat().st_size < 5 * 2**20
+    start = time.monotonic()
+    proc, rss_mib = run_measured("verify", tmp_path / "bomb.pt", "--data-dir", data_dir, tmp_path=tmp_path)
+    assert_refused(proc, "bomb.pt", "compressed", "refused")
+    assert time.monotonic() - start < 30
+    (tmp_path / "empty.pt").write_bytes(b"")  # the same command refused at once: its memory is the baseline
+    _, baseline_mib = run_measured("verify", tmp_path / "empty.pt", "--data-dir", data_dir, tmp_path=tmp_path)
+    assert rss_mib < baseline_mib + 200, (rss_mib, baseline_mib)  # loading it would take 1 GiB more
+
+
+def test_a_checkpoint_holding_more_than_its_architecture_is_refused_before_reading(tmp_path, trained, data_dir):
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["extra"] = torch.zeros(2**22)  # 16 MiB no cnn_small checkpoint holds
+    torch.save(state, tmp_path / "fat.pt")
+    assert_refused(certtune("verify", tmp_path / "fat.pt", "--data-dir", data_dir), "fat.pt", "its tensors claim",
+                   "more than a checkpoint of its architecture holds")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("epoch", -1000000, "epoch -1000000 is not an epoch of its 2-epoch run"),
+    ("step", "7", "step '7'"),
+    ("best_ibp_err", float("nan"), "best_ibp_err nan"),
+    ("rng_cpu", torch.zeros(10, dtype=torch.uint8), "rng_cpu is not a CPU random-generator state"),
+    ("rng_cuda", [torch.zeros(3, 3)], "rng_cuda"),
+])
+def test_out_of_range_training_state_is_refused_before_training(tmp_path, trained, data_dir, key, value, fragment):
+    run = copy_run(trained, tmp_path / "run")
+    state = torch.load(run / "last.pt", weights_only=True)
+    state[key] = value
+    torch.save(state, run / "last.pt")
+    before = snapshot(run)
+    start = time.monotonic()
+    assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run),
+                   "last.pt", fragment, "--restart")
+    assert snapshot(run) == before and time.monotonic() - start < 60
+
+
+def test_an_npz_header_claiming_279_tib_is_refused_without_allocating(tmp_path, config_file, data_dir):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (2**40 * 279 // 784, 28, 28)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("train_data.npy", header.getvalue() + bytes(784))
+        for key in ("train_targets", "test_data", "test_targets"):
+            array = io.BytesIO()
+            np.save(array, np.zeros((1, 28, 28) if key == "test_data" else 1, np.uint8))
+            z.writestr(key + ".npy", array.getvalue())
+    start = time.monotonic()
+    assert_refused(certtune("train", config_file, f"data.npz={tmp_path / 'huge.npz'}", "--data-dir", data_dir,
+                            "--out", tmp_path / "run"), "huge.npz", "'train_data' claims shape", "refused")
+    assert time.monotonic() - start < 60 and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def mnist_copy(data_dir: Path, to: Path, edit) -> Path:
+    """A data dir whose MNIST/raw holds the real files, one of them changed by `edit(name, bytes) -> bytes`."""
+    raw = to / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        (raw / path.name).write_bytes(edit(path.name, path.read_bytes()))
+    return to
+
+
+def _labels_out_of_range(name, data):
+    return data[:8] + bytes([12]) + data[9:] if name == "t10k-labels-idx1-ubyte" else data
+
+
+def _float_labels(name, data):  # idx type 0x0d: 4-byte floats
+    if name != "train-labels-idx1-ubyte":
+        return data
+    return data[:2] + b"\x0d\x01" + data[4:8] + np.frombuffer(data[8:], np.uint8).astype(">f4").tobytes()
+
+
+def _fewer_images_than_labels(name, data):
+    if name != "t10k-images-idx3-ubyte":
+        return data
+    n = int.from_bytes(data[4:8], "big") - 1
+    return data[:4] + n.to_bytes(4, "big") + data[8:-784]
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda name, data: b"\x00\x00\x08\x04" + data[4:] if name == "train-images-idx3-ubyte" else data,
+     ["train-images-idx3-ubyte", "bad magic number 0x00000804"]),
+    (_labels_out_of_range, ["t10k-labels-idx1-ubyte", "labels must be in [0, 9], found 12"]),
+    (_float_labels, ["train-labels-idx1-ubyte", "bad magic number 0x00000d01"]),
+    (_fewer_images_than_labels, ["t10k-labels-idx1-ubyte", "10000 labels for 9999 images"]),
+])
+def test_mnist_idx_files_are_checked_like_an_npz(tmp_path, config_file, data_dir, edit, fragments):
+    bad = mnist_copy(data_dir, tmp_path / "data", edit)
+    assert_refused(certtune("train", config_file, "--data-dir", bad, "--out", tmp_path / "run"), *fragments)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_search_on_bad_mnist_labels_is_refused_before_ray_and_leaves_nothing(tmp_path, data_dir):
+    bad = mnist_copy(data_dir, tmp_path / "data", _labels_out_of_range)
+    space = write_space(tmp_path, lambda raw: None)
+    start = time.monotonic()
+    assert_refused(certtune("search", space, "--data-dir", bad, "--name", "s", "--storage", tmp_path / "results"),
+                   "checked before starting Ray", "labels must be in [0, 9]")
+    assert time.monotonic() - start < 60 and not (tmp_path / "results").exists()
+
+
+def test_oversized_or_deeply_nested_yaml_is_refused_at_once(tmp_path, config_file):
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(200 * 2**20)  # 200 MB (sparse): refused by its size before a byte is read
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lr_milestones: " + "[" * 5000 + "]" * 5000 + "\n")
+    for args, fragments in [((big,), ("big.yaml", "200.0 MiB is too large", "at most 1.0 MiB")),
+                            ((deep,), ("deep.yaml", "nesting deeper than 50 levels")),
+                            ((config_file, "lr_milestones=" + "[" * 3000 + "]" * 3000), ("nesting deeper than 50",)),
+                            ((config_file, "note=" + "x" * 20000), ("20005 characters; at most 10000",))]:
+        start = time.monotonic()
+        assert_refused(certtune("train", *args, "--out", tmp_path / "run"), *fragments)
+        assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
+
+
+def test_fifos_where_input_files_should_be_are_refused_without_blocking(tmp_path, trained, data_dir):
+    fifo_config = tmp_path / "config.yaml"
+    os.mkfifo(fifo_config)
+    assert_refused(certtune("train", fifo_config, "--out", tmp_path / "run1", timeout=60),
+                   "config.yaml: a FIFO, not a regular file")
+    run = copy_run(trained, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")  # resuming reads it to drop lines after the checkpoint
+    assert_refused(certtune("train", trained / "config.yaml", "--data-dir", data_dir, "--out", run, timeout=60),
+                   "metrics.jsonl: a FIFO, not a regular file", "--restart")
+    os.mkfifo(tmp_path / "model.pt")
+    assert_refused(certtune("verify", tmp_path / "model.pt", "--data-dir", data_dir, timeout=60),
+                   "model.pt: a FIFO, not a regular file")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda raw: raw["params"].update({f"_h{i}": {"type": "uniform", "low": 0, "high": 1} for i in range(5000)}),
+     "5001 params; at most 200"),
+    (lambda raw: raw["params"].update(lr={"type": "categorical", "choices": [1e-3 + i * 1e-8 for i in range(20000)]}),
+     "20000 choices; at most 1000"),
+])
+def test_huge_spaces_are_refused_quickly(tmp_path, edit, fragment):
+    path = write_space(tmp_path, edit)
+    start = time.monotonic()
+    assert_refused(certtune("search", path, "--storage", tmp_path / "results", timeout=60), fragment)
+    assert time.monotonic() - start < 30 and not (tmp_path / "results").exists()
+
+
+# ---- 7. checked before Ray starts (issue 21 §6) ------------------------------------------------------------
+@pytest.mark.parametrize("args, fragment", [
+    (["--seed", "-5"], "--seed: must be an integer in [0, 2**32), got -5"),
+    (["--seed", str(2**64)], "--seed: must be an integer in [0, 2**32)"),
+    (["--resources-per-trial", "cpu=0.00001"], "cpu=1e-05 is below the smallest share, 0.01"),
+    (["--name", "a" * 300], "--name: 300 characters; a search name has at most 100"),
+])
+def test_search_flags_are_refused_before_ray_and_leave_the_name_usable(tmp_path, args, fragment):
+    space = write_space(tmp_path, lambda raw: None)
+    start = time.monotonic()
+    assert_refused(certtune("search", space, "--name", "s", *args, "--storage", tmp_path / "results"), fragment)
+    assert time.monotonic() - start < 60 and not (tmp_path / "results").exists()  # nothing blocks the name
+
+
+def test_an_address_that_speaks_tcp_but_not_ray_is_one_line_within_the_handshake_timeout(tmp_path):
+    import socket
+
+    space = write_space(tmp_path, lambda raw: None)
+    with socket.socket() as server:  # accepts connections (the kernel completes them) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        assert_refused(certtune("search", space, "--address", address, "--storage", tmp_path / "results",
+                                timeout=60), address, "answers TCP but not as a Ray cluster", "no HTTP/2 answer")
+    assert time.monotonic() - start < 30 and not (tmp_path / "results").exists()
+
+
+# ---- 8. damaged state is named, not misread (issue 21 §7) ----------------------------------------------------
+SEARCH_SPACE = {"base": TINY | {"eps": 0.02, "data": {"subset": 256, "val_size": 200}},
+                "params": {"_unused": {"type": "uniform", "low": 0.0, "high": 1.0}}}
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, data_dir):
+    """A real search of two finished trials (2 epochs each) to copy and damage."""
+    root = tmp_path_factory.mktemp("search")
+    (root / "space.yaml").write_text(yaml.safe_dump(SEARCH_SPACE, sort_keys=False))
+    proc = certtune("search", root / "space.yaml", "--name", "s", "--num-samples", 2, "--max-concurrent", 1,
+                    "--scheduler", "none", "--data-dir", data_dir, "--storage", root / "storage", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "storage"
+
+
+def damaged_copy(finished_search: Path, to: Path, damage) -> tuple[Path, Path]:
+    """A copy of the search with `damage(experiment_dir, first_trial_dir)` applied."""
+    import shutil
+
+    shutil.copytree(finished_search, to)
+    experiment = to / "s"
+    damage(experiment, sorted(experiment.glob("trial_*"))[0])
+    return to, experiment
+
+
+def _replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (old, text[:300])
+    path.write_text(text.replace(old, new, 1))
+
+
+def _deep_state(experiment, _):
+    next(experiment.glob("experiment_state-*.json")).write_text("[" * 100000 + "]" * 100000)
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda e, t: _replace_in(t / "result.json", '"ibp_err": 1.0', '"ibp_err": NaN'),
+     ["result.json: line 1 holds NaN in a result that is not a failure"]),
+    (lambda e, t: _replace_in(t / "result.json", '"epoch": 2,', '"epoch": Infinity,'),
+     ["result.json: line 2 holds Infinity"]),
+    (lambda e, t: _replace_in(t / "result.json", '"epoch": 2,', '"epoch": "2",'),
+     ["result.json: line 2: 'epoch' is '2', not an integer"]),
+    (lambda e, t: _replace_in(e / "certtune_search.json", '"objective": [\n    "ibp_err"\n  ]', '"objective": "ibp_err"'),
+     ["certtune_search.json: field 'objective' must be list[str], got 'ibp_err'"]),
+    (lambda e, t: (t / "params.json").write_text('{"_unused": "zzz"}'),
+     [f"params.json: not a point of the search's space: param '_unused': expected a number, got 'zzz'"]),
+    (_deep_state, ["experiment_state-", "nested too deeply"]),
+    (lambda e, t: (next(e.glob("experiment_state-*.json")).unlink(), os.mkfifo(e / "experiment_state-9.json")),
+     ["experiment_state-9.json: a FIFO, not a regular file"]),
+])
+def test_damaged_experiment_state_is_named_by_report_and_export(tmp_path, finished_search, damage, fragments):
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", damage)
+    before = snapshot(experiment) if not any(p.is_fifo() for p in experiment.iterdir()) else None
+    for command in (["report", "s"], ["export", "s", "--out", tmp_path / "exported"]):
+        start = time.monotonic()
+        assert_refused(certtune(*command, "--storage", storage, timeout=60), *fragments)
+        assert time.monotonic() - start < 60 and not (tmp_path / "exported").exists()
+    if before is not None:
+        assert snapshot(experiment) == before
+
+
+def test_a_finished_trial_whose_result_json_lost_its_tail_is_not_demoted(tmp_path, finished_search):
+    def cut_last_line(_, trial):
+        text = (trial / "result.json").read_text()
+        (trial / "result.json").write_text(text[: text.rstrip("\n").rfind("\n") + 1] + text.rstrip("\n")[-300:-200])
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", cut_last_line)
+    proc = certtune("report", "s", "--storage", storage, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 finished, 0 stopped" in proc.stdout.splitlines()[0], proc.stdout
+
+
+def test_a_garbled_journal_is_named_before_ray_starts(tmp_path, finished_search, data_dir):
+    def garble(experiment, _):
+        lines = (experiment / "optuna_journal.log").read_text().splitlines(keepends=True)
+        lines[2] = '{"op_code": garbled\n'
+        (experiment / "optuna_journal.log").write_text("".join(lines))
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", garble)
+    before = snapshot(experiment)
+    for args in (["resume", "s", "--storage", storage],
+                 ["search", storage.parent / "space.yaml", "--name", "w", "--storage", storage, "--warm-start", "s",
+                  "--data-dir", data_dir]):
+        if args[0] == "search":
+            (storage.parent / "space.yaml").write_text(yaml.safe_dump(SEARCH_SPACE, sort_keys=False))
+        start = time.monotonic()
+        assert_refused(certtune(*args, timeout=60), "optuna_journal.log: line 3 is not an Optuna journal entry")
+        assert time.monotonic() - start < 30
+    assert snapshot(experiment) == before and not (storage / "w").exists()
+
+
+def test_verify_on_an_empty_split_is_one_line(tmp_path, trained):
+    np.savez(tmp_path / "no_test.npz", train_data=np.zeros((300, 28, 28), np.uint8),
+             train_targets=np.zeros(300, np.int64), test_data=np.zeros((0, 28, 28), np.uint8),
+             test_targets=np.zeros(0, np.int64))
+    state = torch.load(trained / "best.pt", weights_only=True)
+    state["config"]["data"]["test_subset"] = 0  # all of the (empty) test split
+    torch.save(state, tmp_path / "all.pt")
+    assert_refused(certtune("verify", tmp_path / "all.pt", "--data-dir", tmp_path / "no_test.npz"),
+                   "--split test", "has no test examples")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 1 MiB file system (a tmpfs; mounting needs root, which the CI and this machine have).
+    Without root, a 1 MiB file-size limit on the child (RLIMIT_FSIZE) makes its writes fail the same way."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    yield disk, mounted
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(small_disk, config_file, data_dir):
+    import resource
+    import signal
+
+    disk, mounted = small_disk
+
+    def limit_file_size():  # only without the tmpfs
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")} | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "tuner.cli", "train", str(config_file), "--data-dir", str(data_dir),
+                           "--out", str(disk / "run"), "--no-progress"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300, preexec_fn=None if mounted else limit_file_size)
+    assert_refused(proc, "last.pt: cannot write the checkpoint", "the previous last.pt, if any, is intact",
+                   *(["No space left on device"] if mounted else []))
+    assert not list((disk / "run").glob("*.tmp")) and not (disk / "run" / "last.pt").exists()
+
+
+def test_resume_refuses_a_fifo_among_the_experiment_files_before_ray(tmp_path, finished_search):
+    def fifo_for_ray_state(experiment, _):
+        (experiment / "tuner.pkl").unlink()
+        os.mkfifo(experiment / "tuner.pkl")  # Ray's Tuner.restore would block reading it
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", fifo_for_ray_state)
+    start = time.monotonic()
+    assert_refused(certtune("resume", "s", "--storage", storage, timeout=60), "tuner.pkl: a FIFO, not a regular file")
+    assert time.monotonic() - start < 30 and not list(experiment.glob("trial_*/certtune_superseded.json"))

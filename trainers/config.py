@@ -381,14 +381,16 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings from the command line; values are parsed as YAML by the config reader (so 0.1,
     1e-3, true, [50,60])."""
-    from .safe_yaml import parse_yaml
+    from .safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml
 
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected KEY=VALUE")
         key, text = item.split("=", 1)
-        out[key.strip()] = parse_yaml(text, f"override '{item}'") if text.strip() else None
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(f"override {shown(item)}: {len(item)} characters; at most {MAX_OVERRIDE_CHARS}")
+        out[key.strip()] = parse_yaml(text, f"override {shown(item)}") if text.strip() else None
     return out
 
 

@@ -232,6 +232,7 @@ def _load_raw(dataset: str, root: Path, cfg: DataConfig, download: bool) -> _Raw
 
 def read_npz(path: Path, dataset: str) -> _Raw:
     """uint8 images (N, H, W, C) or (N, H, W) and integer labels under NPZ_KEYS; other keys are ignored."""
+    check_npz_headers(path)
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -246,6 +247,42 @@ def read_npz(path: Path, dataset: str) -> _Raw:
         train_y = _npz_labels(arrays["train_targets"], len(train_x), dataset, path, "train_targets")
         test_y = _npz_labels(arrays["test_targets"], len(test_x), dataset, path, "test_targets")
     return _Raw(train_x, train_y, test_x, test_y, source=str(path))
+
+
+def check_npz_headers(path: Path) -> None:
+    """Each array's .npy header, read without allocating anything: the bytes its shape and dtype claim must be
+    the bytes the archive says the member holds, and fit this machine's memory. A header claiming 279 TiB
+    is refused here instead of ending in a MemoryError (numpy allocates what the header says, then reads)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename: i for i in z.infolist()}
+            for key in NPZ_KEYS:
+                info = members.get(key + ".npy")
+                if info is not None:
+                    with z.open(info) as f:
+                        _check_npy_header(f, info.file_size, path, key)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"cannot read {path} as .npz: {_one_line(e)}") from None
+
+
+def _check_npy_header(f, member_bytes: int, path: Path, key: str) -> None:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise DataError(f"{path}: '{key}' has no valid .npy header: {_one_line(e)[:200]}") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: '{key}' holds Python objects (a pickle); refused, only numbers are read")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    header = f.tell()
+    if claimed != member_bytes - header:
+        raise DataError(f"{path}: '{key}' claims shape {shape} of {dtype} ({claimed:,} bytes) but holds "
+                        f"{max(member_bytes - header, 0):,}; refused")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if claimed > memory:
+        raise DataError(f"{path}: '{key}' claims {claimed / 2**30:,.1f} GiB, more than this machine's memory")
 
 
 def _npz_array(z, key: str, path: Path) -> np.ndarray:
@@ -371,6 +408,7 @@ def _load_mnist(root: Path, download: bool) -> _Raw:
             _remove_if_empty(new_dirs)
     if missing:
         raise DataError(f"MNIST not found under {root} (expected {raw_dir / missing[0]}); {reason}. {BRING}")
+    check_mnist_files(raw_dir)
     try:
         train, test = MNIST(root, train=True), MNIST(root, train=False)
     except (RuntimeError, ValueError, OSError) as e:
@@ -379,6 +417,45 @@ def _load_mnist(root: Path, download: bool) -> _Raw:
                source=str(raw_dir))
     _check_shapes(raw, "mnist")
     return raw
+
+
+IDX_UBYTE = 0x08  # the idx format's type code of unsigned bytes, the only type MNIST's files use
+
+
+def check_mnist_files(raw_dir: Path) -> None:
+    """MNIST's idx files checked as an .npz is, before torchvision reads them: magic numbers (unsigned bytes;
+    3 dimensions for images, 1 for labels), 28x28 images, sizes that match the header, as many labels as
+    images, labels in 0..9. torchvision would read float labels, extra bytes or a short file silently."""
+    for split in ("train", "t10k"):
+        n_images = _idx_count(raw_dir / f"{split}-images-idx3-ubyte", (28, 28))
+        labels_file = raw_dir / f"{split}-labels-idx1-ubyte"
+        n_labels = _idx_count(labels_file, ())
+        if n_labels != n_images:
+            raise DataError(f"{labels_file}: {n_labels} labels for {n_images} images")
+        labels = np.fromfile(labels_file, dtype=np.uint8, offset=8)
+        if labels.size and labels.max() >= NUM_CLASSES["mnist"]:
+            raise DataError(f"{labels_file}: labels must be in [0, 9], found {labels.max()}")
+
+
+def _idx_count(path: Path, item_shape: tuple[int, ...]) -> int:
+    """The item count of an idx file of unsigned bytes whose items have `item_shape`; DataError otherwise."""
+    ndim = 1 + len(item_shape)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim:
+        raise DataError(f"{path}: too short for an idx header ({size} bytes)")
+    zero, kind, dims = int.from_bytes(header[:2], "big"), header[2], header[3]
+    if zero != 0 or kind != IDX_UBYTE or dims != ndim:
+        raise DataError(f"{path}: bad magic number 0x{header[:4].hex()} (expected 0x0000080{ndim}: unsigned bytes, "
+                        f"{ndim} dimension{'s' if ndim > 1 else ''})")
+    shape = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if shape[1:] != item_shape:
+        raise DataError(f"{path}: items of shape {shape[1:]}, expected {item_shape}")
+    expected = len(header) + int(np.prod(shape, dtype=object))
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, but its header {shape} says {expected}")
+    return shape[0]
 
 
 def _load_cifar10(root: Path, download: bool) -> _Raw:

@@ -23,6 +23,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, load_checkpoint
 from .errors import ConfigError, shown
 from .files import UnsafeFileError, check_own_files, open_lock, take_lock
+from .input_files import regular_file_size
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 LOCK_FILE = ".lock"
@@ -84,6 +85,7 @@ def _lock(fd: int, path: Path) -> None:
 def _check_existing(path: Path, config: dict, device) -> dict | None:
     """The existing run must be this config's; return its last checkpoint's state (None: fresh start)."""
     hint = "use a fresh --out, or --restart to set the old run aside and start over"
+    _check_regular(path, hint)
     saved = path / "config.yaml"
     if saved.exists():
         from .safe_yaml import read_yaml_file  # here: a GPU machine with only torch trains without --out
@@ -103,6 +105,17 @@ def _check_existing(path: Path, config: dict, device) -> dict | None:
                           "(best.pt, if any, is kept there)") from None
     _same_config(state["config"], config, str(last), hint)
     return state
+
+
+def _check_regular(path: Path, hint: str) -> None:
+    """The run's files are plain files: a FIFO where metrics.jsonl should be would block the resume that
+    reads it (checked by stat, which never blocks)."""
+    for name in RUN_FILES:
+        if os.path.lexists(path / name):
+            try:
+                regular_file_size(path / name, name)
+            except ConfigError as e:
+                raise RunDirError(f"{e}; {hint}") from None
 
 
 def _same_config(old, new: dict, where: str, hint: str) -> None:

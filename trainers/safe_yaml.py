@@ -16,14 +16,28 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .input_files import MAX_NESTING, read_text
+
+
+MAX_YAML_BYTES = 2**20  # configs and spaces are a few KB; checked before reading, so a huge file costs nothing
+MAX_OVERRIDE_CHARS = 10_000
 
 
 class _Loader(yaml.SafeLoader):
+    depth = 0
+
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported", mark)
-        return super().compose_node(parent, index)
+        self.depth += 1  # PyYAML composes recursively: refuse deep nesting before Python's stack runs out
+        try:
+            if self.depth > MAX_NESTING:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_NESTING} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -55,16 +69,8 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    return parse_yaml(text, str(path))
+    """A regular file of at most MAX_YAML_BYTES (a FIFO or a 200 MB file is refused before reading)."""
+    return parse_yaml(read_text(path, MAX_YAML_BYTES, what), str(path))
 
 
 def _one_line(e: yaml.YAMLError) -> str:

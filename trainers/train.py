@@ -7,17 +7,19 @@ method; the loop does not know which runs), plus λ·regularizers during warmup;
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, WriteError, load_weights, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .cpu_memory import keep_freed_memory
 from .data import load_splits, make_loader
@@ -163,8 +165,9 @@ class Trainer:
         with RunDir.open(self.out_dir, self.cfg.to_dict(), restart, self.device) as run:
             if run.resume_state is not None:
                 self.load_state(run.resume_state, run.path / "last.pt")
-            self.cfg.to_yaml(self.out_dir / "config.yaml")  # only now: every check above has passed
-            return self._fit(on_epoch)
+            with _disk_errors_as_one_line(self.out_dir):
+                self.cfg.to_yaml(self.out_dir / "config.yaml")  # only now: every check above has passed
+                return self._fit(on_epoch)
 
     def _fit(self, on_epoch) -> dict:
         metrics = {}
@@ -240,6 +243,20 @@ class Trainer:
         if path.exists():
             lines = [line for line in path.read_text(errors="replace").splitlines() if _epoch_of(line) <= self.epoch]
             write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextmanager
+def _disk_errors_as_one_line(out_dir: Path):
+    """A full disk (or quota, or read-only file system) while writing the run is one line naming --out."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise WriteError(f"--out {out_dir}: cannot write {e.filename or 'the run'}: {e.strerror}") from None
 
 
 def _epoch_of(line: str) -> float:

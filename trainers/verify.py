@@ -46,6 +46,9 @@ def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods
     model, cfg = load_model(checkpoint, device)
     splits = load_splits(cfg.dataset, data_dir, cfg.data, cfg.seed)
     examples = getattr(splits, split)
+    if len(examples) == 0:  # an .npz may hold no test images; an error rate over nothing is no number
+        raise ConfigError(f"--split {split}: the {cfg.dataset} data at {data_dir or 'the data dir'} has no "
+                          f"{split} examples to verify")
     if limit is not None and limit < len(examples):
         examples = ImageDataset(examples.images, examples.labels, examples.indices[:limit], examples.augment)
     loader = make_loader(examples, cfg.eval.batch_size, shuffle=False)

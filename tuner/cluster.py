@@ -95,12 +95,43 @@ def check_address(flag: str | None) -> str | None:
         return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise AddressError(f"{source(flag)}: cannot reach a Ray cluster at {host}:{port} ({reason}); "
                            f"is `ray start --head` running there?") from None
+    with connection:
+        problem = grpc_handshake_problem(connection)
+    if problem:
+        raise AddressError(f"{source(flag)}: {host}:{port} answers TCP but not as a Ray cluster ({problem}); "
+                           f"give the cluster's GCS address HOST:PORT (port 6379 by default)")
     return address
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+SETTINGS_FRAME = 4
+
+
+def grpc_handshake_problem(connection: socket.socket) -> str | None:
+    """Ray's GCS (and the Ray Client server) speak gRPC, that is HTTP/2, whose server opens with a SETTINGS
+    frame. Anything else on the port (a web server, a database, a silent listener) would leave `ray.init`
+    retrying for minutes; this answers in at most CONNECT_TIMEOUT_S."""
+    try:
+        connection.settimeout(CONNECT_TIMEOUT_S)
+        connection.sendall(HTTP2_PREFACE)
+        header = b""
+        while len(header) < 9:
+            chunk = connection.recv(9 - len(header))
+            if not chunk:
+                return "it closed the connection"
+            header += chunk
+    except socket.timeout:
+        return f"no HTTP/2 answer within {CONNECT_TIMEOUT_S:g} s"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if header[3] != SETTINGS_FRAME:
+        return f"it answered {header[:9]!r}, not HTTP/2"
+    return None
 
 
 def recorded_address(flag: str | None) -> str | None:

@@ -11,16 +11,19 @@ import copy
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from trainers.config import ConfigError, TrainConfig, set_dotted
+from trainers.errors import shown
 from trainers.files import UnsafeFileError, open_lock, take_lock, write_atomic
+from trainers.input_files import parse_json, read_text
 from tuner.spaces import SearchSpace, load_space, parse_space_yaml
 
 RECORD_FILE = "certtune_search.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME_CHARS = 100
 
 
 class SearchError(ConfigError):
@@ -96,10 +99,52 @@ class SearchRecord:
     @classmethod
     def from_json(cls, text: str, where: str = RECORD_FILE) -> "SearchRecord":
         try:
-            raw = json.loads(text)
+            raw = parse_json(text, where)  # strict: no NaN/Infinity, bounded nesting
+        except ConfigError as e:
+            raise SearchError(str(e)) from None
+        if not isinstance(raw, dict):
+            raise SearchError(f"{where}: not a certtune search record (not a JSON object)")
+        check_record_fields(raw, where)
+        try:
             return cls(**raw)
-        except (ValueError, TypeError) as e:
+        except TypeError as e:
             raise SearchError(f"{where}: not a certtune search record ({e})") from None
+
+
+MAX_RECORD_BYTES = 16 * 2**20  # the record holds a space file (at most 1 MiB of YAML) and the flags
+
+
+def check_record_fields(raw: dict, where: str) -> None:
+    """Each field of a record read back has the type its annotation names: a record edited by hand
+    (`"objective": "ibp_err"`) is named here, not misread later (as every trial failing)."""
+    unknown = sorted(set(raw) - {f.name for f in fields(SearchRecord)})
+    if unknown:
+        raise SearchError(f"{where}: not a certtune search record (unknown field {shown(unknown[0])})")
+    for f in fields(SearchRecord):
+        if f.name in raw and not _fits(raw[f.name], str(f.type)):
+            raise SearchError(f"{where}: field '{f.name}' must be {f.type}, got {shown(raw[f.name])}")
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """`value` against an annotation string of the record's own kinds (str, int, float, bool, None,
+    list[...], dict[...] and unions of them)."""
+    options = [a.strip() for a in re.split(r"\|(?![^\[]*\])", annotation)]
+    return any(_fits_one(value, option) for option in options)
+
+
+def _fits_one(value: Any, kind: str) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    simple = {"None": value is None, "str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": number and isinstance(value, int), "float": number, "Any": True}
+    if kind in simple:
+        return simple[kind]
+    inner = kind[kind.index("[") + 1:-1] if "[" in kind else "Any"
+    if kind.startswith("list"):
+        return isinstance(value, list) and all(_fits(v, inner) for v in value)
+    if kind.startswith("dict"):
+        value_kind = inner.split(",", 1)[1].strip() if "," in inner else "Any"
+        return isinstance(value, dict) and all(_fits(v, value_kind) for v in value.values())
+    return False
 
 
 def device_weight(resources: dict[str, float]) -> tuple[str, float]:
@@ -160,7 +205,9 @@ def check_name(name: str, flag: str = "--name") -> str:
     """A search name is one path component: `../other` or `/abs/path` never leave `--storage`."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise SearchError(f"{flag}: a search name uses letters, digits, '.', '_' and '-' (no '/', not starting "
-                          f"with '.'), got {name!r}")
+                          f"with '.'), got {shown(name)}")
+    if len(name) > MAX_NAME_CHARS:  # a file name holds 255 bytes; Ray and certtune add to it
+        raise SearchError(f"{flag}: {len(name)} characters; a search name has at most {MAX_NAME_CHARS}")
     return name
 
 
@@ -279,9 +326,11 @@ def read_record(storage: str, name: str) -> SearchRecord:
             fs, path = pyarrow.fs.FileSystem.from_uri(target)
             with fs.open_input_stream(path) as f:
                 text = f.read().decode()
+        elif os.path.lexists(target):
+            text = read_text(target, MAX_RECORD_BYTES, RECORD_FILE)  # a FIFO or a huge file: one line
         else:
-            text = Path(target).read_text()
-    except (OSError, ValueError):
+            raise FileNotFoundError(target)
+    except (OSError, UnicodeDecodeError):
         raise SearchError(f"no search named {name!r} in {storage} ({RECORD_FILE} not found); "
                           f"pass the --storage it ran with") from None
     return SearchRecord.from_json(text, target)

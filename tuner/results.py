@@ -34,17 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from trainers.config import ConfigError
 from trainers.errors import shown
+from trainers.input_files import read_text
 from tuner.constraints import parse_constraints, satisfied
 from tuner.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
-from tuner.record import (RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path, first_line,
-                          is_uri, normalize_storage, space_with_overrides)
+from tuner.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
+                          first_line, is_uri, normalize_storage, space_with_overrides)
 from tuner.reeval import ReevalPlan, Score
 from tuner.spaces import SearchSpace, SpaceError
 
 STATUSES = ("finished", "stopped", "failed", "running", "pending")
 ENDED = ("finished", "stopped", "failed")
 NO_RESULT = "ended without reporting a result"
+MAX_STATE_BYTES = 256 * 2**20  # one state file (Ray's experiment state, a trial's result.json): far above real ones
 SUPERSEDED_FILE = "certtune_superseded.json"  # in a trial directory: trained again under another id (resume)
 SELECTION_FILE = "certtune_selection.json"  # in the experiment: the --select-by choice (tuner/selection.py)
 TRIAL_FILES = ("params.json", "result.json", "error.txt", SUPERSEDED_FILE)  # what a remote copy needs per trial
@@ -358,8 +361,9 @@ def _load_local(name: str, path: Path, where: str) -> Search:
     if not record_file.is_file():
         raise ExportError(f"{where}: no certtune search there ({RECORD_FILE} not found); check the name and "
                           f"pass the --storage the search ran with")
-    record = SearchRecord.from_json(record_file.read_text(), f"{where}/{RECORD_FILE}")
+    record = SearchRecord.from_json(read_text(record_file, MAX_RECORD_BYTES, RECORD_FILE), f"{where}/{RECORD_FILE}")
     every = read_trials(path, record.objective)
+    check_trial_params(every, record.build_space(), path)
     trials = [t for t in every if not t.superseded]
     search = Search(name, path, record, trials, where, [t for t in every if t.superseded],
                     read_selection(path / SELECTION_FILE, where))
@@ -467,9 +471,12 @@ def read_experiment_state(path: Path) -> list[tuple[dict, dict]]:
     if newest is None:
         return []
     inside(path, newest.name, newest)
+    text = read_text(newest, MAX_STATE_BYTES, "experiment-state file")  # a FIFO or a huge file: one line
     try:
-        raw = json.loads(newest.read_text())
+        raw = json.loads(text)
         return [(json.loads(info), json.loads(runtime)) for info, runtime in raw["trial_data"]]
+    except RecursionError:
+        raise ExportError(f"{newest}: nested too deeply to be Ray's experiment state; refused") from None
     except (ValueError, KeyError, TypeError):
         return []  # a snapshot cut short: the trial directories still hold the results
 
@@ -488,8 +495,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     params = dict(params)
     config_of, seed_offset = params.pop(CONFIG_OF, None), params.pop(SEED_OFFSET, 0)
     rows = read_results(logdir / "result.json") if logdir is not None else []
-    if not rows and state_last:
-        rows = [state_last]
+    if state_last and (not rows or _later(state_last, rows[-1])):
+        rows = rows + [state_last]  # result.json lost its tail: Ray's state still knows the last result
     history = epoch_history(rows)
     trial = TrialRecord(str(trial_id), "pending", dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
@@ -511,24 +518,56 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
 
 
 def read_results(path: Path) -> list[dict]:
-    """The rows of a local trial's result.json ([] if there is none)."""
-    if not path.is_file():
+    """The rows of a local trial's result.json ([] if there is none; a FIFO or a huge file is one line)."""
+    if not path.exists():
         return []
-    return parse_result_lines(path.read_text(errors="replace"))
+    return parse_result_lines(read_text(path, MAX_STATE_BYTES, "result.json"), str(path))
 
 
-def parse_result_lines(text: str) -> list[dict]:
+def parse_result_lines(text: str, source: str = "result.json") -> list[dict]:
     """The one reader of Ray's result.json: one JSON object per line; a line torn by a crash (or anything
-    that is not an object) is skipped."""
+    that is not an object) is skipped. A whole line holding what certtune never reports is damage, named
+    with the file and the line (ExportError): NaN/Infinity outside a failed or diverged trial's last result
+    (a trial stops at its first non-finite metric), an epoch that is not an integer."""
     rows = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
+        constants: list[str] = []
         try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:
+            row = json.loads(line, parse_constant=lambda c: constants.append(c) or float(c)) if line.strip() else None
+        except (ValueError, RecursionError):
             row = None
-        if isinstance(row, dict):
-            rows.append(row)
+        if not isinstance(row, dict):
+            continue
+        if constants and not (row.get(DIVERGED) or row.get(FAIL_REASON)):
+            raise ExportError(f"{source}: line {number} holds {constants[0]} in a result that is not a failure; "
+                              "the file was altered")
+        for key in ("epoch", "epochs"):
+            if key in row and not (isinstance(row[key], int) and not isinstance(row[key], bool)):
+                raise ExportError(f"{source}: line {number}: '{key}' is {shown(row[key])}, not an integer; "
+                                  "the file was altered")
+        rows.append(row)
     return rows
+
+
+def _later(state_last: dict, last_row: dict) -> bool:
+    """Ray's experiment state holds a later epoch than the last readable line of result.json."""
+    return is_number(state_last.get("epoch")) and is_number(last_row.get("epoch")) \
+        and state_last["epoch"] > last_row["epoch"]
+
+
+def check_trial_params(trials: list[TrialRecord], space: SearchSpace, path: Path) -> None:
+    """Each trial's params (its params.json) are a point of the search's space: a tampered params.json is
+    named here, not blamed later on the space file by a config built from it."""
+    for t in trials:
+        point = {k: v for k, v in t.params.items() if k in space.params}
+        if not point:
+            continue  # pending, or started before writing its params
+        try:
+            space.active_values(point)
+        except (SpaceError, ConfigError) as e:
+            where = path / t.dirname / "params.json" if t.dirname else path / "experiment_state"
+            problem = str(e).split(": ", 1)[-1] if str(e).startswith(str(space.source)) else str(e)
+            raise ExportError(f"{where}: not a point of the search's space: {problem}") from None
 
 
 def epoch_history(rows: list[dict]) -> list[dict]:
@@ -581,7 +620,8 @@ def load_study(experiment_dir: str | Path):
     from tuner.study import load_search_study
 
     experiment_dir = Path(experiment_dir)
-    record = SearchRecord.from_json((experiment_dir / RECORD_FILE).read_text())
+    record = SearchRecord.from_json(read_text(experiment_dir / RECORD_FILE, MAX_RECORD_BYTES, RECORD_FILE),
+                                    str(experiment_dir / RECORD_FILE))
     return load_search_study(record, str(experiment_dir.parent))
 
 

@@ -27,7 +27,7 @@ from tuner.cluster import check_address, recorded_address, resolve_address, resu
 from tuner.constraints import parse_constraints
 from tuner.fidelity import Fidelity
 from tuner.record import (SearchError, SearchRecord, check_location, check_name, device_weight, experiment_path,
-                          first_line, hold_driver_lock, normalize_storage, positive_int, read_record,
+                          first_line, hold_driver_lock, is_uri, normalize_storage, positive_int, read_record,
                           release_driver_lock, space_source, space_with_overrides, write_record, write_text)
 from tuner.keys import RAY_TRIAL_ID
 from tuner.reeval import ReevalPlan, check_reeval
@@ -66,6 +66,9 @@ def parse_objective(text: str, space: SearchSpace) -> tuple[list[str], list[str]
     return names, ["min"] * len(names)
 
 
+MIN_RESOURCE = 0.01  # the smallest share of a CPU or GPU a trial may ask for
+
+
 def parse_resources(text: str) -> dict[str, float]:
     """`cpu=2,gpu=0.5` → {"cpu": 2, "gpu": 0.5}. GPUs below 1 are shared, above 1 must be whole."""
     out: dict[str, float] = {"cpu": 1, "gpu": 0}
@@ -80,7 +83,10 @@ def parse_resources(text: str) -> dict[str, float]:
             raise SearchError(f"--resources-per-trial: {key} must be a number, got {value.strip()!r}") from None
         if not math.isfinite(number) or number < 0 or (key == "cpu" and number == 0):
             raise SearchError(f"--resources-per-trial: {key} must be {'> 0' if key == 'cpu' else '>= 0'}, "
-                              f"got {value.strip()}")
+                              f"got {value.strip()[:60]}")
+        if 0 < number < MIN_RESOURCE:  # Ray counts resources in 1/10000 units and refuses finer ones later
+            raise SearchError(f"--resources-per-trial: {key}={number:g} is below the smallest share, "
+                              f"{MIN_RESOURCE:g}")
         if number > 1 and not number.is_integer():
             raise SearchError(f"--resources-per-trial: {key} above 1 must be a whole number, got {number:g}")
         out[key] = int(number) if number.is_integer() else number
@@ -311,10 +317,14 @@ def estimate_method_costs(space: SearchSpace, fidelity: Fidelity, data_dir: str)
 
 
 def seed_value(seed: Any) -> int:
+    """An integer in [0, 2**32), the range of the trials' own `seed` (checked here, before Ray starts)."""
     try:
-        return int(seed)
-    except (TypeError, ValueError):
-        raise SearchError(f"--seed: must be an integer, got {str(seed)!r}") from None
+        value = int(seed)
+    except (TypeError, ValueError, OverflowError):
+        raise SearchError(f"--seed: must be an integer, got {str(seed)[:60]!r}") from None
+    if isinstance(seed, float) and seed != value or not 0 <= value < 2**32:
+        raise SearchError(f"--seed: must be an integer in [0, 2**32), got {str(seed)[:60]}")
+    return value
 
 
 def connect_ray(address: str | None) -> None:
@@ -511,6 +521,7 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     if not tune.Tuner.can_restore(path):
         raise SearchError(f"search {name!r} in {storage} has no Ray experiment state to resume "
                           f"(it stopped before its first trial); start it again with `certtune search`")
+    check_experiment_readable(record, storage)  # before anything is written
     set_aside_superseded(record, storage)
     address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
     if check_address(address) is None:
@@ -525,6 +536,26 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     settle(record, storage)
     select_winner(record, storage)
     return results
+
+
+def check_experiment_readable(record: SearchRecord, storage: str) -> None:
+    """Before Ray starts: the experiment's own files are regular files (Ray would block reading a FIFO named
+    tuner.pkl) and the search's journal parses (tuner/study.py check_journal)."""
+    from trainers.input_files import regular_file_size
+    from tuner.study import check_journal, journal_path
+
+    if is_uri(storage):
+        return
+    for path in sorted(Path(experiment_path(storage, record.name)).iterdir()):
+        if not path.is_dir():
+            try:
+                regular_file_size(path, "a file of the experiment")
+            except ConfigError as e:
+                raise SearchError(str(e)) from None
+    if record.study_storage == "journal":
+        path = journal_path(storage, record.name)
+        if path.exists():
+            check_journal(path)
 
 
 def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:

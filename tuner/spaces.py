@@ -52,6 +52,7 @@ with the seed's changes, params inactive there dropped), each holding only the p
 from __future__ import annotations
 
 import ast
+import heapq
 import math
 import operator
 import re
@@ -99,6 +100,9 @@ MAX_EXPONENT = 64  # keeps `**` from building astronomically large numbers
 MAX_INT_BITS = 256  # and products of such numbers
 MAX_LIST_ITEMS = 1000  # `[x] * n` and list concatenation
 MAX_EXPR_CHARS = 2000
+MAX_EXPR_DEPTH = 50  # `-` * 1999 + `1` would otherwise exhaust Python's stack in the checker
+MAX_PARAMS = 200  # searched params (and derived keys) per space: the config has about 80 knobs
+MAX_CHOICES = 1000  # choices of one categorical, like any other list
 
 
 class ExprError(ValueError):
@@ -131,6 +135,8 @@ class Expr:
             tree = ast.parse(text.strip(), mode="eval")
         except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
             raise ExprError(f"cannot parse {shown(text)}: {getattr(e, 'msg', None) or type(e).__name__}") from None
+        if _depth(tree.body) > MAX_EXPR_DEPTH:  # the checker and the interpreter recurse
+            raise ExprError(f"{shown(text)} is nested deeper than {MAX_EXPR_DEPTH} levels")
         names: set[str] = set()
         _check(tree.body, names)
         return cls(text, tree, names)
@@ -142,6 +148,16 @@ class Expr:
             raise
         except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
             raise ExprError(f"{shown(self.text)}: {e}") from None
+
+
+def _depth(root: ast.AST) -> int:
+    """The depth of an expression tree, without recursion."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _check(node: ast.AST, names: set[str]) -> None:
@@ -455,16 +471,29 @@ class SearchSpace:
         return SpaceError(self.source, where, problem)
 
     def _dependency_order(self) -> list[str]:
-        """File order, except that a param comes after those its condition and bounds read."""
-        deps = {n: p.depends_on & set(self.params) for n, p in self.params.items()}
+        """File order, except that a param comes after those its condition and bounds read. Kahn's algorithm
+        with a heap on the file position: n log n, so a large space is no slower to order than to parse."""
+        names = list(self.params)
+        position = {n: i for i, n in enumerate(names)}
+        waiting_on = {n: len(self.params[n].depends_on & position.keys()) for n in names}
+        dependents: dict[str, list[str]] = {n: [] for n in names}
+        for n in names:
+            for d in self.params[n].depends_on & position.keys():
+                dependents[d].append(n)
+        ready = [position[n] for n in names if waiting_on[n] == 0]
+        heapq.heapify(ready)
         order: list[str] = []
-        while len(order) < len(self.params):
-            ready = [n for n in self.params if n not in order and deps[n] <= set(order)]
-            if not ready:
-                stuck = [n for n in self.params if n not in order]
-                raise self._error(f"param '{stuck[0]}'",
-                                  f"circular dependency among {', '.join(stuck)} (through when/low/high)")
-            order.append(ready[0])
+        while ready:
+            name = names[heapq.heappop(ready)]
+            order.append(name)
+            for n in dependents[name]:
+                waiting_on[n] -= 1
+                if waiting_on[n] == 0:
+                    heapq.heappush(ready, position[n])
+        if len(order) < len(names):
+            stuck = [n for n in names if waiting_on[n] > 0]
+            raise self._error(f"param '{stuck[0]}'",
+                              f"circular dependency among {', '.join(stuck)} (through when/low/high)")
         return order
 
     def corner(self, which: str, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -546,6 +575,8 @@ class _Builder:
         raw_params = raw.get("params")
         if not isinstance(raw_params, dict) or not raw_params:
             raise self.fail("params", "expected a non-empty mapping of searched params")
+        if len(raw_params) > MAX_PARAMS:
+            raise self.fail("params", f"{len(raw_params)} params; at most {MAX_PARAMS}")
         params = {str(n): self.param(str(n), spec) for n, spec in raw_params.items()}
         for p in params.values():
             self.check_references(p, params)
@@ -635,8 +666,11 @@ class _Builder:
         for c in choices:
             if c is not None and not isinstance(c, (bool, int, float, str)):
                 raise self.fail(where, f"choice {shown(c)} is not a scalar (lists go in 'derived' instead)")
-        if any(_same(a, b) for i, a in enumerate(choices) for b in choices[i + 1:]):
-            raise self.fail(where, f"duplicate choices in {choices}")
+        if len(choices) > MAX_CHOICES:
+            raise self.fail(where, f"{len(choices)} choices; at most {MAX_CHOICES}")
+        keys = {(isinstance(c, bool), c) for c in choices}  # hashing keeps the check linear; bools apart from 0/1
+        if len(keys) < len(choices):
+            raise self.fail(where, f"duplicate choices in {shown(choices)}")
         return choices
 
     def when(self, where: str, when: Any) -> list[dict[str, list[Any]]]:
@@ -682,6 +716,8 @@ class _Builder:
     def derived(self, raw: Any, params: dict[str, Param]) -> dict[str, Expr]:
         if not isinstance(raw, dict):
             raise self.fail("derived", "expected a mapping target -> expression string")
+        if len(raw) > MAX_PARAMS:
+            raise self.fail("derived", f"{len(raw)} entries; at most {MAX_PARAMS}")
         out: dict[str, Expr] = {}
         for target, text in raw.items():
             target = str(target)

@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from trainers.config import ConfigError
+from trainers.input_files import read_bytes
 from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
 from tuner.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
                           read_record)
@@ -68,10 +70,11 @@ def open_journal(path: Path, create: bool = True):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    if not create and not path.is_file():
+    if not create and not path.exists():
         raise SearchError(f"{path}: no such Optuna journal file")
     check_own_journal(path)
     if path.is_file():
+        check_journal(path)
         cut_torn_tail(path)
     # The open(O_CREAT|O_EXCL) lock works on NFSv3+ (symlink locks are the other choice; both recover a lock
     # left by a killed writer after the grace period).
@@ -87,6 +90,28 @@ def check_own_journal(path: Path) -> None:
         check_target(path)
     except UnsafeFileError as e:
         raise SearchError(f"Optuna journal {e}") from None
+
+
+MAX_JOURNAL_BYTES = 1 << 30  # about a million trials' worth of journal lines
+
+
+def check_journal(path: Path) -> None:
+    """The journal is a regular file whose every complete line is an Optuna journal entry (a JSON object with
+    an integer op_code): a garbled journal is one line naming it, found before Ray starts, instead of
+    Optuna's JSONDecodeError inside the searcher. A torn last line (no newline) is what a crash leaves."""
+    try:
+        data = read_bytes(path, MAX_JOURNAL_BYTES, "Optuna journal")
+    except ConfigError as e:
+        raise SearchError(str(e)) from None
+    lines = data.split(b"\n")[:-1]  # the part after the last newline is torn or empty
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        if not (isinstance(entry, dict) and isinstance(entry.get("op_code"), int)):
+            raise SearchError(f"{path}: line {number} is not an Optuna journal entry; the journal is damaged "
+                              "(a copy from before the damage, or a fresh search, is the way on)")
 
 
 def cut_torn_tail(path: Path) -> None:
