@@ -1,7 +1,22 @@
-"""Does the search pay? Part 1: how well each fidelity ranks recipes for the target run (issue 19 §1).
+"""Does the search pay? How well each fidelity ranks recipes for the target run, and searches against the
+paper's recipe and random search at equal compute (issue 19 §1, §4).
 
     python -m bench.search_pays fidelity --eps 0.3 --worker 0 --workers 2   # and --worker 1: the runs, resumable
     python -m bench.search_pays fidelity-collect --eps 0.3                  # Spearman per fidelity -> JSON
+    python -m bench.search_pays search --arm certtune --eps 0.3 --search-seed 0   # and --arm random; seeds 0, 1
+    python -m bench.search_pays retrain --arm certtune --eps 0.3 --search-seed 0  # its recipe, 3 fresh seeds
+    python -m bench.search_pays collect                                      # test figures, JSON, anytime plot
+
+Part 2 (`search`, `retrain`, `collect`): each search arm gets the same budget, `--budget` full-data epochs
+(default 140, two paper runs), counting every trial and re-evaluation: `certtune` is TPE with the warmup-aware
+ASHA, `random` uniform random sampling with the same scheduler; both at the space's fidelity (or `--fidelity`),
+both ending with `--reeval-top 2 --reeval-seeds 2`. The budget is kept by the number of trials: a trial costs at
+most its fidelity's share of a target run, so `--num-samples` = budget // that cost (early-stopped trials cost
+less; what they leave unspent is reported, not reused). `retrain` exports the search's best point (the
+target run) and trains it from scratch with seeds 1000, 1001, 1002; `collect` certifies every retrained run on
+the 10,000 test images (clean, IBP, CROWN-IBP, PGD) - the only place the test split is read - and writes
+bench/results/search_pays.json with the paper arms from bench/results/shorter_warmup*.json (their provenance),
+and bench/results/search_pays.png: best validation score so far against full-data epochs spent, per search.
 
 Setting (`--space`, default): search_spaces/mnist_short_warmup.yaml (the paper's `fast` method on cnn_small; the target run is 35 epochs
 on the full MNIST training split less 5,000 validation images). `--configs` points (default 12): the space's
@@ -27,7 +42,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.runs import epoch_rows
+from bench.runs import epoch_rows, fingerprint
 
 SPACE = "search_spaces/mnist_short_warmup.yaml"
 FIDELITIES = "today:20000,subset:20000,epochs:9"
@@ -150,6 +165,149 @@ def cmd_collect(args) -> None:
     print(json.dumps(result["fidelities"], indent=1))
 
 
+# ---- part 2: the search arms at equal compute ------------------------------------------------------------
+ARMS = ("certtune", "random")
+RETRAIN_SEEDS = (1000, 1001, 1002)
+RESULTS_ARMS = Path("bench/results/search_pays.json")
+PLOT = Path("bench/results/search_pays.png")
+PAPER_RESULTS = {"paper-70": Path("bench/results/shorter_warmup.json"),
+                 "paper-halved": Path("bench/results/shorter_warmup_halved.json")}
+
+
+def search_name(arm: str, eps: float, search_seed: int) -> str:
+    return f"{arm}_eps{eps}_s{search_seed}"
+
+
+def trial_cost(args) -> float:
+    """Full-data epochs of one trial at the search's fidelity, at most (the defaults point: every point of the
+    space has the same epochs and training images)."""
+    from trainers.config import parse_overrides
+    from trainers.data import train_split_size
+    from tuner.fidelity import Fidelity
+    from tuner.spaces import load_space
+
+    space = load_space(args.space)
+    fidelity = Fidelity.parse(args.fidelity) if args.fidelity else space.fidelity
+    target = space.to_train_config(space.default_point()).with_overrides(
+        {"eps": args.eps, **parse_overrides(args.overrides)}).resolve()
+    full = train_split_size(target.dataset, args.data_dir, target.data)
+    cfg = fidelity.trial_config(target, full)
+    return cfg.epochs * (cfg.data.subset or full) / full
+
+
+def cmd_search(args) -> None:
+    from trainers.config import parse_overrides
+    from tuner import api
+
+    trials = int(args.budget // trial_cost(args))
+    print(json.dumps({"arm": args.arm, "eps": args.eps, "search_seed": args.search_seed, "trials": trials,
+                      "trial_cost_full_data_epochs": round(trial_cost(args), 3)}), flush=True)
+    api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)},
+               name=search_name(args.arm, args.eps, args.search_seed), num_samples=trials,
+               max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
+               sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed,
+               storage=str((args.work / "searches").resolve()), data_dir=args.data_dir, fidelity=args.fidelity,
+               reeval_top=args.reeval_top, reeval_seeds=args.reeval_seeds)
+
+
+def retrain_dir(work: Path, arm: str, eps: float, search_seed: int, seed: int) -> Path:
+    return work / "retrain" / f"{search_name(arm, eps, search_seed)}_seed{seed}"
+
+
+def cmd_retrain(args) -> None:
+    from trainers.config import parse_overrides
+    from tuner import api
+
+    name = search_name(args.arm, args.eps, args.search_seed)
+    out = args.work / "exports" / name
+    api.export(name, storage=str((args.work / "searches").resolve()), out=out)
+    for seed in args.seeds:
+        api.train(out / "best.yaml", {"seed": seed, **parse_overrides(args.overrides)}, data_dir=args.data_dir,
+                  out=retrain_dir(args.work, args.arm, args.eps, args.search_seed, seed))
+
+
+def search_curve(search) -> tuple[list[list[float]], float]:
+    """[[full-data epochs spent, best validation score so far], ...] in the order trials ended (a point's score
+    is its mean over the seeds it has by then), and the search's whole cost in full-data epochs."""
+    from tuner.reeval import Score
+
+    objective = search.objectives[0]
+    spent, best, curve, values = 0.0, None, [], {}
+    for t in sorted(search.trials + search.superseded, key=lambda t: t.ended_at or 0):
+        spent += max((r.get("full_data_epochs", 0) for r in t.history), default=0)
+        if t.status == "finished" and t.value(objective) is not None:
+            values.setdefault(t.config_of, []).append(t.value(objective))
+            score = Score.of(values[t.config_of]).mean
+            best = score if best is None else min(best, score)
+        curve.append([round(spent, 3), best])
+    return curve, spent
+
+
+def cmd_collect_arms(args) -> None:
+    from tuner import api
+    from tuner.results import load_search
+
+    old = {(e["arm"], e["eps"], e["search_seed"], e["seed"]): e for e in json.loads(args.out.read_text())
+           if e["search_seed"] is not None} if args.out.exists() else {}
+    entries, curves = [], {}
+    for arm, path in PAPER_RESULTS.items():  # measured by bench/shorter_warmup.py: reused with their provenance
+        for e in json.loads(path.read_text()) if path.exists() else []:
+            if e["arm"] == "paper":
+                entries.append({"arm": arm, "eps": e["eps"], "search_seed": None, "seed": e["seed"],
+                                "epochs": e["epochs"], "search_cost_epochs": None,
+                                "test": {k: e["test"][k] for k in ("clean_err", "ibp_err", "crown_ibp_err", "pgd_err")},
+                                "source": str(path)})
+    for run in sorted((args.work / "retrain").glob("*_seed*")) if (args.work / "retrain").is_dir() else []:
+        name, seed = run.name.rsplit("_seed", 1)
+        arm, rest = name.split("_eps")
+        eps, search_seed = float(rest.split("_s")[0]), int(rest.split("_s")[1])
+        rows = finished(run)
+        if rows is None:
+            print(f"{run}: not finished, left out", flush=True)
+            continue
+        search = load_search(name, str((args.work / "searches").resolve()))
+        curve, spent = search_curve(search)
+        curves[name] = curve
+        kept = old.get((arm, eps, search_seed, int(seed)))
+        checkpoint = fingerprint(run / "last.pt")
+        test = kept["test"] if kept is not None and kept.get("checkpoint") == checkpoint else {
+            k: v for k, v in api.verify(run / "last.pt", data_dir=args.data_dir, methods="ibp,crown-ibp,pgd").items()
+            if k in ("clean_err", "ibp_err", "crown_ibp_err", "pgd_err")}
+        entries.append({"arm": arm, "eps": eps, "search_seed": search_seed, "seed": int(seed),
+                        "epochs": rows[-1]["epochs"], "search_cost_epochs": round(spent, 2), "test": test,
+                        "checkpoint": checkpoint, "best_point": search.best().trial_id if search.best() else None})
+        print(json.dumps(entries[-1]), flush=True)
+    args.out.write_text(json.dumps(entries, indent=1) + "\n")
+    plot_curves(curves, entries, args.plot)
+
+
+def plot_curves(curves: dict, entries: list[dict], path: Path) -> None:
+    """Best validation score so far against full-data epochs, per search; the paper arms' mean test IBP error as
+    horizontal lines (dashed: they had no search)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epss = sorted({e["eps"] for e in entries}) or [0.3]
+    fig, axes = plt.subplots(1, len(epss), figsize=(6 * len(epss), 4.2), squeeze=False)
+    for ax, eps in zip(axes[0], epss):
+        for name, curve in curves.items():
+            if f"_eps{eps}_" in name:
+                pts = [(x, y) for x, y in curve if y is not None]
+                ax.step([x for x, _ in pts], [100 * y for _, y in pts], where="post", label=name)
+        for arm, style in (("paper-70", "--"), ("paper-halved", ":")):
+            values = [e["test"]["ibp_err"] for e in entries if e["arm"] == arm and e["eps"] == eps]
+            if values:
+                ax.axhline(100 * sum(values) / len(values), ls=style, color="gray", label=f"{arm} (test, mean)")
+        ax.set(title=f"MNIST eps = {eps}, cnn_small", xlabel="full-data epochs spent",
+               ylabel="best IBP-verified error so far (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -168,8 +326,30 @@ def main(argv=None) -> None:
     f.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     c = sub.add_parser("fidelity-collect", parents=[common])
     c.add_argument("--out", type=Path, default=RESULTS)
+    arms = argparse.ArgumentParser(add_help=False)
+    arms.add_argument("--work", type=Path, default=Path("bench_runs/search_pays"))
+    arms.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
+    arms.add_argument("--space", default=SPACE)
+    arms.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="after the fixed ones (tests shrink runs)")
+    for name in ("search", "retrain"):
+        p = sub.add_parser(name, parents=[arms])
+        p.add_argument("--arm", choices=ARMS, required=True)
+        p.add_argument("--eps", type=float, required=True)
+        p.add_argument("--search-seed", type=int, default=0)
+    s = sub.choices["search"]
+    s.add_argument("--budget", type=float, default=140.0, help="full-data epochs for the whole search")
+    s.add_argument("--fidelity", default=None, help="default: the space's")
+    s.add_argument("--reeval-top", type=int, default=2)
+    s.add_argument("--reeval-seeds", type=int, default=2)
+    s.add_argument("--concurrent", type=int, default=1)
+    s.add_argument("--cpus-per-trial", type=int, default=1)
+    sub.choices["retrain"].add_argument("--seeds", type=int, nargs="+", default=list(RETRAIN_SEEDS))
+    c = sub.add_parser("collect", parents=[arms])
+    c.add_argument("--out", type=Path, default=RESULTS_ARMS)
+    c.add_argument("--plot", type=Path, default=PLOT)
     args = parser.parse_args(argv)
-    {"fidelity": cmd_fidelity, "fidelity-collect": cmd_collect}[args.cmd](args)
+    {"fidelity": cmd_fidelity, "fidelity-collect": cmd_collect, "search": cmd_search, "retrain": cmd_retrain,
+     "collect": cmd_collect_arms}[args.cmd](args)
 
 
 if __name__ == "__main__":
