@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -1001,3 +1002,32 @@ def test_resume_refuses_a_fifo_among_the_experiment_files_before_ray(tmp_path, f
     start = time.monotonic()
     assert_refused(certtune("resume", "s", "--storage", storage, timeout=60), "tuner.pkl: a FIFO, not a regular file")
     assert time.monotonic() - start < 30 and not list(experiment.glob("trial_*/certtune_superseded.json"))
+
+
+def test_two_real_drivers_of_one_search_one_runs_the_other_is_refused(tmp_path, data_dir):
+    """Two real `certtune search` with one --name and --storage: the second, started while the first runs, gets
+    one line naming the first and changes nothing; the first runs its planned trials alone."""
+    space = space_file(tmp_path)
+    args = ["search", space, "--name", "twice", "--storage", tmp_path / "results", "--data-dir", data_dir,
+            "--num-samples", "2", "--max-concurrent", "1", "--scheduler", "none", "--resources-per-trial", "cpu=1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CERTTUNE_", "RAY_", "WANDB_"))}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", HOME=str(tmp_path / "home"))
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([sys.executable, "-m", "tuner.cli", *map(str, args)], cwd=REPO, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "experiment in" not in (tmp_path / "first.log").read_text():  # printed once the record is written
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-2000:]
+            time.sleep(0.1)
+        record = (tmp_path / "results" / "twice" / "certtune_search.json").read_bytes()
+        assert_refused(certtune(*args, "--num-samples", "5"), "search 'twice'", "another certtune driver",
+                       f"pid {first.pid} on ")
+        assert (tmp_path / "results" / "twice" / "certtune_search.json").read_bytes() == record
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        log.close()
+    report = certtune("report", "twice", "--storage", tmp_path / "results")
+    assert "2 trials of 2 planned; 2 finished" in report.stdout, report.stdout + report.stderr

@@ -44,7 +44,7 @@ def check_own_files(folder: str | Path, names) -> None:
 def check_target(path: str | Path) -> None:
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # absent (its folder may not be one: found when writing)
         return
     except OSError as e:
         raise UnsafeFileError(f"{path}: cannot be written ({e.strerror or e})") from None

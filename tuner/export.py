@@ -148,10 +148,11 @@ def claim_out_dir(out: Path) -> list[str]:
                           f"folder")
     try:
         earlier = json.loads(read_regular(out / MANIFEST))["files"]
-        assert isinstance(earlier, list) and all(isinstance(f, str) for f in earlier)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
+    if not isinstance(earlier, list) or not all(isinstance(f, str) for f in earlier):
         raise ExportError(f"--out {out}: {MANIFEST} there is not an export manifest; choose a new or empty "
-                          f"folder") from None
+                          f"folder")
     top = out / TOP_DIR
     if top.is_symlink() or top.exists() and not top.is_dir():
         raise ExportError(f"--out {out}: {TOP_DIR} there is not a plain folder; export never writes through a "
