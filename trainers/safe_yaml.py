@@ -5,6 +5,8 @@ Safe loading only (plain scalars, lists and mappings; no tags that build objects
 - a key repeated in one mapping is an error, not last-wins (a duplicated param would silently vanish);
 - aliases (`*name`) are refused: a few nested aliases expand to billions of nodes once anything walks or
   prints the tree, and no config needs them.
+Bounded before work: a file is a regular file of at most 1 MiB (checked by `stat` before reading), nesting
+is at most 50 levels (the composer recurses), an override at most 10,000 characters.
 Every problem (missing file, not UTF-8, malformed YAML) is one ConfigError line naming the source.
 """
 from __future__ import annotations

@@ -205,7 +205,7 @@ def check_name(name: str, flag: str = "--name") -> str:
     """A search name is one path component: `../other` or `/abs/path` never leave `--storage`."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise SearchError(f"{flag}: a search name uses letters, digits, '.', '_' and '-' (no '/', not starting "
-                          f"with '.'), got {shown(name)}")
+                          f"with '.'), got {name!r:.300}")
     if len(name) > MAX_NAME_CHARS:  # a file name holds 255 bytes; Ray and certtune add to it
         raise SearchError(f"{flag}: {len(name)} characters; a search name has at most {MAX_NAME_CHARS}")
     return name
