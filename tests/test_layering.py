@@ -80,3 +80,37 @@ def test_trainers_import_no_ray_optuna_or_wandb():
                 offenders.append(f"{path.name}: {name}")
     assert not offenders, offenders
     assert imported_modules(ROOT / "trainers" / "train.py")  # the reader sees the core's imports
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph[todo.pop()] - seen:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
+VERIFIER_MODULES = {"trainers.evaluate", "trainers.verify", "trainers.bab", "trainers.alpha_crown"}
+
+
+def test_training_losses_sit_below_the_verifiers():
+    """The training losses take the input box from its own module, not from evaluate: nothing they import
+    leads to evaluation, α-CROWN or BaB (docs/decisions.md, "The import order")."""
+    graph = package_graph("trainers")
+    assert "trainers.input_box" in graph["trainers.methods"]  # the check reads real imports
+    assert not reaches(graph, "trainers.methods") & (VERIFIER_MODULES | {"trainers.crown", "trainers.train"})
+
+
+def test_verification_does_not_import_the_training_loop():
+    graph = package_graph("trainers")
+    assert "trainers.device" in graph["trainers.verify"]
+    assert "trainers.train" not in reaches(graph, "trainers.verify")
+    assert "trainers.methods" not in reaches(graph, "trainers.verify")
+
+
+def test_trainers_import_nothing_from_tuner():
+    offenders = [f"{p.name}: {n}" for p in sorted((ROOT / "trainers").glob("*.py"))
+                 for n in imported_modules(p) if n.split(".")[0] in ("tuner", "bench")]
+    assert not offenders, offenders

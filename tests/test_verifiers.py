@@ -23,7 +23,8 @@ from trainers.alpha_crown import alpha_crown_bounds
 from trainers.bab import FALSIFIED, VERIFIED, BabConfig, bab
 from trainers.bounds import crown_ibp_bounds, ibp_bounds, margin_spec
 from trainers.crown import crown_bounds, crown_intermediate
-from trainers.evaluate import InputBox, VerifierOptions, evaluate
+from trainers.evaluate import VerifierOptions, evaluate
+from trainers.input_box import InputBox
 from trainers.layers import ResidualBlock
 from trainers.models import build_model
 

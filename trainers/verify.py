@@ -12,9 +12,10 @@ from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_splits, make_loader
 from .alpha_crown import ITERATIONS, LR
 from .bab import BabConfig
-from .evaluate import InputBox, VerifierOptions, evaluate
+from .device import pick_device
+from .evaluate import VerifierOptions, evaluate
+from .input_box import InputBox
 from .models import build_model
-from .train import pick_device
 
 METRIC_OF = {"ibp": "ibp_err", "crown-ibp": "crown_ibp_err", "crown": "crown_err",  # method → reported key
              "alpha-crown": "alpha_crown_err", "bab": "bab_err", "pgd": "pgd_err"}
