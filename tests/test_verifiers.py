@@ -288,3 +288,18 @@ def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--methods", "crown,beta"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown 'beta'" in err[0]
+
+
+def test_verifier_table_names_real_functions_and_answers_lookups():
+    """Every function the table names as text imports and is callable (a typo would otherwise surface only
+    when that verifier is asked for); a verifier is looked up by name with its metric key and defaults."""
+    from trainers.verifiers import VERIFIERS, verifier, with_bases
+
+    for v in VERIFIERS.values():
+        assert callable(v.function("bound")), v.name
+        assert v.step is None or callable(v.function("step")), v.name
+        assert v.builds_on is None or v.builds_on in VERIFIERS
+    assert verifier("alpha-crown").metric == "alpha_crown_err"
+    assert verifier("alpha-crown").defaults() == {"alpha_iterations": 20, "alpha_lr": 0.1}
+    assert verifier("bab").defaults()["bab_time_limit"] == 10.0
+    assert with_bases(["bab"]) == ("crown", "alpha-crown", "bab") and with_bases(["ibp", "pgd"]) == ()

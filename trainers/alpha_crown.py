@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from .backward import concretize, relu_relaxation
 from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, spec_or_identity
+from .verifiers import default
 
-ITERATIONS = 20
-LR = 0.1
+ITERATIONS, LR = default("alpha_iterations"), default("alpha_lr")  # the table's defaults (trainers/verifiers.py)
 
 
 def initial_alpha(bounds, rows: int) -> dict:
@@ -84,3 +84,21 @@ def alpha_crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Te
     S = C.shape[1]
     both = alpha_crown_lower(model, x_lower, x_upper, torch.cat([C, -C], 1), x, iterations, lr)
     return both[:, :S], -both[:, S:]
+
+
+@torch.no_grad()
+def alpha_crown_verified(problem, base: Tensor) -> Tensor:
+    """evaluate's α-CROWN step (trainers/verifiers.py): `base` (CROWN's verified examples) plus those of the
+    rest, correctly classified, whose α-CROWN bound is > 0 on every row. Starts from CROWN's intermediate
+    bounds and bound in `problem.shared`, so its set contains CROWN's."""
+    inter, crown = problem.shared["crown_intermediate"]
+    todo = (~base & ~problem.wrong).nonzero().flatten()
+    verified = base.clone()
+    if len(todo):
+        sub = {r: (lo[todo], up[todo]) for r, (lo, up) in inter.bounds.items()}
+        opts = problem.options
+        best, _ = optimise_bound(problem.model, Intermediate(inter.records, sub), problem.C[todo],
+                                 problem.lower[todo], problem.upper[todo], opts.alpha_iterations, opts.alpha_lr,
+                                 crown[todo])
+        verified[todo] = (best > 0).all(1)
+    return verified

@@ -23,19 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .alpha_crown import ITERATIONS, LR, optimise_bound
+from .alpha_crown import optimise_bound
 from .backward import minimizing_corner
 from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, relu_chains
 from .bounds import split_last_linear
+from .verifiers import default
 
 VERIFIED, FALSIFIED, UNKNOWN = "verified", "falsified", "unknown"
 
 
 @dataclass
 class BabConfig:
-    time_limit: float = 10.0  # seconds per example
-    iterations: int = ITERATIONS  # α (and β) steps at the root and per domain batch
-    lr: float = LR  # α's step size
+    time_limit: float = default("bab_time_limit")  # seconds per example
+    iterations: int = default("alpha_iterations")  # α (and β) steps at the root and per domain batch
+    lr: float = default("alpha_lr")  # α's step size
     beta_lr: float = 0.05  # β's step size
     batch: int = 32  # domains branched per step
     attack_steps: int = 50
@@ -241,3 +242,22 @@ def bab(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor, cfg: BabC
         statuses.append(status)
         points.append(point)
     return statuses, points
+
+
+def bab_verified(problem, base: Tensor) -> Tensor:
+    """evaluate's BaB step (trainers/verifiers.py): examples proven by `base` (α-CROWN) or by the cheaper
+    verifiers that ran (`problem.already`: IBP, CROWN-IBP), as a verification pipeline does, plus those BaB
+    verifies among the rest; BaB's falsified and unknown counts go to `problem.counts`."""
+    opts = problem.options
+    cfg = opts.bab or BabConfig(time_limit=opts.bab_time_limit, iterations=opts.alpha_iterations, lr=opts.alpha_lr)
+    proven = (base | problem.already).tolist()
+    status = [VERIFIED if ok else FALSIFIED if w else None for ok, w in zip(proven, problem.wrong.tolist())]
+    todo = [i for i, s in enumerate(status) if s is None]
+    if todo:
+        index = torch.tensor(todo, device=problem.lower.device)
+        found, _ = bab(problem.model, problem.lower[index], problem.upper[index], problem.C[index], cfg)
+        for i, s in zip(todo, found):
+            status[i] = s
+    problem.counts["bab_falsified"] = sum(s == FALSIFIED for s in status)
+    problem.counts["bab_unknown"] = sum(s == UNKNOWN for s in status)
+    return torch.tensor([s == VERIFIED for s in status], device=problem.lower.device)

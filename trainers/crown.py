@@ -169,3 +169,12 @@ def crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor |
     S = C.shape[1]
     both = crown_lower_bound(model, inter, torch.cat([C, -C], 1), x_lower, x_upper)
     return both[:, :S], -both[:, S:]
+
+
+def crown_verified(problem, base=None) -> Tensor:
+    """evaluate's CROWN step (trainers/verifiers.py): the examples of `problem` whose CROWN bound is > 0 on
+    every row. Its intermediate bounds and bound are left in `problem.shared` for α-CROWN to start from."""
+    inter = crown_intermediate(problem.model, problem.lower, problem.upper)
+    bound = crown_lower_bound(problem.model, inter, problem.C, problem.lower, problem.upper)
+    problem.shared["crown_intermediate"] = (inter, bound)
+    return (bound > 0).all(1) & ~problem.wrong

@@ -10,15 +10,13 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_splits, make_loader
-from .alpha_crown import ITERATIONS, LR
-from .bab import BabConfig
 from .device import pick_device
-from .evaluate import VerifierOptions, evaluate
+from .evaluate import evaluate
 from .input_box import InputBox
 from .models import build_model
+from .verifiers import CLEAN, VERIFIERS, VerifierOptions, default, names
 
-METRIC_OF = {"ibp": "ibp_err", "crown-ibp": "crown_ibp_err", "crown": "crown_err",  # method → reported key
-             "alpha-crown": "alpha_crown_err", "bab": "bab_err", "pgd": "pgd_err"}
+METRIC_OF = {v.name: v.metric for v in VERIFIERS.values()}  # verifier → reported key (trainers/verifiers.py)
 
 
 def load_model(checkpoint: str | Path, device="cpu"):
@@ -33,7 +31,7 @@ def load_model(checkpoint: str | Path, device="cpu"):
     return model.to(device).eval(), cfg
 
 
-def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods=("ibp", "crown-ibp", "pgd"),
+def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods=names(per_epoch=True),
                       device="cpu", verifier_options: VerifierOptions | None = None, limit: int | None = None) -> dict:
     """The errors of `methods` on the split (its first `limit` examples when given)."""
     methods = check_methods(methods)
@@ -53,11 +51,9 @@ def verify_checkpoint(checkpoint, data_dir=None, split="test", eps=None, methods
     box = InputBox.for_stats(splits.mean, splits.std, device)
     e = cfg.eval
     out = evaluate(model, loader, eps if eps is not None else cfg.eps, box, splits.num_classes,
-                   ("clean",) + tuple(methods), e.pgd_steps, e.pgd_restarts, e.pgd_step_size, device,
+                   (CLEAN,) + tuple(methods), e.pgd_steps, e.pgd_restarts, e.pgd_step_size, device,
                    verifier_options)
-    keys = ["n", "clean_err"] + [METRIC_OF[m] for m in methods]
-    if "bab" in methods:
-        keys += ["bab_falsified", "bab_unknown"]
+    keys = ["n", "clean_err"] + [METRIC_OF[m] for m in methods] + [c for m in methods for c in VERIFIERS[m].counts]
     if "verified_err" in out:  # with CROWN, α-CROWN or BaB: verified by any verifier that ran (IBP always does)
         keys.append("verified_err")
     return {k: out[k] for k in keys}
@@ -76,7 +72,8 @@ def check_methods(methods) -> tuple[str, ...]:
     return methods
 
 
-def verifier_options(alpha_iterations=ITERATIONS, alpha_lr=LR, bab_time_limit=10.0) -> VerifierOptions:
+def verifier_options(alpha_iterations=default("alpha_iterations"), alpha_lr=default("alpha_lr"),
+                     bab_time_limit=default("bab_time_limit")) -> VerifierOptions:
     """α-CROWN's and BaB's knobs, checked: a step count, a step size and a per-example time limit."""
     if isinstance(alpha_iterations, bool) or not isinstance(alpha_iterations, int) or not 0 <= alpha_iterations <= 10_000:
         raise ConfigError(f"--alpha-iterations: must be an integer in [0, 10000], got {alpha_iterations!r}")
@@ -84,5 +81,4 @@ def verifier_options(alpha_iterations=ITERATIONS, alpha_lr=LR, bab_time_limit=10
         raise ConfigError(f"--alpha-lr: must be a finite number > 0, got {alpha_lr!r}")
     if not isinstance(bab_time_limit, (int, float)) or not 0 < bab_time_limit <= 86_400:
         raise ConfigError(f"--bab-time-limit: must be in (0, 86400] seconds, got {bab_time_limit!r}")
-    return VerifierOptions(alpha_iterations, float(alpha_lr),
-                           BabConfig(time_limit=float(bab_time_limit), iterations=alpha_iterations, lr=float(alpha_lr)))
+    return VerifierOptions(alpha_iterations, float(alpha_lr), float(bab_time_limit))

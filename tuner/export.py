@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from trainers.verifiers import per_epoch_metrics
 from tuner.plots import plot_history, plot_importances, plot_pareto, plot_schedules
 from tuner.record import is_uri, normalize_storage
 from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
@@ -23,7 +24,7 @@ from tuner.spaces import SearchSpace
 
 EXPORT_DIR = "export"
 # Final metrics in trials.csv, in this order (design.md names; those no trial reported are left out).
-METRICS = ("epoch", "epochs", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "relu_active",
+METRICS = ("epoch", "epochs", "eps", "loss", *per_epoch_metrics(), "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
 
 
