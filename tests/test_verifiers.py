@@ -11,6 +11,7 @@ not asserted.
 """
 import itertools
 import json
+import time
 
 import numpy as np
 import pytest
@@ -177,6 +178,70 @@ def test_bab_is_exact_and_crown_alpha_bound_the_exact_minimum():
                     assert (C[i] @ net(p.view(1, 2))[0] < 0).any()
     # Both answers occur, and BaB decides cases α-CROWN could not: the check is not vacuous.
     assert decided[VERIFIED] >= 5 and decided[FALSIFIED] >= 3 and alpha_gains >= 3
+
+
+def branching_problem(eps):
+    """A random 10-64-64-3 network and 8 points: at ε = 0.3 BaB must branch to verify point 0 (14 splits with
+    the default knobs), at ε = 0.5 it falsifies every point."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x = torch.randn(8, 10)
+    with torch.no_grad():
+        C = margin_spec(net(x).argmax(1), 3)
+    return net, x - eps, x + eps, C
+
+
+def timed_bab(net, lower, upper, C, cfg):
+    start = time.monotonic()
+    statuses, _ = bab(net, lower, upper, C, cfg)
+    return statuses[0], time.monotonic() - start
+
+
+def test_bab_keeps_its_time_limit_inside_a_step_and_a_deadline_never_verifies(monkeypatch):
+    """The per-image limit holds within a small margin even when one α/β step alone would take seconds
+    (3000 iterations), and while branching; under the deadline an answer is never wrong: points BaB
+    verifies with time to spare are never falsified, points it falsifies are never verified."""
+    import trainers.bab as bab_module
+
+    splits = []
+    real_split = bab_module.split
+    monkeypatch.setattr(bab_module, "split", lambda d: splits.append(len(d)) or real_split(d))
+    limit, margin = 0.5, 1.0  # the margin: the root's CROWN pass and one α/β step on a loaded 2-core machine
+    net, lower, upper, C = branching_problem(0.3)
+    timed_bab(net, lower[:1], upper[:1], C[:1], BabConfig(time_limit=0.1))  # warm up: torch's first calls are slow
+    assert timed_bab(net, lower[:1], upper[:1], C[:1], BabConfig(time_limit=120))[0] == VERIFIED
+    assert splits, "BaB did not branch: the check below would not exercise a branching step"
+    for cfg in (BabConfig(time_limit=limit), BabConfig(time_limit=limit, iterations=3000, batch=256)):
+        status, seconds = timed_bab(net, lower[:1], upper[:1], C[:1], cfg)
+        assert seconds <= limit + margin, (cfg, seconds)
+        assert status in (VERIFIED, "unknown"), status
+    assert status == "unknown"  # 3000 α steps at the root alone outlast the limit
+    net, lower, upper, C = branching_problem(0.5)
+    for i in range(3):
+        assert timed_bab(net, lower[i:i + 1], upper[i:i + 1], C[i:i + 1], BabConfig(time_limit=20))[0] == FALSIFIED
+        for cfg in (BabConfig(time_limit=0.01), BabConfig(time_limit=limit, iterations=3000)):
+            status, seconds = timed_bab(net, lower[i:i + 1], upper[i:i + 1], C[i:i + 1], cfg)
+            assert status != VERIFIED and seconds <= cfg.time_limit + margin, (cfg, status, seconds)
+
+
+def test_bab_under_a_tiny_time_limit_agrees_with_the_exact_answer_or_says_unknown():
+    unknown = 0
+    for seed in range(2):
+        net = tiny_net(seed)
+        x = torch.randn(6, 2, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            C = margin_spec(net(x).argmax(1), 3)
+        eps = torch.linspace(0.2, 1.6, 6).unsqueeze(1)
+        lower, upper = x - eps, x + eps
+        statuses, _ = bab(net, lower, upper, C, BabConfig(time_limit=0.02, iterations=100_000))
+        for i, status in enumerate(statuses):
+            exact = exact_min_margins(net, C[i].double().numpy(), lower[i].double().numpy(), upper[i].double().numpy())
+            if status == VERIFIED:
+                assert exact.min() > -1e-4, (seed, i, exact)
+            elif status == FALSIFIED:
+                assert exact.min() < 1e-4, (seed, i, exact)
+            unknown += status == "unknown"
+    assert unknown  # the deadline did cut the ascent
 
 
 def test_bab_needs_eval_mode():

@@ -17,6 +17,7 @@ BN must be in eval mode (a domain batch is not a data batch).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -74,13 +75,17 @@ def violated(model: nn.Module, C: Tensor, points: Tensor) -> Tensor:
         return (torch.einsum("sk,pk->ps", C[0], model(points)) < 0).any(1)
 
 
-def margin_attack(model, C, x_lower, x_upper, steps, restarts, generator) -> Tensor | None:
-    """PGD on the smallest margin over the box (first start: the center); a checked counterexample or None."""
+def margin_attack(model, C, x_lower, x_upper, steps, restarts, generator, deadline: float = math.inf
+                  ) -> Tensor | None:
+    """PGD on the smallest margin over the box (first start: the center); a checked counterexample or None
+    (also when `deadline` passes first)."""
     for r in range(restarts):
         z = (x_lower + x_upper) / 2 if r == 0 else x_lower + (x_upper - x_lower) * torch.rand(
             x_lower.shape, generator=generator).to(x_lower.device)
         step = 0.1 * (x_upper - x_lower)
         for _ in range(steps):
+            if time.monotonic() >= deadline:
+                return None
             z.requires_grad_(True)
             with torch.enable_grad():
                 margin = torch.einsum("bsk,bk->bs", C, model(z)).min(1).values.sum()
@@ -105,14 +110,16 @@ def branch_scores(inter_bounds: dict, seen: dict, lower: Tensor) -> dict:
     return scores
 
 
-def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfig):
-    """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners."""
+def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfig, deadline: float = math.inf):
+    """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners. At
+    `deadline` the α/β ascent stops with the bounds it has (valid, looser)."""
     D = len(d)
     inter = Intermediate(records, d.bounds)
     Cd, xl, xu = C.expand(D, *C.shape[1:]), x_lower.expand(D, *x_lower.shape[1:]), x_upper.expand(D, *x_upper.shape[1:])
     splits = {r: s for r, s in d.splits.items() if (s != 0).any()}
     seen: dict = {}
-    lower, A = optimise_bound(model, inter, Cd, xl, xu, cfg.iterations, cfg.lr, d.lower, splits, cfg.beta_lr, seen)
+    lower, A = optimise_bound(model, inter, Cd, xl, xu, cfg.iterations, cfg.lr, d.lower, splits, cfg.beta_lr, seen,
+                              deadline)
     corners = minimizing_corner(A, xl, xu)  # (D, S, *input)
     return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, seen, lower)), corners
 
@@ -147,8 +154,10 @@ def is_leaf(d: Domains) -> Tensor:
     return ~torch.stack([((lo < 0) & (up > 0)).flatten(1).any(1) for lo, up in d.bounds.values()]).any(0)
 
 
-def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str, Tensor | None]:
-    """A leaf is linear on {x in box: s·z(x) ≥ 0 for its splits}: min of each row of C·f there by LP."""
+def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: float = math.inf
+               ) -> tuple[str, Tensor | None]:
+    """A leaf is linear on {x in box: s·z(x) ≥ 0 for its splits}: min of each row of C·f there by LP.
+    `unknown` when `deadline` passes before every row is decided."""
     from scipy.optimize import linprog
 
     bounds, splits = leaf.bounds, leaf.splits
@@ -172,6 +181,8 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str,
     b_ub = torch.cat(b_ub).double().cpu().numpy() if b_ub else None
     all_positive = True
     for row in range(C.shape[1]):
+        if time.monotonic() >= deadline:
+            return UNKNOWN, None
         c = A_obj[0, row].flatten().double().cpu().numpy()
         res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=list(zip(lo, up)), method="highs")
         if res.status == 2:  # infeasible: the split pattern is empty
@@ -189,19 +200,24 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str,
 
 
 def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str, Tensor | None]:
-    """Branch and bound for one example (x_lower, x_upper: (1, ...); C: (1, S, K))."""
+    """Branch and bound for one example (x_lower, x_upper: (1, ...); C: (1, S, K)).
+
+    The time limit is checked inside every part that can take long (each α/β step, each attack step, each
+    leaf LP), not only between branching steps: a step that runs out of time keeps the valid bounds it has,
+    and an example whose open domains or leaves are not all decided by then is `unknown`, never `verified`.
+    What is not interruptible is the root's CROWN intermediate bounds and one α/β step or LP."""
     deadline = time.monotonic() + cfg.time_limit
     with torch.no_grad():
         inter = crown_intermediate(model, x_lower, x_upper)
         start = crown_lower_bound(model, inter, C, x_lower, x_upper)
         root = Domains(inter.bounds, {r: torch.zeros_like(lo, dtype=torch.int8) for r, (lo, _) in inter.bounds.items()},
                        start, {})
-        root, _ = bound_domains(model, inter.records, root, C, x_lower, x_upper, cfg)
+        root, _ = bound_domains(model, inter.records, root, C, x_lower, x_upper, cfg, deadline)
     if (root.lower > 0).all():
         return VERIFIED, None
     if is_leaf(root).all():  # no unstable neuron at all: the network is linear on the box
-        return solve_leaf(model, inter.records, root, C, x_lower, x_upper)
-    point = margin_attack(model, C, x_lower, x_upper, cfg.attack_steps, cfg.attack_restarts, generator)
+        return solve_leaf(model, inter.records, root, C, x_lower, x_upper, deadline)
+    point = margin_attack(model, C, x_lower, x_upper, cfg.attack_steps, cfg.attack_restarts, generator, deadline)
     if point is not None:
         return FALSIFIED, point
     open_domains = root
@@ -209,7 +225,8 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         order = open_domains.lower.min(1).values.argsort()  # the worst bounds first
         batch, rest = open_domains.take(order[:cfg.batch]), open_domains.take(order[cfg.batch:])
         with torch.no_grad():
-            children, corners = bound_domains(model, inter.records, split(batch), C, x_lower, x_upper, cfg)
+            children, corners = bound_domains(model, inter.records, split(batch), C, x_lower, x_upper, cfg,
+                                              deadline)
         bad = violated(model, C, corners.flatten(0, 1))
         if bad.any():
             return FALSIFIED, corners.flatten(0, 1)[bad.nonzero()[0]]
@@ -217,8 +234,8 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         leaf = keep & is_leaf(children)
         for i in leaf.nonzero().flatten().tolist():
             status, point = solve_leaf(model, inter.records, children.take(torch.tensor([i], device=leaf.device)),
-                                       C, x_lower, x_upper)
-            if status != VERIFIED:
+                                       C, x_lower, x_upper, deadline)
+            if status != VERIFIED:  # falsified, or unknown at the deadline
                 return status, point
         keep &= ~leaf
         parts = [p for p in (rest, children.take(keep.nonzero().flatten())) if len(p)]
