@@ -368,3 +368,41 @@ def test_verifier_table_names_real_functions_and_answers_lookups():
     assert verifier("alpha-crown").defaults() == {"alpha_iterations": 20, "alpha_lr": 0.1}
     assert verifier("bab").defaults()["bab_time_limit"] == 10.0
     assert with_bases(["bab"]) == ("crown", "alpha-crown", "bab") and with_bases(["ibp", "pgd"]) == ()
+
+
+def test_cli_verify_takes_verifiers_limit_and_prints_progress_on_stderr(tmp_path, data_dir):
+    """`certtune verify --verifiers ... --limit N` (a real subprocess): stdout is the JSON result alone, over
+    the first N examples; progress lines go to stderr; `--methods` is the same flag under its old name."""
+    import subprocess
+    import sys
+
+    from trainers.config import TrainConfig
+    from trainers.train import Trainer
+
+    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
+                                 "epochs": 1, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
+                                 "schedule": {"start": 1, "length": 1}, "data": {"subset": 256, "val_size": 64,
+                                                                                 "test_subset": 16},
+                                 "eval": {"metrics": ["clean", "ibp"]}}).resolve()
+    Trainer(cfg, data_dir=data_dir, out_dir=tmp_path / "run").fit()
+    runs = {}
+    for flag in ("--verifiers", "--methods"):
+        proc = subprocess.run([sys.executable, "-m", "tuner.cli", "verify", str(tmp_path / "run" / "last.pt"),
+                               "--data-dir", str(data_dir), "--eps", "0.02", flag, "ibp,alpha-crown,bab",
+                               "--alpha-iterations", "3", "--bab-time-limit", "0.2", "--limit", "5",
+                               "--progress-every", "0"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        runs[flag] = json.loads(proc.stdout)
+        assert len(proc.stdout.strip().splitlines()) == 1
+        progress = proc.stderr.strip().splitlines()
+        assert progress and all(line.startswith("certtune verify: ") for line in progress), proc.stderr
+        assert "5/5 examples done" in progress[-1] and any("running alpha-crown" in line for line in progress)
+    assert runs["--verifiers"]["n"] == 5 and set(runs["--verifiers"]) == {
+        "n", "clean_err", "ibp_err", "alpha_crown_err", "bab_err", "bab_falsified", "bab_unknown", "verified_err"}
+    same = {k: v for k, v in runs["--verifiers"].items() if k not in ("bab_err", "bab_unknown", "verified_err")}
+    assert same == {k: runs["--methods"][k] for k in same}  # BaB's answers may differ only by its time limit
+    quiet = subprocess.run([sys.executable, "-m", "tuner.cli", "verify", str(tmp_path / "run" / "last.pt"),
+                            "--data-dir", str(data_dir), "--verifiers", "ibp", "--limit", "3"],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and json.loads(quiet.stdout)["n"] == 3
+    assert "certtune verify:" not in quiet.stderr  # a short run prints no progress at the default 10 s

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -246,15 +247,18 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
 
 
 def bab(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor, cfg: BabConfig | None = None,
-        seed: int = 0) -> tuple[list[str], list[Tensor | None]]:
+        seed: int = 0, on_example: Callable[[int], None] | None = None) -> tuple[list[str], list[Tensor | None]]:
     """Complete verification of C·f > 0 over each example's box: a status per example (`verified`,
-    `falsified`, `unknown`) and, for falsified ones, the counterexample (checked on the model)."""
+    `falsified`, `unknown`) and, for falsified ones, the counterexample (checked on the model).
+    `on_example(i)` is called before example i (for a progress line)."""
     if model.training:
         raise ValueError("bab needs the model in eval mode (BN in train mode depends on the batch)")
     cfg = cfg or BabConfig()
     generator = torch.Generator().manual_seed(seed)
     statuses, points = [], []
     for i in range(len(x_lower)):
+        if on_example is not None:
+            on_example(i)
         status, point = bab_one(model, x_lower[i:i + 1], x_upper[i:i + 1], C[i:i + 1], cfg, generator)
         statuses.append(status)
         points.append(point)
@@ -272,7 +276,8 @@ def bab_verified(problem, base: Tensor) -> Tensor:
     todo = [i for i, s in enumerate(status) if s is None]
     if todo:
         index = torch.tensor(todo, device=problem.lower.device)
-        found, _ = bab(problem.model, problem.lower[index], problem.upper[index], problem.C[index], cfg)
+        found, _ = bab(problem.model, problem.lower[index], problem.upper[index], problem.C[index], cfg,
+                       on_example=lambda i: problem.progress(f"bab (image {i + 1} of the {len(todo)} left)"))
         for i, s in zip(todo, found):
             status[i] = s
     problem.counts["bab_falsified"] = sum(s == FALSIFIED for s in status)

@@ -2,6 +2,8 @@
 bound tightness."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -28,11 +30,12 @@ class UnsoundCertificateError(RuntimeError):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: int,
              metrics=("clean", "ibp"), pgd_steps: int = 20, pgd_restarts: int = 1,
-             pgd_step_size: float = 0.25, device="cpu", verifier_options: VerifierOptions | None = None
-             ) -> dict[str, float]:
+             pgd_step_size: float = 0.25, device="cpu", verifier_options: VerifierOptions | None = None,
+             progress: Callable[[int, str], None] | None = None) -> dict[str, float]:
     """Errors of `model` (put in eval mode here, restored after) at ε over every batch of `loader`.
     `metrics` may name the stronger verifiers too (trainers/verifiers.py; knobs in `verifier_options`); with
-    any of them, `verified_err` counts an example as verified when any verifier that ran proves it (IBP always runs)."""
+    any of them, `verified_err` counts an example as verified when any verifier that ran proves it (IBP always
+    runs). `progress(examples done, what runs now)` is called after each batch and inside the stronger ones."""
     opts = verifier_options or VerifierOptions()
     stepped = with_bases(m for m in metrics if m in names(stepped=True))
     asked = [n for n in stepped if n in metrics]
@@ -58,7 +61,11 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
             sums["crown-ibp"] += (~crown_ok).sum().item()
             verified = verified | crown_ok
         if stepped:
-            verified = run_stepped(stepped, asked, Problem(model, lower, upper, C, wrong, verified, opts), sums)
+            problem = Problem(model, lower, upper, C, wrong, verified, opts)
+            if progress is not None:
+                problem.progress = lambda stage, done=n, size=len(y): progress(
+                    done, f"{stage} on examples {done + 1}-{done + size}")
+            verified = run_stepped(stepped, asked, problem, sums)
             sums["any"] += (~verified).sum().item()
         if "pgd" in metrics:
             broken = pgd_attack(model, x, y, lower, upper, pgd_steps, pgd_restarts, pgd_step_size, generator)
@@ -72,6 +79,8 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
         sums["tightness"] += stats["tightness"].item()
         n += len(y)
         n_batches += 1
+        if progress is not None:
+            progress(n, "")
     model.train(was_training)
     out = {"n": n, "clean_err": sums["clean"] / n, "ibp_err": sums["ibp"] / n}
     if "crown-ibp" in metrics:
@@ -98,6 +107,7 @@ def run_stepped(stepped, asked, problem: Problem, sums: dict) -> Tensor:
     found = {}
     for name in stepped:
         v = VERIFIERS[name]
+        problem.progress(name)
         found[name] = v.function("step")(problem, found.get(v.builds_on))
     verified = problem.already
     for name in asked:

@@ -135,3 +135,4 @@ class Problem:
     options: VerifierOptions
     shared: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    progress: Callable[[str], None] = lambda stage: None  # "which verifier runs on what", for a progress line

@@ -167,13 +167,14 @@ def verify(checkpoint: str | Path, *, data_dir: str | Path | None = None, split:
            eps: float | None = None, methods: str | list[str] = ",".join(names(per_epoch=True)), device: str = "cpu",
            alpha_iterations: int = default("alpha_iterations"), alpha_lr: float = default("alpha_lr"),
            bab_time_limit: float = default("bab_time_limit"),
-           limit: int | None = None) -> dict:
+           limit: int | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict:
     """`certtune verify`: clean error and the verified errors of `methods` (ibp, crown-ibp, crown, alpha-crown,
     bab, pgd) of a checkpoint on the test (or val) split (its first `limit` examples when given), at its target
-    eps unless `eps` is given."""
+    eps unless `eps` is given. `progress(done, total, what runs now)` is called as examples are done
+    (`trainers.verify.ProgressLine` prints it, as `certtune verify` does)."""
     if split not in SPLITS:
         raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     from trainers.verify import verifier_options, verify_checkpoint
 
     options = verifier_options(alpha_iterations, alpha_lr, bab_time_limit)
-    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device, options, limit)
+    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device, options, limit, progress)

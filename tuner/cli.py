@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--eps", type=float, default=None, help="in (0, 1]; default: the checkpoint's target eps")
-    p.add_argument("--methods", default=",".join(names(per_epoch=True)),
-                   help=f"comma list of {', '.join(VERIFIERS)}")
+    p.add_argument("--verifiers", "--methods", dest="verifiers", action=RememberFlag,
+                   default=",".join(names(per_epoch=True)),
+                   help=f"comma list of {', '.join(VERIFIERS)} (--methods: its former name, the same)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N examples of the split")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="a progress line on stderr at most this often (0: after every batch and BaB image)")
     add_knob_flags(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_verify)
@@ -113,12 +117,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+class RememberFlag(argparse.Action):
+    """Stores the value and which of the option's names was used, so an error names the flag the user typed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
 def cmd_verify(args) -> int:
     from tuner import api
+    from trainers.verify import ProgressLine, check_methods
 
+    verifiers = check_methods(args.verifiers, getattr(args, "verifiers_flag", "--verifiers"))
     print(json.dumps(api.verify(args.checkpoint, data_dir=args.data_dir, split=args.split, eps=args.eps,
-                                methods=args.methods, device=args.device, alpha_iterations=args.alpha_iterations,
-                                alpha_lr=args.alpha_lr, bab_time_limit=args.bab_time_limit)))
+                                methods=verifiers, device=args.device, limit=args.limit,
+                                progress=ProgressLine(args.progress_every),
+                                **{k: getattr(args, k) for k in KNOBS})))
     return 0
 
 
