@@ -17,7 +17,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .backward import concretize, relu_relaxation
+from .backward import concretize, relu_relaxation, two_sided
 from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, spec_or_identity
 from .verifiers import default
 
@@ -86,9 +86,7 @@ def alpha_crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Te
     """α-CROWN bounds (lower, upper) of C·f(x') (or f(x')) over the box; the upper bound is the lower bound
     of −C·f with its own slopes. `iterations` Adam steps of learning rate `lr` on the slopes."""
     C = spec_or_identity(C, model, x_lower)
-    S = C.shape[1]
-    both = alpha_crown_lower(model, x_lower, x_upper, torch.cat([C, -C], 1), x, iterations, lr)
-    return both[:, :S], -both[:, S:]
+    return two_sided(lambda spec: alpha_crown_lower(model, x_lower, x_upper, spec, x, iterations, lr), C)
 
 
 @torch.no_grad()
