@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_weights, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import load_splits, make_loader
 from .device import pick_device
 from .evaluate import evaluate
