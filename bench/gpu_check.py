@@ -39,10 +39,11 @@ from bench.step_cost import interleaved, peak_memory_mb, step_setup, sync
 from trainers.bounds import crown_ibp_bounds, ibp_bounds, margin_spec
 from trainers.config import TrainConfig
 from trainers.data import NORMALIZATION, DataError, load_splits
-from trainers.evaluate import InputBox
+from trainers.device import pick_device
 from trainers.init import apply_init
+from trainers.input_box import InputBox
 from trainers.models import BN_PLACEMENTS, DATASET_SHAPES, MODELS, build_model
-from trainers.train import Trainer, pick_device
+from trainers.train import Trainer
 
 PAPER_TABLE3 = {"source": "Shi et al. 2021, Table 3", "gpu": "RTX 2080 Ti", "model": "cnn7", "dataset": "cifar10",
                 "method": "fast", "s_per_epoch": 64.0, "images_per_epoch": 50_000}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from trainers.config import TrainConfig
 from trainers.cpu_memory import keep_freed_memory
 from trainers.data import NORMALIZATION
-from trainers.evaluate import InputBox
+from trainers.input_box import InputBox
 from trainers.init import apply_init
 from trainers.models import DATASET_SHAPES, build_model
 from trainers.config import METHODS

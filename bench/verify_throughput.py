@@ -20,8 +20,8 @@ from trainers.bab import VERIFIED, BabConfig, bab
 from trainers.bounds import crown_ibp_bounds, ibp_bounds, margin_spec
 from trainers.crown import crown_bounds
 from trainers.data import load_splits
-from trainers.evaluate import InputBox
-from trainers.train import pick_device
+from trainers.device import pick_device
+from trainers.input_box import InputBox
 from trainers.verify import load_model
 
 

@@ -80,3 +80,147 @@ def test_trainers_import_no_ray_optuna_or_wandb():
                 offenders.append(f"{path.name}: {name}")
     assert not offenders, offenders
     assert imported_modules(ROOT / "trainers" / "train.py")  # the reader sees the core's imports
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph[todo.pop()] - seen:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
+VERIFIER_MODULES = {"trainers.evaluate", "trainers.verify", "trainers.bab", "trainers.alpha_crown"}
+
+
+def test_training_losses_sit_below_the_verifiers():
+    """The training losses take the input box from its own module, not from evaluate: nothing they import
+    leads to evaluation, α-CROWN or BaB (docs/decisions.md, "The import order")."""
+    graph = package_graph("trainers")
+    assert "trainers.input_box" in graph["trainers.methods"]  # the check reads real imports
+    assert not reaches(graph, "trainers.methods") & (VERIFIER_MODULES | {"trainers.crown", "trainers.train"})
+
+
+def test_training_loop_imports_no_stronger_verifier():
+    """The loop evaluates per epoch (evaluate.py) but never loads CROWN, α-CROWN or BaB: the table names
+    their modules and evaluate imports them only when one is asked for (trainers/verifiers.py)."""
+    graph = package_graph("trainers")
+    assert {"trainers.evaluate", "trainers.verifiers"} <= reaches(graph, "trainers.train")
+    stronger = {"trainers.bab", "trainers.alpha_crown", "trainers.crown", "trainers.verify"}
+    assert not reaches(graph, "trainers.train") & stronger
+
+
+def test_verification_does_not_import_the_training_loop():
+    graph = package_graph("trainers")
+    assert "trainers.device" in graph["trainers.verify"]
+    assert "trainers.train" not in reaches(graph, "trainers.verify")
+    assert "trainers.methods" not in reaches(graph, "trainers.verify")
+
+
+def test_trainers_import_nothing_from_tuner():
+    offenders = [f"{p.name}: {n}" for p in sorted((ROOT / "trainers").glob("*.py"))
+                 for n in imported_modules(p) if n.split(".")[0] in ("tuner", "bench")]
+    assert not offenders, offenders
+
+
+# ---- one table of verifiers (trainers/verifiers.py) -------------------------------------------------
+def _table():
+    import trainers.verifiers as table  # plain data: imports nothing else of the package
+    return table
+
+
+def _core_files():
+    return [p for package in ("trainers", "tuner") for p in sorted((ROOT / package).glob("*.py"))
+            if p.name != "verifiers.py"]
+
+
+def _strings(nodes) -> list[str]:
+    return [n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def repeated_verifier_facts(path: Path, names: set[str], own: set[str]) -> list[str]:
+    """Where a file lists verifiers itself: a tuple/list/set/dict literal with two or more verifier names or
+    metric keys, or any string that is the name or metric key of a verifier only the table should name
+    (`own`: those not also a training method or bound). TRAINING_BOUNDS (config.py) is the training losses'
+    fact, not the verifiers'."""
+    found = []
+    tree = ast.parse(path.read_text(), str(path))
+    allowed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+               and any(isinstance(t, ast.Name) and t.id == "TRAINING_BOUNDS" for t in n.targets)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) and id(node) not in allowed:
+            hits = [s for s in _strings(node.keys if isinstance(node, ast.Dict) else node.elts) if s in names]
+            if len(hits) >= 2:
+                found.append(f"{path.name}:{node.lineno} lists {hits}")
+        if isinstance(node, ast.Constant) and node.value in own:
+            found.append(f"{path.name}:{node.lineno} names {node.value!r}")
+    return found
+
+
+def test_verifier_names_and_metric_keys_live_only_in_the_table():
+    table = _table()
+    names = {s for v in table.VERIFIERS.values() for s in (v.name, v.metric)}
+    own = {s for v in table.VERIFIERS.values() if not v.per_epoch for s in (v.name, v.metric)}
+    assert {"alpha-crown", "bab_err", "crown_ibp_err"} <= names and "ibp" not in own
+    offenders = [f for p in _core_files() for f in repeated_verifier_facts(p, names, own)]
+    assert not offenders, offenders
+
+
+def test_the_names_check_finds_a_list_of_verifiers(tmp_path):
+    table = _table()
+    names = {s for v in table.VERIFIERS.values() for s in (v.name, v.metric)}
+    src = tmp_path / "rerank.py"
+    src.write_text('RERANK = ("ibp", "crown-ibp")\nKEYS = {"pgd_err": 1, "ibp_err": 2}\nif x == "bab": pass\n')
+    assert len(repeated_verifier_facts(src, names, {"bab"})) == 3
+
+
+KNOB_ALIASES = {"iterations", "lr", "time_limit", "ITERATIONS", "LR", "TIME_LIMIT"}  # a knob's name in bab/α-CROWN
+
+
+def literal_knob_defaults(path: Path, knobs: dict) -> list[str]:
+    """Knob defaults written as numbers outside the table: a parameter default, a dataclass field or a
+    module constant named after a knob (or its name in bab.py/alpha_crown.py) holding one of the table's
+    default numbers, or `add_argument(FLAG, default=number)` for a knob's flag."""
+    numbers = {k.default for k in knobs.values()}
+    names = set(knobs) | KNOB_ALIASES
+    flags = {k.flag for k in knobs.values()}
+
+    def literal(node) -> bool:
+        return isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value in numbers
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.posonlyargs + node.args.args
+            pairs = list(zip(args[len(args) - len(node.args.defaults):], node.args.defaults))
+            pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
+            found += [f"{path.name}:{node.lineno} {a.arg}={d.value}" for a, d in pairs
+                      if a.arg in names and literal(d)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names:
+            if literal(node.value):
+                found.append(f"{path.name}:{node.lineno} {node.target.id} = {node.value.value}")
+        elif isinstance(node, ast.Assign) and literal(node.value):
+            found += [f"{path.name}:{node.lineno} {t.id} = {node.value.value}" for t in node.targets
+                      if isinstance(t, ast.Name) and t.id in names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            if set(_strings(node.args)) & flags:
+                found += [f"{path.name}:{node.lineno} {_strings(node.args)} default={k.value.value}"
+                          for k in node.keywords if k.arg == "default" and literal(k.value)]
+    return found
+
+
+def test_knob_defaults_live_only_in_the_table():
+    table = _table()
+    assert table.default("alpha_iterations") == 20 and table.default("bab_time_limit") == 10.0
+    offenders = [f for p in _core_files() for f in literal_knob_defaults(p, table.KNOBS)]
+    assert not offenders, offenders
+
+
+def test_the_defaults_check_finds_a_copied_default(tmp_path):
+    src = tmp_path / "cli.py"
+    src.write_text("def verify(alpha_iterations=20, *, bab_time_limit: float = 10.0): pass\n"
+                   "class BabConfig:\n    lr: float = 0.1\nITERATIONS = 20\n"
+                   "p.add_argument('--alpha-lr', type=float, default=0.1)\n")
+    assert len(literal_knob_defaults(src, _table().KNOBS)) == 5

@@ -12,7 +12,7 @@ from torch import nn
 
 from trainers.bounds import margin_spec
 from trainers.config import ConfigError, TrainConfig
-from trainers.evaluate import InputBox
+from trainers.input_box import InputBox
 from trainers.methods import (Batch, GradientConnector, attack_input, certified_loss, ibp_family_loss,
                               mtl_ibp_loss, cc_ibp_loss, exp_ibp_loss, sabr_box, sabr_loss, split_at_relu,
                               taps_margins, robust_ce)

@@ -8,7 +8,8 @@ import torch
 
 from trainers.bounds import margin_spec
 from trainers.config import ConfigError, TrainConfig
-from trainers.evaluate import InputBox, evaluate
+from trainers.evaluate import evaluate
+from trainers.input_box import InputBox
 from trainers.train import TIMING_METRICS, Trainer
 from trainers.verify import load_model
 from tuner.cli import main

@@ -11,6 +11,7 @@ not asserted.
 """
 import itertools
 import json
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from trainers.alpha_crown import alpha_crown_bounds
 from trainers.bab import FALSIFIED, VERIFIED, BabConfig, bab
 from trainers.bounds import crown_ibp_bounds, ibp_bounds, margin_spec
 from trainers.crown import crown_bounds, crown_intermediate
-from trainers.evaluate import InputBox, VerifierOptions, evaluate
+from trainers.evaluate import VerifierOptions, evaluate
+from trainers.input_box import InputBox
 from trainers.layers import ResidualBlock
 from trainers.models import build_model
 
@@ -178,6 +180,70 @@ def test_bab_is_exact_and_crown_alpha_bound_the_exact_minimum():
     assert decided[VERIFIED] >= 5 and decided[FALSIFIED] >= 3 and alpha_gains >= 3
 
 
+def branching_problem(eps):
+    """A random 10-64-64-3 network and 8 points: at ε = 0.3 BaB must branch to verify point 0 (14 splits with
+    the default knobs), at ε = 0.5 it falsifies every point."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x = torch.randn(8, 10)
+    with torch.no_grad():
+        C = margin_spec(net(x).argmax(1), 3)
+    return net, x - eps, x + eps, C
+
+
+def timed_bab(net, lower, upper, C, cfg):
+    start = time.monotonic()
+    statuses, _ = bab(net, lower, upper, C, cfg)
+    return statuses[0], time.monotonic() - start
+
+
+def test_bab_keeps_its_time_limit_inside_a_step_and_a_deadline_never_verifies(monkeypatch):
+    """The per-image limit holds within a small margin even when one α/β step alone would take seconds
+    (3000 iterations), and while branching; under the deadline an answer is never wrong: points BaB
+    verifies with time to spare are never falsified, points it falsifies are never verified."""
+    import trainers.bab as bab_module
+
+    splits = []
+    real_split = bab_module.split
+    monkeypatch.setattr(bab_module, "split", lambda d: splits.append(len(d)) or real_split(d))
+    limit, margin = 0.5, 1.0  # the margin: the root's CROWN pass and one α/β step on a loaded 2-core machine
+    net, lower, upper, C = branching_problem(0.3)
+    timed_bab(net, lower[:1], upper[:1], C[:1], BabConfig(time_limit=0.1))  # warm up: torch's first calls are slow
+    assert timed_bab(net, lower[:1], upper[:1], C[:1], BabConfig(time_limit=120))[0] == VERIFIED
+    assert splits, "BaB did not branch: the check below would not exercise a branching step"
+    for cfg in (BabConfig(time_limit=limit), BabConfig(time_limit=limit, iterations=3000, batch=256)):
+        status, seconds = timed_bab(net, lower[:1], upper[:1], C[:1], cfg)
+        assert seconds <= limit + margin, (cfg, seconds)
+        assert status in (VERIFIED, "unknown"), status
+    assert status == "unknown"  # 3000 α steps at the root alone outlast the limit
+    net, lower, upper, C = branching_problem(0.5)
+    for i in range(3):
+        assert timed_bab(net, lower[i:i + 1], upper[i:i + 1], C[i:i + 1], BabConfig(time_limit=20))[0] == FALSIFIED
+        for cfg in (BabConfig(time_limit=0.01), BabConfig(time_limit=limit, iterations=3000)):
+            status, seconds = timed_bab(net, lower[i:i + 1], upper[i:i + 1], C[i:i + 1], cfg)
+            assert status != VERIFIED and seconds <= cfg.time_limit + margin, (cfg, status, seconds)
+
+
+def test_bab_under_a_tiny_time_limit_agrees_with_the_exact_answer_or_says_unknown():
+    unknown = 0
+    for seed in range(2):
+        net = tiny_net(seed)
+        x = torch.randn(6, 2, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            C = margin_spec(net(x).argmax(1), 3)
+        eps = torch.linspace(0.2, 1.6, 6).unsqueeze(1)
+        lower, upper = x - eps, x + eps
+        statuses, _ = bab(net, lower, upper, C, BabConfig(time_limit=0.02, iterations=100_000))
+        for i, status in enumerate(statuses):
+            exact = exact_min_margins(net, C[i].double().numpy(), lower[i].double().numpy(), upper[i].double().numpy())
+            if status == VERIFIED:
+                assert exact.min() > -1e-4, (seed, i, exact)
+            elif status == FALSIFIED:
+                assert exact.min() < 1e-4, (seed, i, exact)
+            unknown += status == "unknown"
+    assert unknown  # the deadline did cut the ascent
+
+
 def test_bab_needs_eval_mode():
     net = small_model("mlp").train()
     x = torch.rand(2, 1, 8, 8)
@@ -287,3 +353,56 @@ def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--methods", "crown,beta"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown 'beta'" in err[0]
+
+
+def test_verifier_table_names_real_functions_and_answers_lookups():
+    """Every function the table names as text imports and is callable (a typo would otherwise surface only
+    when that verifier is asked for); a verifier is looked up by name with its metric key and defaults."""
+    from trainers.verifiers import VERIFIERS, verifier, with_bases
+
+    for v in VERIFIERS.values():
+        assert callable(v.function("bound")), v.name
+        assert v.step is None or callable(v.function("step")), v.name
+        assert v.builds_on is None or v.builds_on in VERIFIERS
+    assert verifier("alpha-crown").metric == "alpha_crown_err"
+    assert verifier("alpha-crown").defaults() == {"alpha_iterations": 20, "alpha_lr": 0.1}
+    assert verifier("bab").defaults()["bab_time_limit"] == 10.0
+    assert with_bases(["bab"]) == ("crown", "alpha-crown", "bab") and with_bases(["ibp", "pgd"]) == ()
+
+
+def test_cli_verify_takes_verifiers_limit_and_prints_progress_on_stderr(tmp_path, data_dir):
+    """`certtune verify --verifiers ... --limit N` (a real subprocess): stdout is the JSON result alone, over
+    the first N examples; progress lines go to stderr; `--methods` is the same flag under its old name."""
+    import subprocess
+    import sys
+
+    from trainers.config import TrainConfig
+    from trainers.train import Trainer
+
+    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
+                                 "epochs": 1, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
+                                 "schedule": {"start": 1, "length": 1}, "data": {"subset": 256, "val_size": 64,
+                                                                                 "test_subset": 16},
+                                 "eval": {"metrics": ["clean", "ibp"]}}).resolve()
+    Trainer(cfg, data_dir=data_dir, out_dir=tmp_path / "run").fit()
+    runs = {}
+    for flag in ("--verifiers", "--methods"):
+        proc = subprocess.run([sys.executable, "-m", "tuner.cli", "verify", str(tmp_path / "run" / "last.pt"),
+                               "--data-dir", str(data_dir), "--eps", "0.02", flag, "ibp,alpha-crown,bab",
+                               "--alpha-iterations", "3", "--bab-time-limit", "0.2", "--limit", "5",
+                               "--progress-every", "0"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        runs[flag] = json.loads(proc.stdout)
+        assert len(proc.stdout.strip().splitlines()) == 1
+        progress = proc.stderr.strip().splitlines()
+        assert progress and all(line.startswith("certtune verify: ") for line in progress), proc.stderr
+        assert "5/5 examples done" in progress[-1] and any("running alpha-crown" in line for line in progress)
+    assert runs["--verifiers"]["n"] == 5 and set(runs["--verifiers"]) == {
+        "n", "clean_err", "ibp_err", "alpha_crown_err", "bab_err", "bab_falsified", "bab_unknown", "verified_err"}
+    same = {k: v for k, v in runs["--verifiers"].items() if k not in ("bab_err", "bab_unknown", "verified_err")}
+    assert same == {k: runs["--methods"][k] for k in same}  # BaB's answers may differ only by its time limit
+    quiet = subprocess.run([sys.executable, "-m", "tuner.cli", "verify", str(tmp_path / "run" / "last.pt"),
+                            "--data-dir", str(data_dir), "--verifiers", "ibp", "--limit", "3"],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and json.loads(quiet.stdout)["n"] == 3
+    assert "certtune verify:" not in quiet.stderr  # a short run prints no progress at the default 10 s

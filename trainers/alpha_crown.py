@@ -12,14 +12,16 @@ layer per iteration; with fixed intermediate bounds an iteration is one backward
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
-from .backward import concretize, relu_relaxation
+from .backward import concretize, relu_relaxation, two_sided
 from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, spec_or_identity
+from .verifiers import default
 
-ITERATIONS = 20
-LR = 0.1
+ITERATIONS, LR = default("alpha_iterations"), default("alpha_lr")  # the table's defaults (trainers/verifiers.py)
 
 
 def initial_alpha(bounds, rows: int) -> dict:
@@ -33,10 +35,13 @@ def initial_alpha(bounds, rows: int) -> dict:
 
 def optimise_bound(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Tensor, x_upper: Tensor,
                    iterations: int, lr: float, best: Tensor, splits: dict | None = None,
-                   beta_lr: float = 0.05, seen: dict | None = None) -> tuple[Tensor, Tensor]:
+                   beta_lr: float = 0.05, seen: dict | None = None, deadline: float | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Projected gradient ascent on the backward bound of C·f over α (and over β ≥ 0 for the split
     constraints `splits`, β-CROWN). Returns the best bound per example and row, elementwise max with `best`,
-    and the A at the input of the last iteration's pass (for the box corner that attains it)."""
+    and the A at the input of the last iteration's pass (for the box corner that attains it). Stops early
+    at `deadline` (time.monotonic()): every α ∈ [0, 1] and β ≥ 0 gives a valid bound, so the best so far is
+    still sound, only less tight."""
     params = [p.requires_grad_() for p in initial_alpha(inter.bounds, C.shape[1]).values()]
     alpha = dict(zip(inter.bounds, params))
     beta = None
@@ -52,7 +57,7 @@ def optimise_bound(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Te
             lower = concretize(A, bias, x_lower, x_upper)
             objective = -lower.sum()
         best = torch.maximum(best, lower.detach())
-        if it == iterations:
+        if it == iterations or (deadline is not None and time.monotonic() >= deadline):
             break
         variables = [p for g in groups for p in g["params"]]
         grads = torch.autograd.grad(objective, variables)
@@ -81,6 +86,22 @@ def alpha_crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Te
     """α-CROWN bounds (lower, upper) of C·f(x') (or f(x')) over the box; the upper bound is the lower bound
     of −C·f with its own slopes. `iterations` Adam steps of learning rate `lr` on the slopes."""
     C = spec_or_identity(C, model, x_lower)
-    S = C.shape[1]
-    both = alpha_crown_lower(model, x_lower, x_upper, torch.cat([C, -C], 1), x, iterations, lr)
-    return both[:, :S], -both[:, S:]
+    return two_sided(lambda spec: alpha_crown_lower(model, x_lower, x_upper, spec, x, iterations, lr), C)
+
+
+@torch.no_grad()
+def alpha_crown_verified(problem, base: Tensor) -> Tensor:
+    """evaluate's α-CROWN step (trainers/verifiers.py): `base` (CROWN's verified examples) plus those of the
+    rest, correctly classified, whose α-CROWN bound is > 0 on every row. Starts from CROWN's intermediate
+    bounds and bound in `problem.shared`, so its set contains CROWN's."""
+    inter, crown = problem.shared["crown_intermediate"]
+    todo = (~base & ~problem.wrong).nonzero().flatten()
+    verified = base.clone()
+    if len(todo):
+        sub = {r: (lo[todo], up[todo]) for r, (lo, up) in inter.bounds.items()}
+        opts = problem.options
+        best, _ = optimise_bound(problem.model, Intermediate(inter.records, sub), problem.C[todo],
+                                 problem.lower[todo], problem.upper[todo], opts.alpha_iterations, opts.alpha_lr,
+                                 crown[todo])
+        verified[todo] = (best > 0).all(1)
+    return verified

@@ -17,25 +17,28 @@ BN must be in eval mode (a domain batch is not a data batch).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .alpha_crown import ITERATIONS, LR, optimise_bound
+from .alpha_crown import optimise_bound
 from .backward import minimizing_corner
 from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, relu_chains
 from .bounds import split_last_linear
+from .verifiers import default
 
 VERIFIED, FALSIFIED, UNKNOWN = "verified", "falsified", "unknown"
 
 
 @dataclass
 class BabConfig:
-    time_limit: float = 10.0  # seconds per example
-    iterations: int = ITERATIONS  # α (and β) steps at the root and per domain batch
-    lr: float = LR  # α's step size
+    time_limit: float = default("bab_time_limit")  # seconds per example
+    iterations: int = default("alpha_iterations")  # α (and β) steps at the root and per domain batch
+    lr: float = default("alpha_lr")  # α's step size
     beta_lr: float = 0.05  # β's step size
     batch: int = 32  # domains branched per step
     attack_steps: int = 50
@@ -73,13 +76,17 @@ def violated(model: nn.Module, C: Tensor, points: Tensor) -> Tensor:
         return (torch.einsum("sk,pk->ps", C[0], model(points)) < 0).any(1)
 
 
-def margin_attack(model, C, x_lower, x_upper, steps, restarts, generator) -> Tensor | None:
-    """PGD on the smallest margin over the box (first start: the center); a checked counterexample or None."""
+def margin_attack(model, C, x_lower, x_upper, steps, restarts, generator, deadline: float = math.inf
+                  ) -> Tensor | None:
+    """PGD on the smallest margin over the box (first start: the center); a checked counterexample or None
+    (also when `deadline` passes first)."""
     for r in range(restarts):
         z = (x_lower + x_upper) / 2 if r == 0 else x_lower + (x_upper - x_lower) * torch.rand(
             x_lower.shape, generator=generator).to(x_lower.device)
         step = 0.1 * (x_upper - x_lower)
         for _ in range(steps):
+            if time.monotonic() >= deadline:
+                return None
             z.requires_grad_(True)
             with torch.enable_grad():
                 margin = torch.einsum("bsk,bk->bs", C, model(z)).min(1).values.sum()
@@ -104,14 +111,16 @@ def branch_scores(inter_bounds: dict, seen: dict, lower: Tensor) -> dict:
     return scores
 
 
-def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfig):
-    """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners."""
+def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfig, deadline: float = math.inf):
+    """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners. At
+    `deadline` the α/β ascent stops with the bounds it has (valid, looser)."""
     D = len(d)
     inter = Intermediate(records, d.bounds)
     Cd, xl, xu = C.expand(D, *C.shape[1:]), x_lower.expand(D, *x_lower.shape[1:]), x_upper.expand(D, *x_upper.shape[1:])
     splits = {r: s for r, s in d.splits.items() if (s != 0).any()}
     seen: dict = {}
-    lower, A = optimise_bound(model, inter, Cd, xl, xu, cfg.iterations, cfg.lr, d.lower, splits, cfg.beta_lr, seen)
+    lower, A = optimise_bound(model, inter, Cd, xl, xu, cfg.iterations, cfg.lr, d.lower, splits, cfg.beta_lr, seen,
+                              deadline)
     corners = minimizing_corner(A, xl, xu)  # (D, S, *input)
     return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, seen, lower)), corners
 
@@ -146,8 +155,10 @@ def is_leaf(d: Domains) -> Tensor:
     return ~torch.stack([((lo < 0) & (up > 0)).flatten(1).any(1) for lo, up in d.bounds.values()]).any(0)
 
 
-def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str, Tensor | None]:
-    """A leaf is linear on {x in box: s·z(x) ≥ 0 for its splits}: min of each row of C·f there by LP."""
+def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: float = math.inf
+               ) -> tuple[str, Tensor | None]:
+    """A leaf is linear on {x in box: s·z(x) ≥ 0 for its splits}: min of each row of C·f there by LP.
+    `unknown` when `deadline` passes before every row is decided."""
     from scipy.optimize import linprog
 
     bounds, splits = leaf.bounds, leaf.splits
@@ -171,6 +182,8 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str,
     b_ub = torch.cat(b_ub).double().cpu().numpy() if b_ub else None
     all_positive = True
     for row in range(C.shape[1]):
+        if time.monotonic() >= deadline:
+            return UNKNOWN, None
         c = A_obj[0, row].flatten().double().cpu().numpy()
         res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=list(zip(lo, up)), method="highs")
         if res.status == 2:  # infeasible: the split pattern is empty
@@ -188,19 +201,24 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper) -> tuple[str,
 
 
 def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str, Tensor | None]:
-    """Branch and bound for one example (x_lower, x_upper: (1, ...); C: (1, S, K))."""
+    """Branch and bound for one example (x_lower, x_upper: (1, ...); C: (1, S, K)).
+
+    The time limit is checked inside every part that can take long (each α/β step, each attack step, each
+    leaf LP), not only between branching steps: a step that runs out of time keeps the valid bounds it has,
+    and an example whose open domains or leaves are not all decided by then is `unknown`, never `verified`.
+    What is not interruptible is the root's CROWN intermediate bounds and one α/β step or LP."""
     deadline = time.monotonic() + cfg.time_limit
     with torch.no_grad():
         inter = crown_intermediate(model, x_lower, x_upper)
         start = crown_lower_bound(model, inter, C, x_lower, x_upper)
         root = Domains(inter.bounds, {r: torch.zeros_like(lo, dtype=torch.int8) for r, (lo, _) in inter.bounds.items()},
                        start, {})
-        root, _ = bound_domains(model, inter.records, root, C, x_lower, x_upper, cfg)
+        root, _ = bound_domains(model, inter.records, root, C, x_lower, x_upper, cfg, deadline)
     if (root.lower > 0).all():
         return VERIFIED, None
     if is_leaf(root).all():  # no unstable neuron at all: the network is linear on the box
-        return solve_leaf(model, inter.records, root, C, x_lower, x_upper)
-    point = margin_attack(model, C, x_lower, x_upper, cfg.attack_steps, cfg.attack_restarts, generator)
+        return solve_leaf(model, inter.records, root, C, x_lower, x_upper, deadline)
+    point = margin_attack(model, C, x_lower, x_upper, cfg.attack_steps, cfg.attack_restarts, generator, deadline)
     if point is not None:
         return FALSIFIED, point
     open_domains = root
@@ -208,7 +226,8 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         order = open_domains.lower.min(1).values.argsort()  # the worst bounds first
         batch, rest = open_domains.take(order[:cfg.batch]), open_domains.take(order[cfg.batch:])
         with torch.no_grad():
-            children, corners = bound_domains(model, inter.records, split(batch), C, x_lower, x_upper, cfg)
+            children, corners = bound_domains(model, inter.records, split(batch), C, x_lower, x_upper, cfg,
+                                              deadline)
         bad = violated(model, C, corners.flatten(0, 1))
         if bad.any():
             return FALSIFIED, corners.flatten(0, 1)[bad.nonzero()[0]]
@@ -216,8 +235,8 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         leaf = keep & is_leaf(children)
         for i in leaf.nonzero().flatten().tolist():
             status, point = solve_leaf(model, inter.records, children.take(torch.tensor([i], device=leaf.device)),
-                                       C, x_lower, x_upper)
-            if status != VERIFIED:
+                                       C, x_lower, x_upper, deadline)
+            if status != VERIFIED:  # falsified, or unknown at the deadline
                 return status, point
         keep &= ~leaf
         parts = [p for p in (rest, children.take(keep.nonzero().flatten())) if len(p)]
@@ -228,16 +247,39 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
 
 
 def bab(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor, cfg: BabConfig | None = None,
-        seed: int = 0) -> tuple[list[str], list[Tensor | None]]:
+        seed: int = 0, on_example: Callable[[int], None] | None = None) -> tuple[list[str], list[Tensor | None]]:
     """Complete verification of C·f > 0 over each example's box: a status per example (`verified`,
-    `falsified`, `unknown`) and, for falsified ones, the counterexample (checked on the model)."""
+    `falsified`, `unknown`) and, for falsified ones, the counterexample (checked on the model).
+    `on_example(i)` is called before example i (for a progress line)."""
     if model.training:
         raise ValueError("bab needs the model in eval mode (BN in train mode depends on the batch)")
     cfg = cfg or BabConfig()
     generator = torch.Generator().manual_seed(seed)
     statuses, points = [], []
     for i in range(len(x_lower)):
+        if on_example is not None:
+            on_example(i)
         status, point = bab_one(model, x_lower[i:i + 1], x_upper[i:i + 1], C[i:i + 1], cfg, generator)
         statuses.append(status)
         points.append(point)
     return statuses, points
+
+
+def bab_verified(problem, base: Tensor) -> Tensor:
+    """evaluate's BaB step (trainers/verifiers.py): examples proven by `base` (α-CROWN) or by the cheaper
+    verifiers that ran (`problem.already`: IBP, CROWN-IBP), as a verification pipeline does, plus those BaB
+    verifies among the rest; BaB's falsified and unknown counts go to `problem.counts`."""
+    opts = problem.options
+    cfg = opts.bab or BabConfig(time_limit=opts.bab_time_limit, iterations=opts.alpha_iterations, lr=opts.alpha_lr)
+    proven = (base | problem.already).tolist()
+    status = [VERIFIED if ok else FALSIFIED if w else None for ok, w in zip(proven, problem.wrong.tolist())]
+    todo = [i for i, s in enumerate(status) if s is None]
+    if todo:
+        index = torch.tensor(todo, device=problem.lower.device)
+        found, _ = bab(problem.model, problem.lower[index], problem.upper[index], problem.C[index], cfg,
+                       on_example=lambda i: problem.progress(f"bab (image {i + 1} of the {len(todo)} left)"))
+        for i, s in zip(todo, found):
+            status[i] = s
+    problem.counts["bab_falsified"] = sum(s == FALSIFIED for s in status)
+    problem.counts["bab_unknown"] = sum(s == UNKNOWN for s in status)
+    return torch.tensor([s == VERIFIED for s in status], device=problem.lower.device)

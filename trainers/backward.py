@@ -108,3 +108,25 @@ def concretize(A: Tensor, bias: Tensor, x_lower: Tensor, x_upper: Tensor) -> Ten
 def minimizing_corner(A: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
     """The box corner where A·x is smallest, per row: (B, S, *input shape)."""
     return torch.where(A > 0, x_lower.unsqueeze(1), x_upper.unsqueeze(1))
+
+
+def lower_bound_over(model: nn.Module, C: Tensor, records: dict, relu_bounds: dict, x_lower: Tensor,
+                     x_upper: Tensor) -> Tensor:
+    """Lower bound of C·f over the box: one backward pass from the output, each ReLU relaxed (adaptive
+    slopes) over the bounds of its input, `relu_bounds[relu]` = (lower, upper). Over IBP's bounds this is
+    CROWN-IBP (bounds.crown_lower); over CROWN's own intermediate bounds, CROWN's final pass
+    (crown.crown_lower_bound). It lives here, below both, so the training losses use it without the
+    CROWN verifier's module."""
+    def relu_step(relu, A, bias):
+        return _back_relu(A, bias, *relu_bounds[relu])
+
+    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), records, relu_step)
+    return concretize(A, bias, x_lower, x_upper)
+
+
+def two_sided(lower_bound: Callable[[Tensor], Tensor], C: Tensor) -> tuple[Tensor, Tensor]:
+    """(lower, upper) bounds of C·f from a function that lower-bounds any specification, in one pass over
+    the stacked [C; −C]: the upper bound of C·f is minus the lower bound of −C·f."""
+    S = C.shape[1]
+    both = lower_bound(torch.cat([C, -C], 1))
+    return both[:, :S], -both[:, S:]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backward import _back_relu, concretize, relu_relaxation, walk_back  # noqa: F401 (re-exported)
+from .backward import _back_relu, concretize, lower_bound_over, relu_relaxation, two_sided, walk_back  # noqa: F401
 from .layers import ResidualBlock
 
 
@@ -313,14 +313,11 @@ def ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | N
 
 # ---- CROWN-IBP: one backward linear pass (trainers/backward.py) ----------------------------------
 def crown_lower(model: nn.Module, p: Propagation, C: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
-    """Lower bound of C·f over the box by one backward pass, using the IBP bounds recorded in `p`."""
+    """CROWN-IBP: the lower bound of C·f over the box by CROWN's backward pass over the IBP bounds of every
+    ReLU input recorded in `p` (CROWN itself runs the same pass over its own intermediate bounds)."""
     records = p.tape.records
-
-    def relu_step(relu, A, bias):
-        return _back_relu(A, bias, records[relu].lower, records[relu].upper)
-
-    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), records, relu_step)
-    return concretize(A, bias, x_lower, x_upper)
+    ibp = {layer: (r.lower, r.upper) for layer, r in records.items() if isinstance(r, ReluInput)}
+    return lower_bound_over(model, C, records, ibp, x_lower, x_upper)
 
 
 def crown_ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
@@ -331,6 +328,4 @@ def crown_ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tens
     if C is None:
         k = p.lower.shape[1]
         C = torch.eye(k, device=x_lower.device, dtype=x_lower.dtype).expand(len(x_lower), k, k)
-    S = C.shape[1]
-    both = crown_lower(model, p, torch.cat([C, -C], dim=1), x_lower, x_upper)
-    return both[:, :S], -both[:, S:]
+    return two_sided(lambda spec: crown_lower(model, p, spec, x_lower, x_upper), C)

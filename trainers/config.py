@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, shown
+from .verifiers import CLEAN, names
 
 METHODS = ("vanilla", "crown-ibp", "fast", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "taps", "staps")
 IBP_FAMILY = ("vanilla", "crown-ibp", "fast")  # the 2021 methods; the others are docs/methods.md's newer ones
@@ -22,7 +23,8 @@ BN_PLACEMENTS = ("full", "conv", "none")
 INITS = ("ibp", "default", "kaiming", "orthogonal")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("smoothed", "linear")
-EVAL_METRICS = ("clean", "ibp", "crown-ibp", "pgd")
+EVAL_METRICS = (CLEAN, *names(per_epoch=True))  # trainers/verifiers.py
+TRAINING_BOUNDS = ("ibp", "crown-ibp")  # the bounds a training loss can take (`bound`), not verifiers
 # Sizes past which a value is a typo or an attack, not a plan: refused before anything runs.
 MAX_INT = 10**12
 MAX_LIST = 1000
@@ -209,7 +211,7 @@ class TrainConfig:
         if self.init is not None:
             _choice("init", self.init, INITS)
         if self.bound is not None:
-            _choice("bound", self.bound, ("ibp", "crown-ibp"))
+            _choice("bound", self.bound, TRAINING_BOUNDS)
             if self.bound == "crown-ibp" and self.method not in IBP_FAMILY:
                 raise ConfigError(f"bound: crown-ibp applies to methods {', '.join(IBP_FAMILY)}, "
                                   f"not {self.method} (which bounds with IBP)")

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backward import ReluStep, _back_relu, back_relu_lines, concretize, relu_relaxation, walk_back
+from .backward import (ReluStep, _back_relu, back_relu_lines, concretize, lower_bound_over, relu_relaxation,
+                       two_sided, walk_back)
 from .bounds import ReluInput, has_batchnorm, propagate, split_last_linear
 from .layers import ResidualBlock
 
@@ -114,11 +115,10 @@ def layer_bounds(chain, prior: tuple[Tensor, Tensor], records: dict, relu_step: 
     new_lower, new_upper = [], []
     for start in range(0, n, chunk):
         E = unit_rows(idx[:, start:start + chunk], shape).to(lower.dtype)
-        A, bias = back_through(chain, torch.cat([E, -E], 1), records, relu_step)
-        both = concretize(A, bias, x_lower, x_upper)
-        k = E.shape[1]
-        new_lower.append(both[:, :k])
-        new_upper.append(-both[:, k:])
+        lo_rows, up_rows = two_sided(
+            lambda spec: concretize(*back_through(chain, spec, records, relu_step), x_lower, x_upper), E)
+        new_lower.append(lo_rows)
+        new_upper.append(up_rows)
     new_lower, new_upper = torch.cat(new_lower, 1), torch.cat(new_upper, 1)
     lo, up = lower.flatten(1).clone(), upper.flatten(1).clone()
     old_lo, old_up = lo.gather(1, idx), up.gather(1, idx)
@@ -155,9 +155,9 @@ def spec_or_identity(C: Tensor | None, model: nn.Module, like: Tensor) -> Tensor
 
 
 def crown_lower_bound(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
-    """Lower bound of C·f over the box: one backward pass from the output over the CROWN bounds."""
-    A, bias = back_through((model,), C, inter.records, relaxed_step(inter.bounds))
-    return concretize(A, bias, x_lower, x_upper)
+    """Lower bound of C·f over the box: one backward pass from the output over the CROWN bounds (the pass
+    CROWN-IBP runs over IBP's bounds: backward.lower_bound_over)."""
+    return lower_bound_over(model, C, inter.records, inter.bounds, x_lower, x_upper)
 
 
 def crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
@@ -166,6 +166,13 @@ def crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor |
     is the affine map of the clean batch x's statistics (default: the box center), as in `ibp_bounds`."""
     C = spec_or_identity(C, model, x_lower)
     inter = crown_intermediate(model, x_lower, x_upper, x)
-    S = C.shape[1]
-    both = crown_lower_bound(model, inter, torch.cat([C, -C], 1), x_lower, x_upper)
-    return both[:, :S], -both[:, S:]
+    return two_sided(lambda spec: crown_lower_bound(model, inter, spec, x_lower, x_upper), C)
+
+
+def crown_verified(problem, base=None) -> Tensor:
+    """evaluate's CROWN step (trainers/verifiers.py): the examples of `problem` whose CROWN bound is > 0 on
+    every row. Its intermediate bounds and bound are left in `problem.shared` for α-CROWN to start from."""
+    inter = crown_intermediate(problem.model, problem.lower, problem.upper)
+    bound = crown_lower_bound(problem.model, inter, problem.C, problem.lower, problem.upper)
+    problem.shared["crown_intermediate"] = (inter, bound)
+    return (bound > 0).all(1) & ~problem.wrong

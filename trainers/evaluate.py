@@ -2,38 +2,15 @@
 bound tightness."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .alpha_crown import ITERATIONS, LR, optimise_bound
 from .attacks import pgd_attack
-from .bab import FALSIFIED, UNKNOWN, VERIFIED, BabConfig, bab
 from .bounds import ReluInput, crown_lower, margin_spec, propagate
-from .crown import crown_intermediate, crown_lower_bound
-
-
-@dataclass
-class InputBox:
-    """Maps [0, 1] images to the model's normalized input space and builds the L∞ box around them."""
-
-    mean: Tensor  # (1, C, 1, 1)
-    std: Tensor
-
-    @classmethod
-    def for_stats(cls, mean, std, device) -> "InputBox":
-        def shape(v):
-            return torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        return cls(shape(mean), shape(std))
-
-    def normalize(self, x01: Tensor) -> Tensor:
-        return (x01 - self.mean) / self.std
-
-    def box(self, x01: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(x, lower, upper) in normalized space; the box is clipped to valid pixels [0, 1] first."""
-        return (self.normalize(x01), self.normalize((x01 - eps).clamp(0, 1)),
-                self.normalize((x01 + eps).clamp(0, 1)))
+from .input_box import InputBox
+from .verifiers import CLEAN, VERIFIERS, Problem, VerifierOptions, names, with_bases
 
 
 def relu_state_stats(relu_inputs: list[ReluInput], input_width: Tensor) -> dict[str, Tensor]:
@@ -50,66 +27,23 @@ class UnsoundCertificateError(RuntimeError):
     """PGD broke an example that a bound called verified: a bug in the bounds, never to be ignored."""
 
 
-VERIFIERS = ("crown", "alpha-crown", "bab")  # the complete-ish verifiers, beyond IBP and CROWN-IBP
-
-
-@dataclass
-class VerifierOptions:
-    alpha_iterations: int = ITERATIONS
-    alpha_lr: float = LR
-    bab: BabConfig = field(default_factory=BabConfig)
-
-
-def stronger_verifiers(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor, wrong: Tensor, metrics,
-                       opts: VerifierOptions, already: Tensor) -> dict[str, Tensor]:
-    """Masks of examples verified by CROWN, α-CROWN and BaB (those asked for, and those they build on),
-    and BaB's statuses. Each runs only where the one before did not verify, so the sets are nested by
-    construction: CROWN ⊆ α-CROWN (initialised at, and never below, CROWN's bound) ⊆ BaB (its root is α-CROWN).
-    BaB, the complete verifier, also takes as proven what the cheaper ones (`already`: IBP, CROWN-IBP) proved,
-    as a verification pipeline does: it branches only on the rest, and its set holds every other verifier's."""
-    out = {}
-    inter = crown_intermediate(model, lower, upper)
-    crown = crown_lower_bound(model, inter, C, lower, upper)
-    out["crown"] = (crown > 0).all(1) & ~wrong
-    if "alpha-crown" not in metrics and "bab" not in metrics:
-        return out
-    todo = (~out["crown"] & ~wrong).nonzero().flatten()
-    alpha_ok = out["crown"].clone()
-    if len(todo):
-        sub = {r: (lo[todo], up[todo]) for r, (lo, up) in inter.bounds.items()}
-        best, _ = optimise_bound(model, type(inter)(inter.records, sub), C[todo], lower[todo], upper[todo],
-                                 opts.alpha_iterations, opts.alpha_lr, crown[todo])
-        alpha_ok[todo] = (best > 0).all(1)
-    out["alpha-crown"] = alpha_ok
-    if "bab" in metrics:
-        proven = (alpha_ok | already).tolist()
-        status = [VERIFIED if ok else FALSIFIED if w else None for ok, w in zip(proven, wrong.tolist())]
-        todo = [i for i, s in enumerate(status) if s is None]
-        if todo:
-            index = torch.tensor(todo, device=lower.device)
-            found, _ = bab(model, lower[index], upper[index], C[index], opts.bab)
-            for i, s in zip(todo, found):
-                status[i] = s
-        out["bab"] = torch.tensor([s == VERIFIED for s in status], device=lower.device)
-        out["bab_falsified"] = sum(s == FALSIFIED for s in status)
-        out["bab_unknown"] = sum(s == UNKNOWN for s in status)
-    return out
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: int,
              metrics=("clean", "ibp"), pgd_steps: int = 20, pgd_restarts: int = 1,
-             pgd_step_size: float = 0.25, device="cpu", verifier_options: VerifierOptions | None = None
-             ) -> dict[str, float]:
+             pgd_step_size: float = 0.25, device="cpu", verifier_options: VerifierOptions | None = None,
+             progress: Callable[[int, str], None] | None = None) -> dict[str, float]:
     """Errors of `model` (put in eval mode here, restored after) at ε over every batch of `loader`.
-    `metrics` may name "crown", "alpha-crown" and "bab" too (knobs in `verifier_options`); with any of them,
-    `verified_err` counts an example as verified when any verifier that ran proves it (IBP always runs)."""
+    `metrics` may name the stronger verifiers too (trainers/verifiers.py; knobs in `verifier_options`); with
+    any of them, `verified_err` counts an example as verified when any verifier that ran proves it (IBP always
+    runs). `progress(examples done, what runs now)` is called after each batch and inside the stronger ones."""
     opts = verifier_options or VerifierOptions()
-    stronger = any(v in metrics for v in VERIFIERS)
+    stepped = with_bases(m for m in metrics if m in names(stepped=True))
+    asked = [n for n in stepped if n in metrics]
+    counts = [c for n in asked for c in VERIFIERS[n].counts]
     was_training = model.training
     model.eval()
-    sums = {k: 0.0 for k in ("clean", "ibp", "crown-ibp", "pgd", "active", "inactive", "total", "tightness",
-                             *VERIFIERS, "any", "bab_falsified", "bab_unknown")}
+    sums = {k: 0.0 for k in (CLEAN, *names(per_epoch=True), "active", "inactive", "total", "tightness",
+                             *asked, "any", *counts)}
     n, n_batches = 0, 0
     generator = torch.Generator().manual_seed(0)
     for x01, y in loader:
@@ -126,16 +60,13 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
             crown_ok = (crown_lower(model, p, C, lower, upper) > 0).all(1) & ~wrong
             sums["crown-ibp"] += (~crown_ok).sum().item()
             verified = verified | crown_ok
-        if stronger:
-            found = stronger_verifiers(model, lower, upper, C, wrong, metrics, opts, verified)
-            for name in VERIFIERS:
-                if name in metrics:
-                    sums[name] += (~found[name]).sum().item()
-                    verified = verified | found[name]
+        if stepped:
+            problem = Problem(model, lower, upper, C, wrong, verified, opts)
+            if progress is not None:
+                problem.progress = lambda stage, done=n, size=len(y): progress(
+                    done, f"{stage} on examples {done + 1}-{done + size}")
+            verified = run_stepped(stepped, asked, problem, sums)
             sums["any"] += (~verified).sum().item()
-            if "bab" in metrics:
-                sums["bab_falsified"] += found["bab_falsified"]
-                sums["bab_unknown"] += found["bab_unknown"]
         if "pgd" in metrics:
             broken = pgd_attack(model, x, y, lower, upper, pgd_steps, pgd_restarts, pgd_step_size, generator)
             sums["pgd"] += broken.sum().item()
@@ -148,17 +79,18 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
         sums["tightness"] += stats["tightness"].item()
         n += len(y)
         n_batches += 1
+        if progress is not None:
+            progress(n, "")
     model.train(was_training)
     out = {"n": n, "clean_err": sums["clean"] / n, "ibp_err": sums["ibp"] / n}
     if "crown-ibp" in metrics:
         out["crown_ibp_err"] = sums["crown-ibp"] / n
-    for name in VERIFIERS:
-        if name in metrics:
-            out[name.replace("-", "_") + "_err"] = sums[name] / n
-    if stronger:  # verified by any verifier that ran: the certificate one has
+    for name in asked:
+        out[VERIFIERS[name].metric] = sums[name] / n
+    if stepped:  # verified by any verifier that ran: the certificate one has
         out["verified_err"] = sums["any"] / n
-    if "bab" in metrics:
-        out["bab_falsified"], out["bab_unknown"] = int(sums["bab_falsified"]), int(sums["bab_unknown"])
+    for c in counts:
+        out[c] = int(sums[c])
     if "pgd" in metrics:
         out["pgd_err"] = sums["pgd"] / n
     out["relu_active"] = sums["active"] / sums["total"]
@@ -166,3 +98,22 @@ def evaluate(model: nn.Module, loader, eps: float, box: InputBox, num_classes: i
     out["relu_unstable"] = 1 - out["relu_active"] - out["relu_inactive"]
     out["bound_tightness"] = sums["tightness"] / n_batches
     return out
+
+
+def run_stepped(stepped, asked, problem: Problem, sums: dict) -> Tensor:
+    """The stronger verifiers of one batch (trainers/verifiers.py: CROWN, α-CROWN, BaB), each on what the one
+    it builds on left open, so their verified sets are nested by construction. Adds the errors of those
+    `asked` to `sums`; returns what the batch's verifiers proved in all (`problem.already` included)."""
+    found = {}
+    for name in stepped:
+        v = VERIFIERS[name]
+        problem.progress(name)
+        found[name] = v.function("step")(problem, found.get(v.builds_on))
+    verified = problem.already
+    for name in asked:
+        sums[name] += (~found[name]).sum().item()
+        verified = verified | found[name]
+    for c, k in problem.counts.items():
+        if c in sums:
+            sums[c] += k
+    return verified

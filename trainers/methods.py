@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .attacks import pgd_maximize
 from .bounds import State, Tape, crown_lower, has_batchnorm, ibp_walk, margin_spec, propagate
 from .config import TrainConfig
-from .evaluate import InputBox
+from .input_box import InputBox
 from .regularizers import warmup_regularizer
 from .schedules import reg_weight
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainers.config import ConfigError, TrainConfig, parse_overrides
+from trainers.verifiers import default, names
 
 SPLITS = ("test", "val")
 
@@ -124,8 +125,9 @@ def report(name: str, *, storage: str | None = None):
 
 def export(name: str, *, storage: str | None = None, out: str | Path | None = None, top_k: int = 5,
            epochs: int | None = None, verify: str | None = None, verify_n: int | None = None,
-           data_dir: str | Path | None = None, device: str = "cpu", alpha_iterations: int = 20,
-           alpha_lr: float = 0.1, bab_time_limit: float = 10.0) -> dict:
+           data_dir: str | Path | None = None, device: str = "cpu",
+           alpha_iterations: int = default("alpha_iterations"), alpha_lr: float = default("alpha_lr"),
+           bab_time_limit: float = default("bab_time_limit")) -> dict:
     """`certtune export`: best.yaml, top_k/, trials.csv and plots into `out` (default <storage>/<name>/export/);
     returns the paths written and the best trial. With `verify` (ibp, crown-ibp, crown, alpha-crown, bab) the
     top_k trials' best checkpoints are certified on the validation split (its first `verify_n` examples; data
@@ -174,15 +176,17 @@ def train(config: str | Path | dict | TrainConfig, overrides: dict[str, Any] | l
 
 
 def verify(checkpoint: str | Path, *, data_dir: str | Path | None = None, split: str = "test",
-           eps: float | None = None, methods: str | list[str] = "ibp,crown-ibp,pgd", device: str = "cpu",
-           alpha_iterations: int = 20, alpha_lr: float = 0.1, bab_time_limit: float = 10.0,
-           limit: int | None = None) -> dict:
+           eps: float | None = None, methods: str | list[str] = ",".join(names(per_epoch=True)), device: str = "cpu",
+           alpha_iterations: int = default("alpha_iterations"), alpha_lr: float = default("alpha_lr"),
+           bab_time_limit: float = default("bab_time_limit"),
+           limit: int | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict:
     """`certtune verify`: clean error and the verified errors of `methods` (ibp, crown-ibp, crown, alpha-crown,
     bab, pgd) of a checkpoint on the test (or val) split (its first `limit` examples when given), at its target
-    eps unless `eps` is given."""
+    eps unless `eps` is given. `progress(done, total, what runs now)` is called as examples are done
+    (`trainers.verify.ProgressLine` prints it, as `certtune verify` does)."""
     if split not in SPLITS:
         raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     from trainers.verify import verifier_options, verify_checkpoint
 
     options = verifier_options(alpha_iterations, alpha_lr, bab_time_limit)
-    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device, options, limit)
+    return verify_checkpoint(checkpoint, data_dir, split, eps, methods, device, options, limit, progress)

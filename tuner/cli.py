@@ -13,6 +13,7 @@ EXIT_BAD_INPUT = 2
 
 
 from trainers.config import ConfigError, parse_overrides
+from trainers.verifiers import KNOBS, VERIFIERS, names, per_epoch_metrics
 
 
 class UsageError(ConfigError):
@@ -77,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--eps", type=float, default=None, help="in (0, 1]; default: the checkpoint's target eps")
-    p.add_argument("--methods", default="ibp,crown-ibp,pgd",
-                   help="comma list of ibp, crown-ibp, crown, alpha-crown, bab, pgd")
-    p.add_argument("--alpha-iterations", type=int, default=20, help="alpha-crown/bab: slope optimisation steps")
-    p.add_argument("--alpha-lr", type=float, default=0.1, help="alpha-crown/bab: Adam step size of the slopes")
-    p.add_argument("--bab-time-limit", type=float, default=10.0, help="bab: seconds per example")
+    p.add_argument("--verifiers", "--methods", dest="verifiers", action=RememberFlag,
+                   default=",".join(names(per_epoch=True)),
+                   help=f"comma list of {', '.join(VERIFIERS)} (--methods: its former name, the same)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N examples of the split")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="a progress line on stderr at most this often (0: after every batch and BaB image)")
+    add_knob_flags(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_verify)
 
@@ -94,11 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_knob_flags(p: argparse.ArgumentParser) -> None:
+    """The verifiers' knobs (trainers/verifiers.py) as flags, with the table's defaults."""
+    for knob in KNOBS.values():
+        p.add_argument(knob.flag, type=knob.type, default=knob.default, help=knob.help)
+
+
 def cmd_train(args) -> int:
     from tuner import api
 
     def show(metrics, _):
-        keys = ("epoch", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "time_epoch_s")
+        keys = ("epoch", "eps", "loss", *per_epoch_metrics(), "time_epoch_s")
         print(json.dumps({k: _round(metrics[k]) for k in keys if k in metrics}), flush=True)
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -108,12 +117,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+class RememberFlag(argparse.Action):
+    """Stores the value and which of the option's names was used, so an error names the flag the user typed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
 def cmd_verify(args) -> int:
     from tuner import api
+    from trainers.verify import ProgressLine, check_methods
 
+    verifiers = check_methods(args.verifiers, getattr(args, "verifiers_flag", "--verifiers"))
     print(json.dumps(api.verify(args.checkpoint, data_dir=args.data_dir, split=args.split, eps=args.eps,
-                                methods=args.methods, device=args.device, alpha_iterations=args.alpha_iterations,
-                                alpha_lr=args.alpha_lr, bab_time_limit=args.bab_time_limit)))
+                                methods=verifiers, device=args.device, limit=args.limit,
+                                progress=ProgressLine(args.progress_every),
+                                **{k: getattr(args, k) for k in KNOBS})))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from trainers.config import parse_overrides
+from trainers.verifiers import KNOBS, names
 
 
 def add_search_commands(sub) -> None:
@@ -50,8 +51,8 @@ def add_search_commands(sub) -> None:
                    help="--rungs seconds: the first rung (default: the first epoch at target of the first trial)")
     p.add_argument("--select-by", default=None, metavar="VERIFIER",
                    help="when the trials have ended, certify the top --select-top points on the validation split "
-                        "with ibp, crown-ibp, crown, alpha-crown or bab and pick the winner by it (report shows both; "
-                        "export follows it)")
+                        f"with {', '.join(names(certifies=True))} and pick the winner by it (report shows both; export "
+                        "follows it)")
     p.add_argument("--select-top", default="3", metavar="K", help="--select-by: points certified (default 3)")
     p.add_argument("--select-n", default=None, metavar="N",
                    help="--select-by: only the first N validation images (default all)")
@@ -101,14 +102,13 @@ def add_search_commands(sub) -> None:
                    help="also write best_<N>ep.yaml: the best recipe scaled to N epochs (warmup, ramp and LR "
                         "milestones keep their fractions), to train the winner of short trials long")
     p.add_argument("--verify", default=None, metavar="VERIFIER",
-                   help="certify the top-k trials' best checkpoints on the validation split with ibp, crown-ibp, "
-                        "crown, alpha-crown or bab and rank them by it (verified.csv)")
+                   help=f"certify the top-k trials' best checkpoints on the validation split with one of "
+                        f"{', '.join(names(certifies=True))} and rank them by it (verified.csv)")
     p.add_argument("--verify-n", default=None, help="--verify: only the first N validation examples (default all)")
     p.add_argument("--data-dir", default=None, help="--verify: the data (default: the search's --data-dir)")
     p.add_argument("--device", default="cpu", help="--verify: cpu, cuda or cuda:N")
-    p.add_argument("--alpha-iterations", type=int, default=20, help="alpha-crown/bab: slope optimisation steps")
-    p.add_argument("--alpha-lr", type=float, default=0.1, help="alpha-crown/bab: Adam step size of the slopes")
-    p.add_argument("--bab-time-limit", type=float, default=10.0, help="bab: seconds per example")
+    for knob in KNOBS.values():  # the verifiers' knobs, as `certtune verify` takes them
+        p.add_argument(knob.flag, type=knob.type, default=knob.default, help=knob.help)
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("report", help="print a summary of a search")
@@ -145,8 +145,7 @@ def cmd_export(args) -> int:
 
     summary = api.export(args.name, storage=args.storage, out=args.out, top_k=args.top_k, epochs=args.epochs,
                          verify=args.verify, verify_n=args.verify_n, data_dir=args.data_dir, device=args.device,
-                         alpha_iterations=args.alpha_iterations, alpha_lr=args.alpha_lr,
-                         bab_time_limit=args.bab_time_limit)
+                         **{k: getattr(args, k) for k in KNOBS})
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return 0
 

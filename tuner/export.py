@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainers.files import UnsafeFileError, check_own_files, read_regular, write_atomic
+from trainers.verifiers import per_epoch_metrics
 from tuner.plots import plot_history, plot_importances, plot_pareto, plot_schedules
 from tuner.record import is_uri, normalize_storage
 from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
@@ -28,7 +29,7 @@ MANIFEST = ".certtune_export.json"  # in an export folder: the files that export
 OUT_FILES = ("best.yaml", "trials.csv", "verified.csv", "pareto.csv", "history.png", "importances.png",
              "schedules.png", "pareto.png")  # written under these names by every export that needs them
 # Final metrics in trials.csv, in this order (design.md names; those no trial reported are left out).
-METRICS = ("epoch", "epochs", "eps", "loss", "clean_err", "ibp_err", "crown_ibp_err", "pgd_err", "relu_active",
+METRICS = ("epoch", "epochs", "eps", "loss", *per_epoch_metrics(), "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
 
 

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from trainers.schedules import EpsSchedule, first_target_epoch, last_reg_epoch, reg_weight
+from trainers.verifiers import per_epoch_metrics
 from tuner.results import Search, TrialRecord, counts_text, is_finite, is_number
 from tuner.spaces import SearchSpace
 
@@ -178,7 +179,7 @@ def plot_schedules(search: Search, space: SearchSpace, trial: TrialRecord, path:
     ax_eps.set_title(f"trial {trial.trial_id}: schedules ({cfg.schedule.kind}, start {cfg.schedule.start}, "
                      f"length {cfg.schedule.length}; {steps} batches/epoch{'' if exact else ', nominal'})",
                      fontsize=10)
-    errors = [m for m in ("ibp_err", "clean_err", "crown_ibp_err", "pgd_err")
+    errors = [m for m in sorted(per_epoch_metrics(), key=lambda m: m != "ibp_err")  # ibp_err: the first colour
               if any(is_finite(r.get(m)) for r in trial.history)]
     for i, m in enumerate(errors):
         pts = [(r["epoch"], r[m]) for r in trial.history if is_finite(r.get(m)) and is_number(r.get("epoch"))]

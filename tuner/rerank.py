@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainers.verifiers import names
 from tuner.record import is_uri
 from tuner.results import ExportError, Search, TrialRecord
 
-RERANK_VERIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown", "bab")
+RERANK_VERIFIERS = names(certifies=True)  # every verifier but the attack (trainers/verifiers.py)
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best.pt first; last.pt for searches from before it was kept
 
 

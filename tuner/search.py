@@ -23,6 +23,7 @@ from typing import Any
 
 from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
+from trainers.verifiers import per_epoch_metrics
 from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.constraints import parse_constraints
 from tuner.fidelity import Fidelity
@@ -36,8 +37,7 @@ from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
 
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
-OBJECTIVES = {"ibp_err": "ibp", "clean_err": "clean", "crown_ibp_err": "crown-ibp", "pgd_err": "pgd",
-              "train_seconds": None}
+OBJECTIVES = per_epoch_metrics() | {"train_seconds": None}
 SCHEDULERS = ("asha", "plain-asha", "none")
 SAMPLERS = ("tpe", "random")
 MAX_FAILURES = 3  # retries of a trial from its last checkpoint (a lost node, an OOM kill, ...)

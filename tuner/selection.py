@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 
+from trainers.verifiers import metric_of
 from tuner.record import SearchError, experiment_path, write_text
 from tuner.reeval import Score
 from tuner.rerank import RERANK_VERIFIERS, rerank
@@ -54,7 +55,7 @@ def select(search: Search, device: str = "cpu", options=None) -> dict | None:
     by_point: dict[str, list] = {p.trial_id: [] for p in points}
     for v in verified:
         by_point[v.trial.config_of].append(v)
-    metric = f"val_{record.select_by.replace('-', '_')}_err"
+    metric = f"val_{metric_of(record.select_by)}"  # e.g. val_alpha_crown_err (trainers/verifiers.py)
     rows = []
     for rank, point in enumerate(points, 1):
         seeds = sorted(by_point[point.trial_id], key=lambda v: v.trial.seed_offset)
