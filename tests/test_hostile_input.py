@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -880,6 +881,9 @@ def damaged_copy(finished_search: Path, to: Path, damage) -> tuple[Path, Path]:
 
     shutil.copytree(finished_search, to)
     experiment = to / "s"
+    # the copy stands for a search started there (a copy's resume is refused for its location first: part A)
+    record = json.loads((experiment / "certtune_search.json").read_text())
+    (experiment / "certtune_search.json").write_text(json.dumps({**record, "location": str(experiment)}))
     damage(experiment, sorted(experiment.glob("trial_*"))[0])
     return to, experiment
 
@@ -945,7 +949,10 @@ def test_a_garbled_journal_is_named_before_ray_starts(tmp_path, finished_search,
         if args[0] == "search":
             (storage.parent / "space.yaml").write_text(yaml.safe_dump(SEARCH_SPACE, sort_keys=False))
         start = time.monotonic()
-        assert_refused(certtune(*args, timeout=60), "optuna_journal.log: line 3 is not an Optuna journal entry")
+        # resume checks its own journal; --warm-start reads the source read-only (study.read_journal)
+        says = ("line 3 is not an Optuna journal entry" if args[0] == "resume" else
+                "not an Optuna journal file (line 3 is not a journal entry)")
+        assert_refused(certtune(*args, timeout=60), "optuna_journal.log: " + says)
         assert time.monotonic() - start < 30
     assert snapshot(experiment) == before and not (storage / "w").exists()
 
