@@ -17,3 +17,26 @@ def fingerprint(checkpoint: Path) -> list[int]:
     (a run copied without its timestamps is verified again, which is safe)."""
     stat = checkpoint.stat()
     return [stat.st_mtime_ns, stat.st_size]
+
+
+def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
+    """Legend and grid on every axis, then the figure saved and closed (the benchmarks' plots end alike)."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.legend(fontsize=legend_size)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def work_options(parser, default_work: str):
+    """The options every benchmark subcommand shares: --work (its runs) and --data-dir."""
+    import argparse
+    import os
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--work", type=Path, default=Path(default_work))
+    common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
+    return common

@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint
+from bench.runs import epoch_rows, fingerprint, save_figure, work_options
 
 SPACE = "search_spaces/mnist_short_warmup.yaml"
 FIDELITIES = "today:20000,subset:20000,epochs:9"
@@ -301,19 +300,13 @@ def plot_curves(curves: dict, entries: list[dict], path: Path) -> None:
                 ax.axhline(100 * sum(values) / len(values), ls=style, color="gray", label=f"{arm} (test, mean)")
         ax.set(title=f"MNIST eps = {eps}, cnn_small", xlabel="full-data epochs spent",
                ylabel="best IBP-verified error so far (%)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes[0], path, 7)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--work", type=Path, default=Path("bench_runs/search_pays"))
-    common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
+    common = work_options(parser, "bench_runs/search_pays")
     common.add_argument("--eps", type=float, required=True)
     common.add_argument("--configs", type=int, default=12, help="points: the defaults, then random ones")
     common.add_argument("--space", default=SPACE)
@@ -326,9 +319,7 @@ def main(argv=None) -> None:
     f.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     c = sub.add_parser("fidelity-collect", parents=[common])
     c.add_argument("--out", type=Path, default=RESULTS)
-    arms = argparse.ArgumentParser(add_help=False)
-    arms.add_argument("--work", type=Path, default=Path("bench_runs/search_pays"))
-    arms.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
+    arms = work_options(parser, "bench_runs/search_pays")
     arms.add_argument("--space", default=SPACE)
     arms.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="after the fixed ones (tests shrink runs)")
     for name in ("search", "retrain"):

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint
+from bench.runs import epoch_rows, fingerprint, save_figure, work_options
 
 PAPER_CONFIG = "configs/mnist_eps0.4_cnn7.yaml"
 SPACE = "search_spaces/mnist_short_warmup.yaml"
@@ -190,19 +189,13 @@ def plot(entries: list[dict], path: Path) -> None:
             ax.plot([], [], color=color, label=f"{arm}: validation, per epoch (lines); test, final (dots)")
         ax.set(title=f"MNIST ε = {eps}, cnn_small", xlabel="epoch", ylim=(0, 50),  # ramp epochs (100 %) clipped
                ylabel="IBP-verified error at the target ε (%)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes[0], path, 8)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--work", type=Path, default=Path("bench_runs/shorter_warmup"))
-    common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
+    common = work_options(parser, "bench_runs/shorter_warmup")
     for name in ("paper", "searched", "search"):
         p = sub.add_parser(name, parents=[common])
         p.add_argument("--eps", type=float, required=True)

@@ -333,15 +333,7 @@ def test_verified_err_counts_an_example_any_verifier_proves():
 
 def test_cli_verify_with_every_method_and_bad_input(tmp_path, data_dir, capsys):
     from tuner.cli import main
-    from trainers.config import TrainConfig
-    from trainers.train import Trainer
-
-    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
-                                 "epochs": 2, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
-                                 "schedule": {"start": 1, "length": 1}, "data": {"subset": 512, "val_size": 128,
-                                                                                 "test_subset": 8},
-                                 "eval": {"metrics": ["clean", "ibp"]}}).resolve()
-    Trainer(cfg, data_dir=data_dir, out_dir=tmp_path / "run").fit()
+    tiny_run(data_dir, tmp_path / "run", epochs=2, subset=512, val_size=128, test_subset=8)
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "run" / "last.pt"), "--data-dir", str(data_dir), "--eps", "0.01",
                  "--methods", "ibp,crown-ibp,crown,alpha-crown,bab,pgd", "--alpha-iterations", "5",
@@ -376,15 +368,7 @@ def test_cli_verify_takes_verifiers_limit_and_prints_progress_on_stderr(tmp_path
     import subprocess
     import sys
 
-    from trainers.config import TrainConfig
-    from trainers.train import Trainer
-
-    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
-                                 "epochs": 1, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
-                                 "schedule": {"start": 1, "length": 1}, "data": {"subset": 256, "val_size": 64,
-                                                                                 "test_subset": 16},
-                                 "eval": {"metrics": ["clean", "ibp"]}}).resolve()
-    Trainer(cfg, data_dir=data_dir, out_dir=tmp_path / "run").fit()
+    tiny_run(data_dir, tmp_path / "run", epochs=1, subset=256, val_size=64, test_subset=16)
     runs = {}
     for flag in ("--verifiers", "--methods"):
         proc = subprocess.run([sys.executable, "-m", "tuner.cli", "verify", str(tmp_path / "run" / "last.pt"),
@@ -406,3 +390,16 @@ def test_cli_verify_takes_verifiers_limit_and_prints_progress_on_stderr(tmp_path
                            capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and json.loads(quiet.stdout)["n"] == 3
     assert "certtune verify:" not in quiet.stderr  # a short run prints no progress at the default 10 s
+
+
+def tiny_run(data_dir, out, epochs: int, subset: int, val_size: int, test_subset: int) -> None:
+    """A `fast` cnn_small run on real MNIST, small enough for a CLI test to verify."""
+    from trainers.config import TrainConfig
+    from trainers.train import Trainer
+
+    cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "cnn_small", "method": "fast", "eps": 0.05,
+                                 "epochs": epochs, "batch_size": 64, "lr": 1e-3, "lr_milestones": [],
+                                 "schedule": {"start": 1, "length": 1},
+                                 "data": {"subset": subset, "val_size": val_size, "test_subset": test_subset},
+                                 "eval": {"metrics": ["clean", "ibp"]}}).resolve()
+    Trainer(cfg, data_dir=data_dir, out_dir=out).fit()
