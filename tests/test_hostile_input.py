@@ -883,7 +883,7 @@ def damaged_copy(finished_search: Path, to: Path, damage) -> tuple[Path, Path]:
     experiment = to / "s"
     # the copy stands for a search started there (a copy's resume is refused for its location first: part A)
     record = json.loads((experiment / "certtune_search.json").read_text())
-    (experiment / "certtune_search.json").write_text(json.dumps({**record, "location": str(experiment)}))
+    (experiment / "certtune_search.json").write_text(json.dumps({**record, "location": str(experiment)}, indent=2) + "\n")
     damage(experiment, sorted(experiment.glob("trial_*"))[0])
     return to, experiment
 
