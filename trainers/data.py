@@ -579,5 +579,13 @@ def train_split_size(dataset: str, data_dir: str | Path | None, cfg: DataConfig)
     (a subset fidelity scales the batch by its share: tuner/fidelity.py)."""
     if dataset not in SHAPES:
         raise DataError(f"dataset: unknown {dataset!r}; allowed: {', '.join(SHAPES)}")
-    raw = _load_raw(dataset, resolve_data_dir(data_dir), cfg, download=True)
-    return len(split_indices(len(raw.train_y), cfg.val_size, 0, 0)[0])
+    root = resolve_data_dir(data_dir)
+    if dataset == "tinyimagenet" and not cfg.npz:  # 100,000 image files: count them, do not decode them
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+        train_dir = root / "tiny-imagenet-200" / "train"
+        if not train_dir.is_dir():
+            raise DataError(f"TinyImageNet not found under {root} (expected {train_dir}); or pass data.npz")
+        n = sum(1 for p in train_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    else:
+        n = len(_load_raw(dataset, root, cfg, download=True).train_y)
+    return len(split_indices(n, cfg.val_size, 0, 0)[0])

@@ -152,13 +152,20 @@ class HonestOptunaSearch(OptunaSearch):
         # A trial the killed driver asked for after its last snapshot is RUNNING in the storage, unknown to
         # the restored Ray experiment: the next new Ray trial takes it over (same Optuna trial, its params),
         # so the storage has no trial left RUNNING and none counted twice.
-        if self._orphans and trial_id not in self._ot_trials and callable(self._space):
+        orphan = bool(self._orphans) and trial_id not in self._ot_trials and callable(self._space)
+        if orphan:
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
         if self._reeval is not None and trial_id not in self._ot_trials:
             if len(self._main_ids) >= self._reeval.main_trials:
                 return self._suggest_rerun(trial_id)
             self._main_ids.append(trial_id)
         params = super().suggest(trial_id)
+        if orphan and self._reeval is not None and isinstance(params, dict):
+            attrs = self._ot_trials[trial_id].user_attrs
+            if attrs.get(SEED_OFFSET):  # a re-evaluation the killed driver had started: the same point and seed
+                params = {**params, CONFIG_OF: attrs[CONFIG_OF], SEED_OFFSET: attrs[SEED_OFFSET]}
+            else:
+                self._main_ids.append(trial_id)
         if self._storage is not None and trial_id in self._ot_trials:
             # Linked from the start, so a trial Ray ends without telling the searcher (the experiment stopped
             # by the trial-epoch budget) is found again by tuner.study.settle_study.
@@ -173,6 +180,12 @@ class HonestOptunaSearch(OptunaSearch):
             points = {t: dict(self._ot_trials[t].params) for t in self._main_ids}
             mode = self.mode[0] if isinstance(self.mode, list) else self.mode
             self._reruns = self._reeval.reruns(self._finals, points, mode)
+        # A re-evaluation a killed driver had asked for after its last snapshot is in the study already (an
+        # orphan, taken over in suggest): not asked again.
+        asked = {(t.user_attrs.get(CONFIG_OF), t.user_attrs.get(SEED_OFFSET))
+                 for t in self._ot_study.get_trials(deepcopy=False)}
+        while self._reruns and (self._reruns[0].of, self._reruns[0].seed_offset) in asked:
+            self._reruns.pop(0)
         if not self._reruns:
             return Searcher.FINISHED
         rerun = self._reruns.pop(0)

@@ -108,8 +108,11 @@ def trial_config(space: SearchSpace, record, config: dict) -> tuple[TrainConfig,
     offset = config.get(SEED_OFFSET) or 0
     if offset:
         target = target.with_overrides({"seed": (target.seed + int(offset)) % 2**32}).resolve()
+    fidelity = Fidelity.parse(record.fidelity)
+    if fidelity.kind != "subset" and not target.data.subset:
+        return fidelity.trial_config(target), 1.0  # the full split: nothing to count
     images = full_train_images(target.dataset, record.data_dir, target.data.npz, target.data.val_size)
-    cfg = Fidelity.parse(record.fidelity).trial_config(target, images)
+    cfg = fidelity.trial_config(target, images)
     return cfg, (cfg.data.subset or images) / images
 
 
