@@ -22,6 +22,7 @@ from tuner.record import is_uri, normalize_storage
 from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
 from tuner.results import ExportError, Search, TrialRecord, counts_text, load_search, seed_notes, seed_summary
 from tuner.spaces import SearchSpace
+from tuner.verdict import FINISHED
 
 EXPORT_DIR = "export"
 TOP_DIR = "top_k"
@@ -204,7 +205,7 @@ def best_summary(search: Search, trial: TrialRecord) -> dict:
     return {"trial_id": trial.trial_id, **{o: trial.value(o) for o in search.objectives},
             **{f"{o}_mean": s.mean for o, s in scores.items()}, **{f"{o}_se": s.se for o, s in scores.items()},
             "seeds": scores[search.objectives[0]].n, "epochs": trial.last.get("epochs"), "params": trial.params,
-            "finished_trials": search.counts()["finished"], "trials": len(search.trials)}
+            "finished_trials": search.counts()[FINISHED], "trials": len(search.trials)}
 
 
 def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: int, path: Path,

@@ -35,6 +35,7 @@ from tuner.reeval import ReevalPlan, check_reeval
 from tuner.selection import check_selection
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
+from tuner.verdict import epochs_at_target, failure_reason
 
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
 OBJECTIVES = per_epoch_metrics() | {"train_seconds": None}
@@ -146,7 +147,7 @@ def max_epochs_at_target(space: SearchSpace, fidelity: str = "target") -> int:
                 cfg = compress.trial_config(cfg)
         except (SpaceError, ConfigError):
             continue  # a corner may be outside the space's conditions; the others still count
-        best = max(best, cfg.epochs - first_target_epoch(cfg.schedule) + 1)
+        best = max(best, epochs_at_target(cfg.epochs, first_target_epoch(cfg.schedule)))
     return best
 
 
@@ -620,7 +621,7 @@ def summarize(search: Search, storage: str) -> str:
         lines.append(f"every trial failed ({len(search.trials)}); reasons:")
         reasons: dict[str, int] = {}
         for t in search.trials:
-            reason = f"diverged: {t.diverged}" if t.diverged else (t.error or "unknown")
+            reason = failure_reason(t.diverged, t.error)
             reasons[reason] = reasons.get(reason, 0) + 1
         for reason, n in list(reasons.items())[:MAX_REASONS]:
             lines.append(f"  {n} x {reason}")
