@@ -212,8 +212,7 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
                  epochs: int | None = None, note: str | None = None) -> str:
     """The trial's complete TrainConfig (space base + overrides + sampled + derived, resolved), as `train` reads
     it; with `epochs`, the same recipe scaled to that many epochs (TrainConfig.scaled_to)."""
-    point = {k: v for k, v in trial.params.items() if k in space.params}
-    cfg = space.to_train_config(point)
+    cfg = space.config_of(trial.params)
     values = ", ".join(f"{o}={trial.value(o):.6g}" for o in search.objectives)
     scores = [search.score(trial, o) for o in search.objectives]
     if scores[0].n > 1:

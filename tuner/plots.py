@@ -156,7 +156,7 @@ def distribution(space: SearchSpace, name: str, points: list[dict]):
 def plot_schedules(search: Search, space: SearchSpace, trial: TrialRecord, path: Path) -> str:
     """Left: the best trial's ε and λ per training batch (from its config, with the trainer's schedule code).
     Right: its validation errors per epoch (from its results)."""
-    cfg = space.to_train_config({k: v for k, v in trial.params.items() if k in space.params})
+    cfg = space.config_of(trial.params)
     steps, exact = steps_per_epoch(cfg, trial.history)
     x, eps, lam = schedule_curves(cfg, steps)
     fig, (ax_eps, ax_err) = _figure(width=13.0, cols=2)

@@ -40,7 +40,7 @@ from trainers.input_files import read_text
 from tuner.constraints import parse_constraints, satisfied
 from tuner.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
 from tuner.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
-                          first_line, is_uri, normalize_storage, space_with_overrides)
+                          first_line, is_uri, normalize_storage)
 from tuner.reeval import ReevalPlan, Score
 from tuner.spaces import SearchSpace, SpaceError
 # Re-exported for the readers of a search (report, export, plots): the status rules live in tuner.verdict.
@@ -111,7 +111,7 @@ class Search:
         return list(self.record.modes)
 
     def space(self) -> SearchSpace:
-        return space_with_overrides(self.record.space, self.record.overrides, self.record.space_path)
+        return self.record.build_space()
 
     def searched_names(self) -> list[str]:
         return [str(n) for n in (self.record.space.get("params") or {})]

@@ -458,6 +458,12 @@ class SearchSpace:
         out.update({k: env[k] for k in self.derived if not _is_helper(k)})
         return out
 
+    def config_of(self, params: dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of a trial's params (its Ray config, params.json or Optuna params): the keys the
+        space searches, others (re-evaluation keys, callbacks) left out. The one step "sampled params →
+        TrainConfig" of the trial, W&B, the study, export and plots (the trial then applies its fidelity)."""
+        return self.to_train_config({k: v for k, v in params.items() if k in self.params})
+
     def to_train_config(self, sampled: dict[str, Any]) -> TrainConfig:
         """Base + sampled + derived, resolved and validated; SpaceError if the combination is invalid."""
         overrides = self.overrides(sampled)

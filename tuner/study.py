@@ -432,4 +432,4 @@ def distributions_at(space: SearchSpace, values: dict[str, Any]) -> dict[str, An
 
 def train_config_dict(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     """The resolved training config of a sampled point (module-level, so a searcher holding it pickles)."""
-    return space.to_train_config({k: v for k, v in params.items() if k in space.params}).to_dict()
+    return space.config_of(params).to_dict()

@@ -148,7 +148,7 @@ def run_config(record, params: dict) -> dict:
     searched = {k: v for k, v in params.items() if k != "callbacks"}
     try:
         space = record.build_space()
-        config = space.to_train_config({k: v for k, v in searched.items() if k in space.params}).to_dict()
+        config = space.config_of(searched).to_dict()
     except (SpaceError, ConfigError):
         config = {}  # the trial reports why; its run still gets the searched values
     config["searched"] = searched

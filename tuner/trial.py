@@ -105,7 +105,7 @@ def trial_config(space: SearchSpace, record, config: dict) -> tuple[TrainConfig,
 
     The target run is the space's point (seed + the re-evaluation's offset: tuner/reeval.py); the trial trains
     it at the search's fidelity (tuner/fidelity.py), the one mapping from a fidelity to a config."""
-    target = space.to_train_config({k: v for k, v in config.items() if k in space.params})
+    target = space.config_of(config)
     offset = config.get(SEED_OFFSET) or 0
     if offset:
         target = target.with_overrides({"seed": (target.seed + int(offset)) % 2**32}).resolve()
