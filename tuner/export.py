@@ -29,7 +29,7 @@ TOP_DIR = "top_k"
 MANIFEST = ".certtune_export.json"  # in an export folder: the files that export wrote (claim_out_dir)
 OUT_FILES = ("best.yaml", "trials.csv", "verified.csv", "pareto.csv", "history.png", "importances.png",
              "schedules.png", "pareto.png")  # written under these names by every export that needs them
-# Final metrics in trials.csv, in this order (design.md names; those no trial reported are left out).
+# Final metrics in trials.csv, in this order (docs/method.md §5 names; those no trial reported are left out).
 METRICS = ("epoch", "epochs", "eps", "loss", *per_epoch_metrics(), "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
 
