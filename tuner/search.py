@@ -137,7 +137,7 @@ def max_epochs_at_target(space: SearchSpace, fidelity: str = "target") -> int:
     points = [space.corner("low"), space.corner("high")]
     if "epochs" in space.params:
         points.append(space.corner("low", fixed={"epochs": space.corner("high")["epochs"]}))
-    points += space.seed_points()
+    points += space.start_points()
     best = 1
     compress = Fidelity.parse(fidelity)
     for point in points:
@@ -188,7 +188,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)),
                    rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds)  # validates
     samples = positive_int("--num-samples", num_samples)
-    top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.seed_points()), bool(space.defaults))
+    top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.start_points()), bool(space.defaults))
     select_by, select_top, select_n = check_selection(select_by, select_top, select_n)
     if top and scheduler == "plain-asha":
         raise SearchError("--reeval-top: re-evaluation runs with --scheduler asha or none (plain-asha would stop "
@@ -394,7 +394,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     single = len(record.objective) == 1
     # The space's defaults and seeds first, then the --enqueue points. TPE reads the constraints the searcher
     # sets on each trial; random sampling ignores them (export still honours them).
-    points = [p for p in space.seed_points() + list(record.enqueue) if p]
+    points = [p for p in space.start_points() + list(record.enqueue) if p]
     sampler = make_sampler(record)
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
