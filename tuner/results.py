@@ -9,7 +9,7 @@ so they agree. The experiment directory `<storage>/<name>/` is read as plain fil
   for an errored trial, `error.txt`.
 
 Rules defined once here:
-- status (`trial_status`): finished | stopped | failed | running | pending;
+- status (`trial_status`, decided in tuner/verdict.py): finished | stopped | failed | running | pending;
 - the best trial (`Search.sort_key`): objectives in order (each minimised or maximised per its mode), ties
   broken by the earlier creation order (Ray's trial counter), so every reader names the same best trial;
 - trial-epochs (`furthest_epoch`, `trial_epochs`): per trial the furthest epoch it reported (a retried
