@@ -55,7 +55,7 @@ def paper_points(overrides: dict, space_path: str = SPACE) -> dict[str, dict]:
     path, raw = read_space_file(space_path)
     space = space_with_overrides(raw, overrides, path)
     points = {}
-    for point in space.seed_points():
+    for point in space.start_points():
         points.setdefault(method_of(point), point)
     return {m: space.to_train_config(p).to_dict() for m, p in points.items()}
 

@@ -2,7 +2,7 @@
 
 The reference function is computed independently of trainers.bounds. In eval mode it is the model itself;
 in train mode a bound describes the network whose BN layers are fixed to the clean batch's mean and biased
-variance (method.md §1b), so the reference is a deep copy in eval mode holding those statistics.
+variance (docs/method.md §1b), so the reference is a deep copy in eval mode holding those statistics.
 
 Points tried: the box's two extreme corners, random corners, uniform samples, and a PGD attack that pushes
 each margin on its own (one row per example and margin) down toward its lower bound and up toward its upper

@@ -342,3 +342,15 @@ def test_cli_report_and_export(experiment, tmp_path, capsys):
     assert main(["export", "nope", "--storage", str(experiment["storage"])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no certtune search there" in err
+
+
+def test_report_and_export_build_the_space_once(experiment, tmp_path):
+    # The space is parsed and validated once per process, however many readers ask for it (tuner/record.py).
+    from tuner import record
+
+    record._BUILT.clear()
+    before = record.SPACE_BUILDS["count"]
+    report_search(NAME, str(experiment["storage"]))
+    export_search(NAME, str(experiment["storage"]), tmp_path / "again", top_k=3)
+    report_search(NAME, str(experiment["storage"]))
+    assert record.SPACE_BUILDS["count"] - before == 1

@@ -35,7 +35,7 @@ def phases(p: StepPlan) -> list[int]:
 
 def sampled_points(space, n: int, seed: int) -> list[dict]:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    points = space.seed_points()
+    points = space.start_points()
     for _ in range(n):
         trial = study.ask()
         points.append(space.suggest(trial))

@@ -224,3 +224,48 @@ def test_the_defaults_check_finds_a_copied_default(tmp_path):
                    "class BabConfig:\n    lr: float = 0.1\nITERATIONS = 20\n"
                    "p.add_argument('--alpha-lr', type=float, default=0.1)\n")
     assert len(literal_knob_defaults(src, _table().KNOBS)) == 5
+
+
+STATUS_NAMES = {"finished", "stopped", "failed", "running", "pending"}
+OPTUNA_VERDICTS = {"COMPLETE", "PRUNED", "FAIL"}
+
+
+def verdict_offenders(root: Path = ROOT) -> list[str]:
+    """Places outside tuner/verdict.py that decide how a trial ended: a status name written out, Optuna's
+    COMPLETE/PRUNED/FAIL produced (returned or assigned; comparing is reading), a 'diverged: ' reason built, epochs at target counted."""
+    offenders = []
+    for path in sorted((root / "tuner").glob("*.py")):
+        if path.name == "verdict.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in STATUS_NAMES:
+                offenders.append(f"{path.name}:{node.lineno}: status name {node.value!r}")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("diverged: "):
+                offenders.append(f"{path.name}:{node.lineno}: a 'diverged: ' reason")
+            if isinstance(node, ast.ClassDef) and node.name == "TargetEpochCounter":
+                offenders.append(f"{path.name}:{node.lineno}: counts epochs at target")
+            if isinstance(node, (ast.Return, ast.Assign, ast.AnnAssign)) and getattr(node, "value", None) is not None:
+                compared = {id(n) for c in ast.walk(node.value) if isinstance(c, ast.Compare) for n in ast.walk(c)}
+                for sub in ast.walk(node.value):
+                    if (isinstance(sub, ast.Attribute) and id(sub) not in compared and isinstance(sub.value, ast.Name)
+                            and sub.value.id == "TrialState" and sub.attr in OPTUNA_VERDICTS):
+                        offenders.append(f"{path.name}:{node.lineno}: decides TrialState.{sub.attr}")
+    return offenders
+
+
+def test_only_verdict_decides_how_a_trial_ended():
+    assert verdict_offenders() == []
+    verdict = (ROOT / "tuner" / "verdict.py").read_text()
+    assert "def trial_status" in verdict and "def optuna_verdict" in verdict and "class TargetEpochCounter" in verdict
+
+
+def test_verdict_check_finds_a_second_decider(tmp_path):
+    # The check really reads the modules: a copy of tuner/ with a searcher deciding on its own is caught.
+    import shutil
+    copy = tmp_path / "tuner"
+    shutil.copytree(ROOT / "tuner", copy)
+    with open(copy / "searcher.py", "a") as f:
+        f.write("\n\ndef own_verdict(result):\n    return TrialState.PRUNED if result else 'failed'\n")
+    offenders = verdict_offenders(tmp_path)
+    assert any("TrialState.PRUNED" in o for o in offenders) and any("'failed'" in o for o in offenders)

@@ -1,4 +1,4 @@
-"""Architectures (method.md §4, BN placement §1b) and initializations (§1a)."""
+"""Architectures (docs/method.md §4, BN placement §1b) and initializations (§1a)."""
 import math
 
 import pytest
@@ -69,7 +69,7 @@ def test_cnn7_bn_counts_match_the_ablation_models():
     assert counts == {"full": 6, "conv": 5, "none": 0}
 
 
-# method.md §4 (weights + biases + BN affine; running statistics excluded)
+# docs/method.md §4 (weights + biases + BN affine; running statistics excluded)
 SPEC_PARAMS_M = {
     ("cnn7", "cifar10"): 17.19, ("cnn7", "mnist"): 13.26, ("cnn7", "tinyimagenet"): 17.29,
     ("wrn8", "cifar10"): 21.55, ("wrn8", "mnist"): 17.62,

@@ -1,4 +1,4 @@
-"""ε/λ schedules against the method.md formulas, and the warmup regularizers on hand-made bounds."""
+"""ε/λ schedules against the docs/method.md formulas, and the warmup regularizers on hand-made bounds."""
 import math
 
 import pytest

@@ -157,7 +157,7 @@ def test_mnist_methods_seeds_each_method_with_its_paper_settings():
     from ray.tune.search.optuna import OptunaSearch
 
     space = load_space("mnist_methods")
-    seeds = space.seed_points()
+    seeds = space.start_points()
     search = OptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min", points_to_evaluate=seeds,
                           sampler=optuna.samplers.TPESampler(seed=0))
     configs = []
@@ -310,6 +310,9 @@ BAD = [  # (mutations, the param or place named, the problem named)
     ([_set("seeds", [{"lr": 1e-3}]), _set("defaults", DELETE)], "seeds", "give a defaults section"),
     ([_set("seeds", [{"schedule.length": 5}]), _set("base/epochs", 4), _set("params/schedule.length/high", 3)],
      "seeds[0]", "5 is outside [1, 3]"),
+    ([_set("starts", [{"lrr": 1e-3}])], "starts[0] 'lrr'", "not a searched param"),
+    ([_set("starts", [{"lr": 1e-3}]), _set("defaults", DELETE)], "starts", "give a defaults section"),
+    ([_set("starts", [{"lr": 1e-3}]), _set("seeds", [{"lr": 2e-3}])], "seeds", "former name of 'starts'"),
 ]
 
 
@@ -366,3 +369,36 @@ def test_expression_runtime_errors_are_expr_errors():
     for text in ("2 ** 1000", "1 / epochs", "nope + 1"):
         with pytest.raises(ExprError):
             Expr.parse(text).evaluate({"epochs": 0})
+
+
+def test_starts_is_the_section_and_seeds_its_former_name(tmp_path, capsys):
+    # `starts:` holds starting points; a file that still says `seeds:` gives the same space and one note.
+    raw = copy.deepcopy(VALID)
+    raw["starts"] = [{"lr": 1e-3}]
+    new = load_space(write(tmp_path, raw, "new.yaml"))
+    assert capsys.readouterr().err == ""
+    raw["seeds"] = raw.pop("starts")
+    old = load_space(write(tmp_path, raw, "old.yaml"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "section 'seeds:' is now 'starts:'" in err and "old.yaml" in err
+    assert old.start_points() == new.start_points() and len(new.start_points()) == 2
+
+
+def test_spaces_are_built_only_by_the_space_module_and_the_record():
+    # A space is parsed and validated in tuner/spaces.py, and built from a search's record only by
+    # tuner/record.py (read_space_file, build_space: cached, once per process); every other module is handed
+    # a SearchSpace, so no reader builds its own.
+    import ast
+
+    builders = ("from_dict", "load_space", "parse_space_yaml", "_Builder")
+    root = Path(__file__).resolve().parents[1]
+    found = {}
+    for path in sorted((root / "tuner").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                owner = getattr(getattr(node.func, "value", None), "id", "")
+                if name in builders and (name != "from_dict" or owner == "SearchSpace"):
+                    found.setdefault(path.name, []).append(name)
+    assert set(found) == {"spaces.py", "record.py"}, found
+    assert sorted(found["record.py"]) == ["from_dict", "load_space", "parse_space_yaml"]

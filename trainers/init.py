@@ -1,4 +1,4 @@
-"""Weight initializations; `ibp` is the IBP initialization of Shi et al. 2021 (method.md §1a).
+"""Weight initializations; `ibp` is the IBP initialization of Shi et al. 2021 (docs/method.md §1a).
 
 For an affine layer IBP gives the output width Δ_i = |W_i| δ_{i-1}; with iid zero-mean weights and a ReLU
 halving the width in expectation, the per-layer "difference gain" E(Δ_i)/E(Δ_{i-1}) is (n_i/2)·E|W_i|
@@ -64,7 +64,7 @@ _RELU_SUM = "relu(sum)"  # ... passed through a ReLU
 
 def residual_consumers(model: nn.Module) -> list[nn.Module]:
     """Conv/linear layers whose input is ReLU(ResidualBlock(...)): the first convs of the next block's main
-    and shortcut branches. method.md's rule is literal: a Flatten in between (the FC after the last block)
+    and shortcut branches. docs/method.md's rule is literal: a Flatten in between (the FC after the last block)
     makes the input a reshape, not ReLU(Add), so that FC keeps the full σ, as in the reference code's graph."""
     found: list[nn.Module] = []
     _walk(model, None, found)

@@ -117,7 +117,7 @@ def ibp_robust(b: Batch, lower: Tensor, upper: Tensor) -> tuple[Tensor, list]:
 
 # ---- the 2021 family: IBP, CROWN-IBP, fast ---------------------------------------------------------------
 def ibp_family_loss(b: Batch) -> Robust:
-    """IBP's robust CE; for bound crown-ibp mixed with CROWN-IBP during the ramp (method.md §2)."""
+    """IBP's robust CE; for bound crown-ibp mixed with CROWN-IBP during the ramp (docs/method.md §2)."""
     cfg = b.cfg
     p = propagate(b.model, b.lower, b.upper, b.C, x=b.clean, update_bn_stats=True)
     margin = p.lower
@@ -279,13 +279,13 @@ LOSSES = {"vanilla": ibp_family_loss, "fast": ibp_family_loss, "crown-ibp": ibp_
 # ---- the one entry point ----------------------------------------------------------------------------------
 def certified_loss(model, box: InputBox, cfg: TrainConfig, num_classes: int, x01: Tensor, y: Tensor,
                    eps_sched: float, reg_on: bool) -> dict[str, Tensor]:
-    """Loss of one (sub-)batch at the scheduled ε (method.md §2). Returns the total and its parts."""
+    """Loss of one (sub-)batch at the scheduled ε (docs/method.md §2). Returns the total and its parts."""
     eps_train = eps_sched * cfg.train_eps_mul
     if eps_train == 0 and not reg_on:  # plain clean training: no bounds needed
         logits = model(box.normalize(x01))
         loss = F.cross_entropy(logits, y)
         return {"loss": loss, "loss_robust": loss.detach(), "loss_reg": torch.zeros(())}
-    # While ε = 0 the regularizers still need bounds: they use a tiny ε (method.md §1c).
+    # While ε = 0 the regularizers still need bounds: they use a tiny ε (docs/method.md §1c).
     x, lower, upper = box.box(x01, eps_train if eps_train > 0 else cfg.reg.min_eps)
     C = margin_spec(y, num_classes)
     if eps_train > 0:

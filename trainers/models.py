@@ -1,10 +1,10 @@
-"""The paper's architectures (method.md §4), built only from plain torch layers and ResidualBlock.
+"""The paper's architectures (docs/method.md §4), built only from plain torch layers and ResidualBlock.
 
 Every model is an nn.Sequential whose last module is the final nn.Linear, so the bound code can fold the
 specification matrix into it. The only layer types used are Conv2d, Linear, BatchNorm1d/2d, ReLU, Flatten,
 Sequential and ResidualBlock (no pooling): these are all the bound propagator knows.
 
-BN placement (method.md §1b): "full" puts a BN after every conv and every hidden linear, before the ReLU;
+BN placement (docs/method.md §1b): "full" puts a BN after every conv and every hidden linear, before the ReLU;
 "conv" after convs only (the ablation's "BN-Conv only"); "none" nowhere. The final linear never gets one.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ε, learning-rate and λ schedules (method.md §3, §1c). Steps are global batch indices s = 0, 1, …; batch s
+"""ε, learning-rate and λ schedules (docs/method.md §3, §1c). Steps are global batch indices s = 0, 1, …; batch s
 trains at ε(s) with the learning rate lr(s).
 
 A config gives its schedule in epochs (`schedule.start`, `schedule.length`, `lr_milestones`), whole or

@@ -1,4 +1,4 @@
-"""The training loop: certified training per method.md §2, one checkpoint per epoch, exact resume.
+"""The training loop: certified training per docs/method.md §2, one checkpoint per epoch, exact resume.
 
     Trainer(cfg, data_dir, out_dir).fit(on_epoch=callback)
 

@@ -32,7 +32,7 @@ def method_costs(space, fidelity, train_images: int) -> dict[str, float]:
     """{method: a trial's cost relative to the defaults point's}, for the space's starting point of each method
     (the defaults and seeds: each method at its paper settings), at the search's fidelity."""
     configs = {}
-    for point in space.seed_points():
+    for point in space.start_points():
         cfg = fidelity.trial_config(space.to_train_config(point), train_images)
         configs.setdefault(cfg.method, cfg)
     if not configs:

@@ -22,13 +22,14 @@ from tuner.record import is_uri, normalize_storage
 from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
 from tuner.results import ExportError, Search, TrialRecord, counts_text, load_search, seed_notes, seed_summary
 from tuner.spaces import SearchSpace
+from tuner.verdict import FINISHED
 
 EXPORT_DIR = "export"
 TOP_DIR = "top_k"
 MANIFEST = ".certtune_export.json"  # in an export folder: the files that export wrote (claim_out_dir)
 OUT_FILES = ("best.yaml", "trials.csv", "verified.csv", "pareto.csv", "history.png", "importances.png",
              "schedules.png", "pareto.png")  # written under these names by every export that needs them
-# Final metrics in trials.csv, in this order (design.md names; those no trial reported are left out).
+# Final metrics in trials.csv, in this order (docs/method.md §5 names; those no trial reported are left out).
 METRICS = ("epoch", "epochs", "eps", "loss", *per_epoch_metrics(), "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err", "train_seconds")
 
@@ -204,15 +205,14 @@ def best_summary(search: Search, trial: TrialRecord) -> dict:
     return {"trial_id": trial.trial_id, **{o: trial.value(o) for o in search.objectives},
             **{f"{o}_mean": s.mean for o, s in scores.items()}, **{f"{o}_se": s.se for o, s in scores.items()},
             "seeds": scores[search.objectives[0]].n, "epochs": trial.last.get("epochs"), "params": trial.params,
-            "finished_trials": search.counts()["finished"], "trials": len(search.trials)}
+            "finished_trials": search.counts()[FINISHED], "trials": len(search.trials)}
 
 
 def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: int, path: Path,
                  epochs: int | None = None, note: str | None = None) -> str:
     """The trial's complete TrainConfig (space base + overrides + sampled + derived, resolved), as `train` reads
     it; with `epochs`, the same recipe scaled to that many epochs (TrainConfig.scaled_to)."""
-    point = {k: v for k, v in trial.params.items() if k in space.params}
-    cfg = space.to_train_config(point)
+    cfg = space.config_of(trial.params)
     values = ", ".join(f"{o}={trial.value(o):.6g}" for o in search.objectives)
     scores = [search.score(trial, o) for o in search.objectives]
     if scores[0].n > 1:

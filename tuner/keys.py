@@ -1,7 +1,7 @@
 """Result keys a trial reports beyond the trainer's metrics, and the user attrs certtune puts on Optuna trials.
 
 One place for these strings, so the trial, the searcher and the readers of a search agree without importing
-each other. The metric names themselves (`epoch`, `epochs`, `ibp_err`, ...) are design.md's vocabulary.
+each other. The metric names themselves (`epoch`, `epochs`, `ibp_err`, ...) are docs/method.md §5's vocabulary.
 """
 DIVERGED = "diverged"  # result key: why a trial diverged (loss or bounds NaN/inf)
 FAIL_REASON = "fail_reason"  # result key a trial may report, and the Optuna user attr of a FAIL trial

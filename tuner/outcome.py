@@ -2,7 +2,7 @@
 
 A trial ends `finished` (its last epoch), `stopped` (early, by the scheduler or the trial-epoch budget) or
 `failed` (diverged, a config or data error it reported, or an exception Ray gave up retrying), with the same
-rule `certtune report` uses (`tuner.results.trial_status`). The trial processes' own output is forwarded to the
+rule `certtune report` uses (`tuner.verdict.trial_status`). The trial processes' own output is forwarded to the
 driver by Ray (`log_to_driver`); this callback adds one line per failed or retried trial that does not depend
 on that forwarding, since a diverged trial ends normally and Ray itself prints nothing about it.
 """
@@ -13,13 +13,14 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from tuner.results import last_line, trial_status
+from tuner.results import last_line
+from tuner.verdict import FAILED, trial_status
 
 
 def ending(trial, objectives: list[str], raised: bool = False) -> tuple[str, str | None]:
     """(status, reason) of a trial Ray has ended: completed, or (`raised`) errored with no retry left."""
     if raised:
-        return "failed", error_text(trial)
+        return FAILED, error_text(trial)
     return trial_status("TERMINATED", trial.last_result or {}, objectives)
 
 
@@ -37,7 +38,7 @@ class TrialOutcomeLog(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         status, reason = ending(trial, self.objectives)
-        if status == "failed":
+        if status == FAILED:
             say(f"trial {trial.trial_id} failed: {reason}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):

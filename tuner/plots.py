@@ -10,6 +10,7 @@ from trainers.schedules import EpsSchedule, first_target_epoch, last_reg_epoch, 
 from trainers.verifiers import per_epoch_metrics
 from tuner.results import Search, TrialRecord, counts_text, is_finite, is_number
 from tuner.spaces import SearchSpace
+from tuner.verdict import FINISHED, STOPPED
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 NOMINAL_STEPS_PER_EPOCH = 100
@@ -47,14 +48,14 @@ def schedule_curves(cfg, steps: int) -> tuple[list[float], list[float], list[flo
 def plot_history(search: Search, path: Path) -> str:
     """First objective of each ended trial in completion order, and the best finished value so far."""
     objective, mode = search.objectives[0], search.modes[0]
-    ended = sorted((t for t in search.trials if t.status in ("finished", "stopped") and t.value(objective) is not None),
+    ended = sorted((t for t in search.trials if t.status in (FINISHED, STOPPED) and t.value(objective) is not None),
                    key=lambda t: (t.ended_at if t.ended_at is not None else math.inf, t.order))
     title = f"{search.name}: optimization history ({counts_text(search)})"
     if not ended:
         return _message_plot(path, title, "no trial has ended with a value yet")
     fig, ax = _figure()
-    for status, style in (("finished", dict(color="C0", label="finished (all epochs)")),
-                          ("stopped", dict(facecolors="none", edgecolors="C1",
+    for status, style in ((FINISHED, dict(color="C0", label="finished (all epochs)")),
+                          (STOPPED, dict(facecolors="none", edgecolors="C1",
                                            label="stopped early (truncated value, not eligible)"))):
         pts = [(i, t.value(objective)) for i, t in enumerate(ended, 1) if t.status == status]
         if pts:
@@ -62,7 +63,7 @@ def plot_history(search: Search, path: Path) -> str:
     best_x, best_y, best = [], [], None
     for i, t in enumerate(ended, 1):
         v = t.value(objective)
-        if t.status == "finished" and (best is None or (v < best if mode == "min" else v > best)):
+        if t.status == FINISHED and (best is None or (v < best if mode == "min" else v > best)):
             best = v
         if best is not None:
             best_x.append(i)
@@ -155,7 +156,7 @@ def distribution(space: SearchSpace, name: str, points: list[dict]):
 def plot_schedules(search: Search, space: SearchSpace, trial: TrialRecord, path: Path) -> str:
     """Left: the best trial's ε and λ per training batch (from its config, with the trainer's schedule code).
     Right: its validation errors per epoch (from its results)."""
-    cfg = space.to_train_config({k: v for k, v in trial.params.items() if k in space.params})
+    cfg = space.config_of(trial.params)
     steps, exact = steps_per_epoch(cfg, trial.history)
     x, eps, lam = schedule_curves(cfg, steps)
     fig, (ax_eps, ax_err) = _figure(width=13.0, cols=2)

@@ -155,12 +155,32 @@ def device_weight(resources: dict[str, float]) -> tuple[str, float]:
     return ("gpu", gpus) if gpus > 0 else ("cpu", float(resources.get("cpu", 1) or 1))
 
 
+_BUILT: dict[str, SearchSpace] = {}  # space + overrides + source (as JSON) -> the space built from them
+SPACE_BUILDS = {"count": 0}  # spaces built (parsed and validated) in this process: tests/test_spaces.py
+
+
 def space_with_overrides(raw: dict, overrides: dict[str, Any], source: str) -> SearchSpace:
+    """The space with KEY=VALUE overrides applied to its base config, validated: built once per process.
+
+    The driver, each trial process (every trial and retry it runs), the readers and the W&B upload all build
+    the space from the record; a space is read-only once built, so each process builds it once and shares it.
+    """
+    try:
+        key = json.dumps([raw, overrides, source], sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return build_space(raw, overrides, source)  # not plain JSON: build_space names what is wrong
+    if key not in _BUILT:
+        _BUILT[key] = build_space(raw, overrides, source)
+    return _BUILT[key]
+
+
+def build_space(raw: dict, overrides: dict[str, Any], source: str) -> SearchSpace:
     """The space with KEY=VALUE overrides applied to its base config, validated again.
 
     Overrides change the base before the space is built, so bound expressions (`epochs - schedule.start`),
     derived knobs and the defaults point all see them. A searched param cannot be overridden.
     """
+    SPACE_BUILDS["count"] += 1
     raw = copy.deepcopy(raw) if isinstance(raw, dict) else raw
     if overrides and isinstance(raw, dict):
         searched = set(raw.get("params") or {})

@@ -14,9 +14,10 @@ from typing import Any
 
 from tuner.results import STATUSES, Search, TrialRecord, load_search, seed_notes, seed_summary
 from tuner.selection import selection_lines
+from tuner.verdict import FAILED, FINISHED, PENDING, RUNNING, STOPPED, failure_reason
 
 TOP = 10
-ROW_ORDER = ("finished", "running", "stopped", "failed", "pending")
+ROW_ORDER = (FINISHED, RUNNING, STOPPED, FAILED, PENDING)
 MAX_REASONS = 5
 
 
@@ -43,11 +44,11 @@ def format_report(search: Search, top: int = TOP) -> str:
         reruns = search.reruns()
         lines.append(f"re-evaluation: the best {record.reeval_top} points and the space's defaults, "
                      f"{record.reeval_seeds} more seeds each: {len(reruns)} trials, "
-                     f"{sum(t.status == 'finished' for t in reruns)} finished; points are ranked by their mean "
+                     f"{sum(t.status == FINISHED for t in reruns)} finished; points are ranked by their mean "
                      f"over seeds (column mean±se), more seeds first")
     if record.constraints:
         feasible = sum(search.feasible(t) for t in search.ranked())
-        lines.append(f"constraints: {', '.join(record.constraints)}; {feasible} of {counts['finished']} finished "
+        lines.append(f"constraints: {', '.join(record.constraints)}; {feasible} of {counts[FINISHED]} finished "
                      f"trials satisfy all (column ok: yes/no; feasible trials rank first)")
     lines.append("")
     rows = ordered_trials(search)
@@ -56,11 +57,11 @@ def format_report(search: Search, top: int = TOP) -> str:
         lines.append(f"... {len(rows) - top} more trials (all of them: `certtune export {search.name}` → trials.csv)")
     lines += seed_notes(seed_summary(search))
     lines += selection_lines(search)
-    if counts["stopped"]:
+    if counts[STOPPED]:
         lines.append("* stopped early (by the scheduler or a spent budget): the value is from its last epoch, not a final one")
-    failed = [t for t in search.trials if t.status == "failed"]
+    failed = [t for t in search.trials if t.status == FAILED]
     for t in failed[:MAX_REASONS]:
-        lines.append(f"failed {t.trial_id}: {t.diverged and 'diverged: ' + t.diverged or t.error or 'unknown'}")
+        lines.append(f"failed {t.trial_id}: {failure_reason(t.diverged, t.error)}")
     if len(failed) > MAX_REASONS:
         lines.append(f"... {len(failed) - MAX_REASONS} more failed trials (reasons in trials.csv)")
     return "\n".join(lines)
@@ -82,7 +83,7 @@ def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], li
     names = search.searched_names()
     rows = []
     for t in trials:
-        mark = "*" if t.status == "stopped" else ""
+        mark = "*" if t.status == STOPPED else ""
         epoch, epochs = t.last.get("epoch"), t.last.get("epochs")
         rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status,
                      *[fmt(t.last.get(m)) + (mark if m in search.objectives and m in t.last else "") for m in shown],

@@ -9,7 +9,7 @@ so they agree. The experiment directory `<storage>/<name>/` is read as plain fil
   for an errored trial, `error.txt`.
 
 Rules defined once here:
-- status (`trial_status`): finished | stopped | failed | running | pending;
+- status (`trial_status`, decided in tuner/verdict.py): finished | stopped | failed | running | pending;
 - the best trial (`Search.sort_key`): objectives in order (each minimised or maximised per its mode), ties
   broken by the earlier creation order (Ray's trial counter), so every reader names the same best trial;
 - trial-epochs (`furthest_epoch`, `trial_epochs`): per trial the furthest epoch it reported (a retried
@@ -40,13 +40,13 @@ from trainers.input_files import read_text
 from tuner.constraints import parse_constraints, satisfied
 from tuner.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
 from tuner.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
-                          first_line, is_uri, normalize_storage, space_with_overrides)
+                          first_line, is_uri, normalize_storage)
 from tuner.reeval import ReevalPlan, Score
 from tuner.spaces import SearchSpace, SpaceError
+# Re-exported for the readers of a search (report, export, plots): the status rules live in tuner.verdict.
+from tuner.verdict import (ENDED, FAILED, FINISHED, NO_RESULT, PENDING, STATUSES, STOPPED,  # noqa: F401
+                           after_spent_budget, is_finite, is_number, trial_status)
 
-STATUSES = ("finished", "stopped", "failed", "running", "pending")
-ENDED = ("finished", "stopped", "failed")
-NO_RESULT = "ended without reporting a result"
 MAX_STATE_BYTES = 256 * 2**20  # one state file (Ray's experiment state, a trial's result.json): far above real ones
 SUPERSEDED_FILE = "certtune_superseded.json"  # in a trial directory: trained again under another id (resume)
 SELECTION_FILE = "certtune_selection.json"  # in the experiment: the --select-by choice (tuner/selection.py)
@@ -111,7 +111,7 @@ class Search:
         return list(self.record.modes)
 
     def space(self) -> SearchSpace:
-        return space_with_overrides(self.record.space, self.record.overrides, self.record.space_path)
+        return self.record.build_space()
 
     def searched_names(self) -> list[str]:
         return [str(n) for n in (self.record.space.get("params") or {})]
@@ -122,7 +122,7 @@ class Search:
     def seeds_of(self, trial: TrialRecord) -> list[TrialRecord]:
         """The trial and the finished re-evaluations of its point (tuner/reeval.py)."""
         return [trial] + [t for t in self.trials if t.is_rerun and t.config_of == trial.trial_id
-                          and t.status == "finished"]
+                          and t.status == FINISHED]
 
     def score(self, trial: TrialRecord, objective: str) -> Score:
         """The point's mean over its seeds on `objective` (only the trial's value without re-evaluation)."""
@@ -145,7 +145,7 @@ class Search:
         """Every --constraint holds on the trial's last result (True when the search has none)."""
         return satisfied(parse_constraints(self.record.constraints), trial.last)
 
-    def ranked(self, status: str = "finished") -> list[TrialRecord]:
+    def ranked(self, status: str = FINISHED) -> list[TrialRecord]:
         """Points whose own trial has this status, those satisfying every constraint first, each group by
         sort_key (re-evaluations count in their point's score, not as points of their own)."""
         return sorted((t for t in self.points() if t.status == status),
@@ -175,7 +175,7 @@ class Search:
         if sum(t.status in ENDED for t in own) < plan.main_trials:
             return record.num_samples
         sign_mode = self.modes[0]
-        finals = {t.trial_id: (t.value(self.objectives[0]), self.feasible(t)) for t in own if t.status == "finished"}
+        finals = {t.trial_id: (t.value(self.objectives[0]), self.feasible(t)) for t in own if t.status == FINISHED}
         params = {t.trial_id: t.params for t in own}
         return len(own) + len(plan.reruns(finals, params, sign_mode))
 
@@ -213,7 +213,7 @@ class Search:
         return sum(t.status in ENDED for t in self.trials) >= self.planned_trials()
 
     def all_failed(self) -> bool:
-        return bool(self.trials) and all(t.status == "failed" for t in self.trials)
+        return bool(self.trials) and all(t.status == FAILED for t in self.trials)
 
 
 # ---- what the seeds say about the choice (report, export) ----------------------------------------------
@@ -369,8 +369,7 @@ def _load_local(name: str, path: Path, where: str) -> Search:
                     read_selection(path / SELECTION_FILE, where))
     if search.budget_spent():
         for t in trials:  # started just as the budget ran out, stopped before its first epoch: not a failure
-            if t.status == "failed" and not t.history and t.error == NO_RESULT:
-                t.status, t.error = "stopped", None
+            t.status, t.error = after_spent_budget(t.status, t.error, bool(t.history))
     return search
 
 
@@ -498,7 +497,7 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     if state_last and (not rows or _later(state_last, rows[-1])):
         rows = rows + [state_last]  # result.json lost its tail: Ray's state still knows the last result
     history = epoch_history(rows)
-    trial = TrialRecord(str(trial_id), "pending", dict(params), history, order,
+    trial = TrialRecord(str(trial_id), PENDING, dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
                         epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows),
                         dirname=logdir.name if logdir is not None else None,
@@ -508,7 +507,7 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     trial.status, reason = trial_status(ray_status, trial.last, objectives)
     if trial.last.get(FAIL_REASON) and not trial.diverged:
         trial.error = str(trial.last[FAIL_REASON])  # the trial's own reason (e.g. invalid config, no data)
-    elif trial.status not in ("finished", "stopped") and not trial.diverged:
+    elif trial.status not in (FINISHED, STOPPED) and not trial.diverged:
         # Ray keeps error.txt of an attempt it retried; it explains a failed trial or a retrying one.
         error = last_line(error_file) if error_file is not None and error_file.is_file() else None
         trial.error = error or reason
@@ -582,30 +581,6 @@ def epoch_history(rows: list[dict]) -> list[dict]:
     return history
 
 
-def trial_status(ray_status: str | None, last: dict, objectives: list[str]) -> tuple[str, str | None]:
-    """(status, why it failed) per the contract: finished | stopped | failed | running | pending."""
-    if last.get(DIVERGED):
-        return "failed", f"diverged: {last[DIVERGED]}"
-    if last.get(FAIL_REASON):
-        return "failed", str(last[FAIL_REASON])
-    if ray_status == "ERROR":
-        return "failed", None
-    has_epochs = is_number(last.get("epoch")) and is_number(last.get("epochs"))
-    done = has_epochs and last["epoch"] >= last["epochs"]
-    if done or ray_status == "TERMINATED":
-        if not last:
-            return "failed", NO_RESULT
-        if not has_epochs:
-            return "failed", "last result lacks 'epoch'/'epochs'"
-        bad = [o for o in objectives if not is_finite(last.get(o))]
-        if bad:
-            return "failed", f"{', '.join(bad)} missing or not finite at epoch {last['epoch']}"
-        return ("finished" if done else "stopped"), None
-    if last or ray_status in ("RUNNING", "PAUSED"):
-        return "running", None
-    return "pending", None
-
-
 def last_line(path: Path) -> str:
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     return lines[-1][:300] if lines else "error (empty error.txt)"
@@ -626,14 +601,6 @@ def load_study(experiment_dir: str | Path):
 
 
 # ---- small helpers -----------------------------------------------------------------------------------
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def is_finite(v: Any) -> bool:
-    return is_number(v) and math.isfinite(v)
-
-
 def _read_json(path: Path, default: dict) -> dict:
     try:
         data = json.loads(path.read_text())

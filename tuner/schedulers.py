@@ -9,12 +9,11 @@ The rule and a worked example: docs/early_stopping.md.
 """
 from __future__ import annotations
 
-import math
-
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from trainers.config import ConfigError
 from tuner.keys import CONFIG_OF
+from tuner.verdict import TargetEpochCounter, is_finite_float
 
 EPOCHS_AT_TARGET = "epochs_at_target"
 SECONDS_AT_TARGET = "seconds_at_target"
@@ -23,33 +22,6 @@ RUNG_UNITS = ("epochs", "seconds")
 # Rungs in seconds reach this many times the first trial's whole time at target, so a trial whose epochs cost
 # that much more is still compared at its rungs.
 SECONDS_SPAN = 100
-
-
-class TargetEpochCounter:
-    """Counts, per trial, the epochs reported with ε at its target (`at_target` True).
-
-    ε never leaves its target once reached (the schedule ramps, then holds), so the count up to a result
-    is `epoch - first_epoch_at_target + 1`. Computing it from epoch numbers, rather than counting
-    results, keeps it right when a retried trial replays epochs it had already reported.
-    """
-
-    def __init__(self):
-        self._first_at_target: dict[str, int] = {}
-
-    def update(self, trial_id: str, result: dict) -> int | None:
-        """Epochs at target up to and including this result; None while ε is still ramping."""
-        if not result.get("at_target"):
-            return None
-        if "epoch" not in result:
-            raise ValueError("a result with at_target=True has no 'epoch': the trainable must report "
-                             "'epoch' (1-based) with every result")
-        epoch = int(result["epoch"])
-        first = min(self._first_at_target.get(trial_id, epoch), epoch)
-        self._first_at_target[trial_id] = first
-        return epoch - first + 1
-
-    def forget(self, trial_id: str) -> None:
-        self._first_at_target.pop(trial_id, None)
 
 
 class WarmupAwareASHA(AsyncHyperBandScheduler):
@@ -105,7 +77,7 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         if is_rerun(trial):
             return TrialScheduler.CONTINUE  # a re-evaluation runs its whole length: it is a seed, not a rival
         judged = self._with_progress(trial.trial_id, result)
-        if EPOCHS_AT_TARGET in judged and not is_finite(judged.get(self._metric, 0.0)):
+        if EPOCHS_AT_TARGET in judged and not is_finite_float(judged.get(self._metric, 0.0)):
             self._num_stopped += 1
             return TrialScheduler.STOP
         return super().on_trial_result(tune_controller, trial, judged)
@@ -129,7 +101,7 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
             judged[EPOCHS_AT_TARGET] = progress
             return judged
         seconds = result.get("target_seconds")
-        if not is_finite(seconds) or float(seconds) <= 0:
+        if not is_finite_float(seconds) or float(seconds) <= 0:
             return judged  # no seconds at target reported: nothing to judge on
         if not self._rungs_set:
             self._place_second_rungs(float(seconds))
@@ -168,7 +140,7 @@ def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int,
 def check_rungs(rungs: str, grace_seconds: float | None) -> None:
     if rungs not in RUNG_UNITS:
         raise ConfigError(f"--rungs: {str(rungs)[:40]!r} is not one of {', '.join(RUNG_UNITS)}")
-    if grace_seconds is not None and not (is_finite(grace_seconds) and 0 < float(grace_seconds) <= 10**7):
+    if grace_seconds is not None and not (is_finite_float(grace_seconds) and 0 < float(grace_seconds) <= 10**7):
         raise ConfigError(f"--grace-seconds: must be seconds in (0, 1e7], got {str(grace_seconds)[:40]!r}")
     if grace_seconds is not None and rungs != "seconds":
         raise ConfigError("--grace-seconds: goes with --rungs seconds")
@@ -195,11 +167,3 @@ def check_asha_args(mode: str | None, max_t: int, grace_period: int, reduction_f
                           f"({grace_period}), got {max_t!r}")
     if not isinstance(reduction_factor, (int, float)) or reduction_factor <= 1:
         raise ConfigError(f"scheduler reduction_factor: must be > 1, got {reduction_factor!r}")
-
-
-def is_finite(value) -> bool:
-    """True for a value that converts to a finite float (False for None, NaN, inf, strings)."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False

@@ -35,6 +35,7 @@ from tuner.reeval import ReevalPlan, check_reeval
 from tuner.selection import check_selection
 from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
 from tuner.spaces import SearchSpace, SpaceError
+from tuner.verdict import epochs_at_target, failure_reason
 
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
 OBJECTIVES = per_epoch_metrics() | {"train_seconds": None}
@@ -136,7 +137,7 @@ def max_epochs_at_target(space: SearchSpace, fidelity: str = "target") -> int:
     points = [space.corner("low"), space.corner("high")]
     if "epochs" in space.params:
         points.append(space.corner("low", fixed={"epochs": space.corner("high")["epochs"]}))
-    points += space.seed_points()
+    points += space.start_points()
     best = 1
     compress = Fidelity.parse(fidelity)
     for point in points:
@@ -146,7 +147,7 @@ def max_epochs_at_target(space: SearchSpace, fidelity: str = "target") -> int:
                 cfg = compress.trial_config(cfg)
         except (SpaceError, ConfigError):
             continue  # a corner may be outside the space's conditions; the others still count
-        best = max(best, cfg.epochs - first_target_epoch(cfg.schedule) + 1)
+        best = max(best, epochs_at_target(cfg.epochs, first_target_epoch(cfg.schedule)))
     return best
 
 
@@ -187,7 +188,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)),
                    rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds)  # validates
     samples = positive_int("--num-samples", num_samples)
-    top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.seed_points()), bool(space.defaults))
+    top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.start_points()), bool(space.defaults))
     select_by, select_top, select_n = check_selection(select_by, select_top, select_n)
     if top and scheduler == "plain-asha":
         raise SearchError("--reeval-top: re-evaluation runs with --scheduler asha or none (plain-asha would stop "
@@ -393,7 +394,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     single = len(record.objective) == 1
     # The space's defaults and seeds first, then the --enqueue points. TPE reads the constraints the searcher
     # sets on each trial; random sampling ignores them (export still honours them).
-    points = [p for p in space.seed_points() + list(record.enqueue) if p]
+    points = [p for p in space.start_points() + list(record.enqueue) if p]
     sampler = make_sampler(record)
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
@@ -620,7 +621,7 @@ def summarize(search: Search, storage: str) -> str:
         lines.append(f"every trial failed ({len(search.trials)}); reasons:")
         reasons: dict[str, int] = {}
         for t in search.trials:
-            reason = f"diverged: {t.diverged}" if t.diverged else (t.error or "unknown")
+            reason = failure_reason(t.diverged, t.error)
             reasons[reason] = reasons.get(reason, 0) + 1
         for reason, n in list(reasons.items())[:MAX_REASONS]:
             lines.append(f"  {n} x {reason}")

@@ -20,6 +20,7 @@ from tuner.record import is_uri
 from tuner.report import ordered_trials, trial_rows
 from tuner.results import Search
 from tuner.tracking import wandb_mode
+from tuner.verdict import failure_reason
 
 TABLE = "trials"
 
@@ -33,7 +34,7 @@ def trials_table(search: Search) -> tuple[list[str], list[list[str]]]:
     """The report's table (same columns, same order, every trial) plus each failed trial's reason."""
     trials = ordered_trials(search)
     header, rows = trial_rows(search, trials)
-    reasons = [(f"diverged: {t.diverged}" if t.diverged else t.error) or "" for t in trials]
+    reasons = [failure_reason(t.diverged, t.error, "") for t in trials]
     return header + ["reason"], [row + [reason] for row, reason in zip(rows, reasons)]
 
 

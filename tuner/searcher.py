@@ -16,19 +16,17 @@ from tuner.constraints import Constraint
 from trainers.config import ConfigError
 from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
 from tuner.reeval import ReevalPlan, Rerun
-from tuner.schedulers import TargetEpochCounter, is_finite
+from tuner.verdict import TargetEpochCounter, is_finite_float, optuna_verdict
 from tuner.study import flat_config
 
 
 class HonestOptunaSearch(OptunaSearch):
     """OptunaSearch (same arguments) that tells Optuna how each trial really ended.
 
-    When a trial ends, the first matching row decides what Optuna is told:
-      the trial raised                                FAIL     (user attr `fail_reason`)
-      an objective is missing, NaN or inf             FAIL     (user attr `fail_reason`)
-      last result has `epoch < epochs`                PRUNED   (stopped early: Optuna keeps its last
-                                                                intermediate value and step)
-      otherwise                                       COMPLETE with the final value (list if multi-objective)
+    When a trial ends, tuner.verdict.optuna_verdict decides what Optuna is told: FAIL (the trial raised, or
+    an objective is missing, NaN or inf; user attr `fail_reason`), PRUNED (stopped early, `epoch < epochs`:
+    Optuna keeps its last intermediate value and step) or COMPLETE with the final value (list if
+    multi-objective).
 
     Intermediate values (single objective only; Optuna cannot store them for several objectives): the
     objective at every epoch at target ε, with step = epochs at target, the unit of WarmupAwareASHA's rungs.
@@ -79,7 +77,7 @@ class HonestOptunaSearch(OptunaSearch):
             return  # Optuna has no multi-objective report; a finished Optuna trial takes no reports
         step = self._progress.update(trial_id, result)
         value = result.get(self.metric)
-        if step is None or step <= self._last_step.get(trial_id, 0) or not is_finite(value):
+        if step is None or step <= self._last_step.get(trial_id, 0) or not is_finite_float(value):
             return  # still ramping, already reported, or not a value Optuna can rank (FAIL follows)
         self._ot_trials[trial_id].report(float(value), step)
         self._last_step[trial_id] = step
@@ -118,26 +116,10 @@ class HonestOptunaSearch(OptunaSearch):
         self._last_step.pop(trial_id, None)
 
     def _verdict(self, result: dict | None, error: bool) -> tuple[TrialState, float | list | None, str | None]:
-        """(state, value(s) for tell, fail reason) from the trial's last result."""
-        if error:
-            return TrialState.FAIL, None, "the trial raised an error (see error.txt in its Ray trial directory)"
-        if not result:
-            return TrialState.PRUNED, None, None  # removed before it reported anything (e.g. experiment stopped)
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [result.get(m) for m in metrics]
-        bad = [f"{m}={v!r}" for m, v in zip(metrics, values) if not is_finite(v)]
-        if bad:
-            # A trainable may report its own reason (e.g. which bound diverged); else name the bad values.
-            reason = result.get(FAIL_REASON) or f"not finite at epoch {result.get('epoch')}: " + ", ".join(bad)
-            return TrialState.FAIL, None, str(reason)
-        if "epoch" not in result or "epochs" not in result:
-            return TrialState.FAIL, None, ("last result lacks 'epoch'/'epochs', so a finished trial cannot be "
-                                           "told from an early-stopped one")
-        if result["epoch"] < result["epochs"]:
-            return TrialState.PRUNED, None, None  # Optuna forbids values with PRUNED; it uses the last report
-        values = [float(v) for v in values]
-        return TrialState.COMPLETE, values if isinstance(self.metric, list) else values[0], None
-
+        """(state, value(s) for tell, fail reason) from the trial's last result, by tuner.verdict's rules."""
+        multi = isinstance(self.metric, list)
+        state, values, reason = optuna_verdict(result, error, self.metric if multi else [self.metric])
+        return TrialState[state], values if multi or values is None else values[0], reason
 
     def _config_attrs(self, ot_trial) -> dict:
         if self._train_config is None:

@@ -19,6 +19,7 @@ from tuner.record import SearchError, experiment_path, write_text
 from tuner.reeval import Score
 from tuner.rerank import RERANK_VERIFIERS, rerank
 from tuner.results import SELECTION_FILE, Search
+from tuner.verdict import FINISHED
 
 MAX_TOP = 100
 
@@ -50,7 +51,7 @@ def select(search: Search, device: str = "cpu", options=None) -> dict | None:
     points = search.ranked()[:record.select_top]
     if not record.select_by or not points:
         return None
-    trials = [t for p in points for t in search.seeds_of(p) if t.status == "finished"]
+    trials = [t for p in points for t in search.seeds_of(p) if t.status == FINISHED]
     verified = rerank(search, trials, record.select_by, None, record.select_n, options, device)
     by_point: dict[str, list] = {p.trial_id: [] for p in points}
     for v in verified:

@@ -20,7 +20,7 @@ File format (full guide with examples: docs/search_spaces.md)::
       _m1: "round(_milestone_frac * epochs)"                                  # helper target
       lr_milestones: "[_m1, _m1 + 1]"
     defaults: {lr: 5.0e-4, ...}                 # optional: a known-good point, evaluated first
-    seeds: [{method: sabr, sabr.ratio: 0.6}]    # optional: more known-good points, as changes to defaults
+    starts: [{method: sabr, sabr.ratio: 0.6}]    # optional: more known-good points, as changes to defaults
 
 - Param names are TrainConfig dotted keys (leaf fields only) or helper names `_identifier`.
 - Types: `uniform` (low, high, optional step), `loguniform` (low > 0, high), `int` (low, high, optional
@@ -46,8 +46,8 @@ param on the trial and returns None: Ray's OptunaSearch records each `trial.sugg
 trial a config with exactly those values under their names (dotted names stay flat, Ray unflattens on
 "/"), while a returned dict would only be merged in as extra constants. Derived values are therefore not
 in the Ray config: the trainable calls `space.to_train_config(config)`, which recomputes them.
-`space.seed_points()` are the `points_to_evaluate` entries: the defaults point, then each seed (the defaults
-with the seed's changes, params inactive there dropped), each holding only the params active at it.
+`space.start_points()` are the `points_to_evaluate` entries: the defaults point, then each start (the defaults
+with the start's changes, params inactive there dropped), each holding only the params active at it.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ import heapq
 import math
 import operator
 import re
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ from trainers.errors import shown
 from trainers.safe_yaml import parse_yaml, read_yaml_file
 from tuner.fidelity import Fidelity
 
-SECTIONS = ("description", "base", "params", "derived", "defaults", "seeds", "fidelity")
+SECTIONS = ("description", "base", "params", "derived", "defaults", "starts", "fidelity")
+RENAMED = {"seeds": "starts"}  # former section names, still read (load_space notes the new name on stderr)
 TYPES = ("uniform", "loguniform", "int", "categorical")
 PARAM_KEYS = {
     "uniform": ("type", "low", "high", "step", "when"),
@@ -376,7 +378,7 @@ class SearchSpace:
 
     def __init__(self, name: str, source: str, base: dict[str, Any], params: dict[str, Param],
                  derived: dict[str, Expr], defaults: dict[str, Any] | None, description: str = "",
-                 seeds: list[dict[str, Any]] | None = None):
+                 starts: list[dict[str, Any]] | None = None):
         self.name = name
         self.source = source
         self.description = description
@@ -384,7 +386,7 @@ class SearchSpace:
         self.params = params
         self.derived = derived
         self.defaults = defaults
-        self.seeds = list(seeds or [])
+        self.starts = list(starts or [])  # starting points: changes to the defaults, tried first
         self.fidelity = Fidelity()  # the trials' fidelity; `base` (with the sampled point) is the target run
         self.base_config = TrainConfig.from_dict(base)
         self.base_values = _flatten(self.base_config.to_dict())
@@ -413,11 +415,11 @@ class SearchSpace:
         """The `defaults` section (params active there only); {} when the file has none."""
         return dict(self.defaults or {})
 
-    def seed_points(self) -> list[dict[str, Any]]:
-        """The points evaluated first: the defaults, then each seed applied to them ([] without defaults)."""
+    def start_points(self) -> list[dict[str, Any]]:
+        """The points evaluated first: the defaults, then each start (`starts:`) applied to them ([] without defaults)."""
         if not self.defaults:
             return []
-        return [self.default_point()] + [self.active_values({**self.defaults, **seed}) for seed in self.seeds]
+        return [self.default_point()] + [self.active_values({**self.defaults, **start}) for start in self.starts]
 
     def searched_names(self) -> list[str]:
         return list(self.params)
@@ -457,6 +459,12 @@ class SearchSpace:
         out = {k: v for k, v in kept.items() if not _is_helper(k)}
         out.update({k: env[k] for k in self.derived if not _is_helper(k)})
         return out
+
+    def config_of(self, params: dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of a trial's params (its Ray config, params.json or Optuna params): the keys the
+        space searches, others (re-evaluation keys, callbacks) left out. The one step "sampled params →
+        TrainConfig" of the trial, W&B, the study, export and plots (the trial then applies its fidelity)."""
+        return self.to_train_config({k: v for k, v in params.items() if k in self.params})
 
     def to_train_config(self, sampled: dict[str, Any]) -> TrainConfig:
         """Base + sampled + derived, resolved and validated; SpaceError if the combination is invalid."""
@@ -547,7 +555,12 @@ def load_space(path: str | Path) -> SearchSpace:
         raw = read_yaml_file(path, "search space file")
     except ConfigError as e:
         raise SpaceError(str(path), "file", str(e).removeprefix(f"{path}: ")) from None
-    return _Builder(str(path)).build(raw, path.stem)
+    space = _Builder(str(path)).build(raw, path.stem)
+    for old, new in RENAMED.items():
+        if old in raw:
+            print(f"certtune: {path}: section '{old}:' is now '{new}:' (starting points, not random seeds); "
+                  f"'{old}:' still works", file=sys.stderr)
+    return space
 
 
 class _Builder:
@@ -563,7 +576,7 @@ class _Builder:
         if not isinstance(raw, dict):
             raise self.fail("file", f"expected a mapping with sections {', '.join(SECTIONS)}")
         for key in raw:
-            if key not in SECTIONS:
+            if key not in SECTIONS and key not in RENAMED:
                 raise self.fail(f"section '{key}'", f"unknown section; allowed: {', '.join(SECTIONS)}")
         base = raw.get("base") or {}
         if not isinstance(base, dict):
@@ -584,13 +597,16 @@ class _Builder:
         defaults = raw.get("defaults")
         if defaults is not None and not isinstance(defaults, dict):
             raise self.fail("defaults", "expected a mapping param -> value")
-        seeds = raw.get("seeds")
-        if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(x, dict) for x in seeds)):
-            raise self.fail("seeds", "expected a list of mappings param -> value (changes to the defaults)")
-        if seeds and defaults is None:
-            raise self.fail("seeds", "seeds are changes to the defaults point; give a defaults section")
+        if "starts" in raw and "seeds" in raw:
+            raise self.fail("seeds", "the former name of 'starts'; give one of the two sections")
+        self.starts_section = section = "seeds" if "seeds" in raw else "starts"  # errors name the file's word
+        starts = raw.get(section)
+        if starts is not None and (not isinstance(starts, list) or not all(isinstance(x, dict) for x in starts)):
+            raise self.fail(section, "expected a list of mappings param -> value (changes to the defaults)")
+        if starts and defaults is None:
+            raise self.fail(section, f"{section} are changes to the defaults point; give a defaults section")
         space = SearchSpace(name, self.source, base, params, derived, defaults,
-                            str(raw.get("description") or ""), seeds)
+                            str(raw.get("description") or ""), starts)
         space.fidelity = self.fidelity(raw.get("fidelity", "target"), space)
         self.check_points(space)
         return space
@@ -742,8 +758,8 @@ class _Builder:
         if space.defaults is not None:
             self.check_defaults(space)
             self.build_config(space, "defaults", space.defaults)
-        for i, seed in enumerate(space.seeds):
-            where = f"seeds[{i}]"
+        for i, seed in enumerate(space.starts):
+            where = f"{self.starts_section}[{i}]"
             unknown = sorted(set(seed) - set(space.params))
             if unknown:
                 raise self.fail(f"{where} '{unknown[0]}'", "not a searched param")

@@ -31,6 +31,7 @@ from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
 from tuner.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
                           read_record)
 from tuner.spaces import SearchSpace, SpaceError
+from tuner.verdict import ENDED, FAILED, failure_reason, settled_state, values_at_target
 
 JOURNAL_FILE = "optuna_journal.log"
 WARM_START_FROM = "warm_start_from"  # user attr of a trial copied from an earlier study: "<study>@<storage>"
@@ -271,18 +272,14 @@ def settle_study(record: SearchRecord, root: str, trials: list) -> int:
     told = 0
     for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial = by_ray.get(ot.user_attrs.get(RAY_TRIAL_ID))
-        if trial is None or trial.status not in ("finished", "stopped", "failed"):
+        if trial is None or trial.status not in ENDED:
             continue
-        state, values = TrialState.PRUNED, None
-        if trial.status == "failed":
-            state = TrialState.FAIL
-            storage.set_trial_user_attr(ot._trial_id, FAIL_REASON, trial.diverged and f"diverged: {trial.diverged}"
-                                        or trial.error or "failed")
-        elif trial.status == "finished":
-            state, values = TrialState.COMPLETE, [trial.value(o) for o in record.objective]
+        state = TrialState[settled_state(trial.status)]
+        values = [trial.value(o) for o in record.objective] if state == TrialState.COMPLETE else None
+        if state == TrialState.FAIL:
+            storage.set_trial_user_attr(ot._trial_id, FAIL_REASON, failure_reason(trial.diverged, trial.error, FAILED))
         if state == TrialState.PRUNED and len(record.objective) == 1:
-            at_target = [r.get(record.objective[0]) for r in trial.history if r.get("at_target")]
-            for step, value in enumerate(at_target, 1):
+            for step, value in enumerate(values_at_target(trial.history, record.objective[0]), 1):
                 if step not in ot.intermediate_values and value is not None:
                     storage.set_trial_intermediate_value(ot._trial_id, step, float(value))
         if record.reeval_top and CONFIG_OF not in ot.user_attrs:
@@ -435,4 +432,4 @@ def distributions_at(space: SearchSpace, values: dict[str, Any]) -> dict[str, An
 
 def train_config_dict(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
     """The resolved training config of a sampled point (module-level, so a searcher holding it pickles)."""
-    return space.to_train_config({k: v for k, v in params.items() if k in space.params}).to_dict()
+    return space.config_of(params).to_dict()

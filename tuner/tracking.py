@@ -40,6 +40,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLo
 
 from tuner.outcome import ending
 from tuner.results import is_number, parse_result_lines
+from tuner.verdict import FAILED, FINISHED
 
 DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -69,7 +70,7 @@ class TrialLoggingActor(_WandbLoggingActor):
                 break
             if kind == SUMMARY:
                 run.summary.update(content)
-                exit_code = 1 if content.get("status") == "failed" else 0  # W&B shows the run as failed
+                exit_code = 1 if content.get("status") == FAILED else 0  # W&B shows the run as failed
             elif kind == ARTIFACT:
                 path, name, metadata = content
                 artifact = self._wandb.Artifact(name=name, type="model", metadata=metadata)
@@ -116,7 +117,7 @@ class TrialWandbCallback(WandbLoggerCallback):
         if trial in self._trial_queues:
             summary = ending_summary(trial, self.record.objective, failed)
             self._trial_queues[trial].put((SUMMARY, summary))
-            finished = summary["status"] == "finished"
+            finished = summary["status"] == FINISHED
             best = best_model(trial) if self.record.wandb_artifacts and finished else None
             if best is not None:
                 params = {k: v for k, v in trial.config.items() if isinstance(v, (int, float, str, bool))}
@@ -147,7 +148,7 @@ def run_config(record, params: dict) -> dict:
     searched = {k: v for k, v in params.items() if k != "callbacks"}
     try:
         space = record.build_space()
-        config = space.to_train_config({k: v for k, v in searched.items() if k in space.params}).to_dict()
+        config = space.config_of(searched).to_dict()
     except (SpaceError, ConfigError):
         config = {}  # the trial reports why; its run still gets the searched values
     config["searched"] = searched

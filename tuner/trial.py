@@ -37,6 +37,7 @@ from trainers.train import DivergedError, Trainer
 from tuner.fidelity import Fidelity
 from tuner.keys import DIVERGED, FAIL_REASON, SEED_OFFSET
 from tuner.spaces import SearchSpace, SpaceError
+from tuner.verdict import diverged_reason
 
 # best.pt rides along once the trainer has written it: a restarted trial must get it back, or its final
 # checkpoint would lack it (the trainer rewrites best.pt only when a later epoch beats the restored best).
@@ -104,7 +105,7 @@ def trial_config(space: SearchSpace, record, config: dict) -> tuple[TrainConfig,
 
     The target run is the space's point (seed + the re-evaluation's offset: tuner/reeval.py); the trial trains
     it at the search's fidelity (tuner/fidelity.py), the one mapping from a fidelity to a config."""
-    target = space.to_train_config({k: v for k, v in config.items() if k in space.params})
+    target = space.config_of(config)
     offset = config.get(SEED_OFFSET) or 0
     if offset:
         target = target.with_overrides({"seed": (target.seed + int(offset)) % 2**32}).resolve()
@@ -216,7 +217,7 @@ def diverged_result(cfg, epoch: int, reason: str, objective: list[str], train_se
     """The last result of a diverged trial: the epoch it diverged in, the reason, NaN objectives."""
     result = {"epoch": epoch, "epochs": cfg.epochs, "eps_target": cfg.eps,
               "at_target": epoch >= first_target_epoch(cfg.schedule), "train_seconds": train_seconds,
-              DIVERGED: reason, FAIL_REASON: f"diverged: {reason}"}
+              DIVERGED: reason, FAIL_REASON: diverged_reason(reason)}
     for name in {"ibp_err", *objective}:
         result[name] = math.nan
     return result
