@@ -31,12 +31,13 @@ def save_figure(fig, axes, path: Path, legend_size: int = 8) -> None:
     plt.close(fig)
 
 
-def work_options(parser, default_work: str):
-    """The options every benchmark subcommand shares: --work (its runs) and --data-dir."""
+def bench_parser(doc: str, default_work: str):
+    """(parser, its subcommands, the options every subcommand shares: --work for its runs, --data-dir)."""
     import argparse
     import os
 
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--work", type=Path, default=Path(default_work))
     common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
-    return common
+    return parser, parser.add_subparsers(dest="cmd", required=True), common

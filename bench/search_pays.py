@@ -37,11 +37,10 @@ The test split is not read.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint, save_figure, work_options
+from bench.runs import epoch_rows, fingerprint, bench_parser, save_figure
 
 SPACE = "search_spaces/mnist_short_warmup.yaml"
 FIDELITIES = "today:20000,subset:20000,epochs:9"
@@ -304,9 +303,7 @@ def plot_curves(curves: dict, entries: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    common = work_options(parser, "bench_runs/search_pays")
+    parser, sub, common = bench_parser(__doc__, "bench_runs/search_pays")
     common.add_argument("--eps", type=float, required=True)
     common.add_argument("--configs", type=int, default=12, help="points: the defaults, then random ones")
     common.add_argument("--space", default=SPACE)
@@ -319,7 +316,7 @@ def main(argv=None) -> None:
     f.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     c = sub.add_parser("fidelity-collect", parents=[common])
     c.add_argument("--out", type=Path, default=RESULTS)
-    arms = work_options(parser, "bench_runs/search_pays")
+    arms = bench_parser(__doc__, "bench_runs/search_pays")[2]
     arms.add_argument("--space", default=SPACE)
     arms.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="after the fixed ones (tests shrink runs)")
     for name in ("search", "retrain"):

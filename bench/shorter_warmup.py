@@ -28,11 +28,10 @@ seed), bench/results/shorter_warmup.png and a markdown table on stdout.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint, save_figure, work_options
+from bench.runs import epoch_rows, fingerprint, bench_parser, save_figure
 
 PAPER_CONFIG = "configs/mnist_eps0.4_cnn7.yaml"
 SPACE = "search_spaces/mnist_short_warmup.yaml"
@@ -193,9 +192,7 @@ def plot(entries: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    common = work_options(parser, "bench_runs/shorter_warmup")
+    parser, sub, common = bench_parser(__doc__, "bench_runs/shorter_warmup")
     for name in ("paper", "searched", "search"):
         p = sub.add_parser(name, parents=[common])
         p.add_argument("--eps", type=float, required=True)
