@@ -31,6 +31,7 @@ import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -121,8 +122,16 @@ class Search:
 
     def seeds_of(self, trial: TrialRecord) -> list[TrialRecord]:
         """The trial and the finished re-evaluations of its point (tuner/reeval.py)."""
-        return [trial] + [t for t in self.trials if t.is_rerun and t.config_of == trial.trial_id
-                          and t.status == FINISHED]
+        return [trial] + self._finished_reruns.get(trial.trial_id, [])
+
+    @cached_property
+    def _finished_reruns(self) -> dict[str, list[TrialRecord]]:
+        """{point's trial id: its finished re-evaluations}, grouped once: ranking reads it for every point."""
+        groups: dict[str, list[TrialRecord]] = {}
+        for t in self.trials:
+            if t.is_rerun and t.status == FINISHED:
+                groups.setdefault(t.config_of, []).append(t)
+        return groups
 
     def score(self, trial: TrialRecord, objective: str) -> Score:
         """The point's mean over its seeds on `objective` (only the trial's value without re-evaluation)."""
