@@ -50,7 +50,7 @@ def space_file(args) -> str:
 
 def paper_points(overrides: dict, space_path: str = SPACE) -> dict[str, dict]:
     """method → its seed point in the space (the paper settings), with the overrides applied to the base."""
-    from tuner.record import read_space_file, space_with_overrides
+    from tuner.space.record import read_space_file, space_with_overrides
 
     path, raw = read_space_file(space_path)
     space = space_with_overrides(raw, overrides, path)
@@ -144,7 +144,7 @@ def check_runs_are_the_paper_points(runs: dict[str, Path], points: dict[str, dic
 
 
 def search_summary(work: Path, eps: float) -> dict | None:
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
 
     try:
         search = load_search(f"methods_eps{eps}", str((work / "searches").resolve()))
@@ -185,7 +185,7 @@ def collect_run(method: str, run: Path, args) -> dict:
     stopped; redone if its last.pt or the sizes asked for changed."""
     from trainers.safe_yaml import read_yaml_file
     from tuner import api
-    from tuner.record import write_text
+    from tuner.space.record import write_text
 
     checkpoint = run / "last.pt"
     key = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit,

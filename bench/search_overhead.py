@@ -5,7 +5,7 @@
 
 Everything but the training is the real service: the search record, Ray Tune on a local instance,
 HonestOptunaSearch (TPE, the paper's point first), warmup-aware ASHA and checkpoints as a real trial saves
-them (tuner/trial.py CheckpointClock: every `--checkpoint-every` seconds and at the last epoch). Each trial
+them (tuner/run/trial.py CheckpointClock: every `--checkpoint-every` seconds and at the last epoch). Each trial
 sleeps `epochs × sleep` seconds and reports made-up metrics (seeded by its sampled params). With C trials at
 a time the ideal wall time is Σ sleeps / C, so
 
@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from tuner.search import prepare_search, build_tuner, connect_ray
+from tuner.run.driver import prepare_search, build_tuner, connect_ray
 
 SPACE = "search_spaces/mnist_tiny.yaml"
 
@@ -36,7 +36,7 @@ def make_sleep_trainable(epochs: int, sleep_s: float, checkpoint_every_s: float)
 
         from ray import tune
 
-        from tuner.trial import CheckpointClock
+        from tuner.run.trial import CheckpointClock
 
         rng = random.Random(str(sorted(config.items())))
         quality = rng.random()
@@ -45,7 +45,7 @@ def make_sleep_trainable(epochs: int, sleep_s: float, checkpoint_every_s: float)
         if start is not None:
             with start.as_directory() as d:
                 first = int((Path(d) / "epoch").read_text()) + 1
-        clock = CheckpointClock(checkpoint_every_s)  # the real trial's rule (tuner/trial.py)
+        clock = CheckpointClock(checkpoint_every_s)  # the real trial's rule (tuner/run/trial.py)
         for epoch in range(first, epochs + 1):
             time.sleep(sleep_s)
             at_target = epoch >= 2

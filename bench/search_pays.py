@@ -27,7 +27,7 @@ again; `--worker K --workers N` trains the points whose index is K mod N, so N p
 
 - `today:20000`: the fidelity searches used before issue 19: 20,000 training images at the target's batch size
   (the schedule, in epochs, then falls at other steps);
-- `subset:20000`: 20,000 images, the batch scaled so each epoch keeps its steps (tuner/fidelity.py);
+- `subset:20000`: 20,000 images, the batch scaled so each epoch keeps its steps (tuner/space/fidelity.py);
 - `epochs:9`: the full data for 9 epochs, every phase compressed.
 
 `fidelity-collect` reads every point whose runs have all finished, takes each run's final-epoch validation
@@ -51,7 +51,7 @@ def points(space_file: str, n: int) -> list[dict]:
     """The defaults point, then points sampled at random (the point's index seeds the sampler)."""
     import optuna
 
-    from tuner.spaces import load_space
+    from tuner.space.search_space import load_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = load_space(space_file)
@@ -70,8 +70,8 @@ def run_configs(args, point: dict) -> dict:
     """{"target": TrainConfig, fidelity name: TrainConfig} for one point."""
     from trainers.config import parse_overrides
     from trainers.data import train_split_size
-    from tuner.fidelity import Fidelity
-    from tuner.spaces import load_space
+    from tuner.space.fidelity import Fidelity
+    from tuner.space.search_space import load_space
 
     target = load_space(args.space).to_train_config(point).with_overrides(
         {"eps": args.eps, **parse_overrides(args.overrides)}).resolve()
@@ -181,8 +181,8 @@ def trial_cost(args) -> float:
     space has the same epochs and training images)."""
     from trainers.config import parse_overrides
     from trainers.data import train_split_size
-    from tuner.fidelity import Fidelity
-    from tuner.spaces import load_space
+    from tuner.space.fidelity import Fidelity
+    from tuner.space.search_space import load_space
 
     space = load_space(args.space)
     fidelity = Fidelity.parse(args.fidelity) if args.fidelity else space.fidelity
@@ -227,7 +227,7 @@ def cmd_retrain(args) -> None:
 def search_curve(search) -> tuple[list[list[float]], float]:
     """[[full-data epochs spent, best validation score so far], ...] in the order trials ended (a point's score
     is its mean over the seeds it has by then), and the search's whole cost in full-data epochs."""
-    from tuner.reeval import Score
+    from tuner.study.reeval import Score
 
     objective = search.objectives[0]
     spent, best, curve, values = 0.0, None, [], {}
@@ -243,7 +243,7 @@ def search_curve(search) -> tuple[list[list[float]], float]:
 
 def cmd_collect_arms(args) -> None:
     from tuner import api
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
 
     old = {(e["arm"], e["eps"], e["search_seed"], e["seed"]): e for e in json.loads(args.out.read_text())
            if e["search_seed"] is not None} if args.out.exists() else {}

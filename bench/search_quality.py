@@ -64,7 +64,7 @@ def test_errors(checkpoint: Path, data_dir: str) -> dict:
 
 def run_reference(arm: str, eps: float, seed: int, budget: int, data_dir: str, work: Path) -> dict:
     from trainers.train import Trainer
-    from tuner.spaces import load_space
+    from tuner.space.search_space import load_space
 
     space = load_space(SPACE)
     changes = paper_recipe(budget) if arm == "paper-long" else REFERENCE_ARMS[arm]
@@ -104,9 +104,9 @@ def best_so_far(search) -> list[list[float]]:
 
 def run_search_arm(arm: str, eps: float, seed: int, budget: int, data_dir: str, storage: Path,
                    name: str | None = None) -> dict:
-    from tuner.plots import param_importances
-    from tuner.results import load_search
-    from tuner.search import prepare_search, run_search
+    from tuner.results.plots import param_importances
+    from tuner.results.experiment import load_search
+    from tuner.run.driver import prepare_search, run_search
 
     sampler, scheduler = SEARCH_ARMS[arm]
     name = name or f"{arm}-eps{eps}-b{budget}-s{seed}"
@@ -136,7 +136,7 @@ def run_search_then_long(eps: float, seed: int, budget: int, data_dir: str, work
     """Half the budget on a TPE + warmup-aware ASHA search of 8-epoch trials, the rest on one run of the best
     trial's config scaled to the epochs left: tune short, then train long."""
     from trainers.train import Trainer
-    from tuner.spaces import load_space
+    from tuner.space.search_space import load_space
 
     found = run_search_arm("tpe-asha", eps, seed, budget // 2, data_dir, work / "searches",
                            name=f"search-long-eps{eps}-b{budget}-s{seed}")
@@ -176,7 +176,7 @@ def save_entry(entry: dict) -> None:
 
 
 def cmd_run(args) -> None:
-    from tuner.search import connect_ray
+    from tuner.run.driver import connect_ray
 
     work = Path(args.work or tempfile.mkdtemp(prefix="search_quality-"))
     for arm in args.arm:
@@ -223,15 +223,15 @@ def summary_rows(entries: list[dict]) -> list[dict]:
 
 def pooled_importances(entries: list[dict], eps: float) -> dict[str, float]:
     """Optuna importances over every finished trial of every search arm and seed at this ε."""
-    from tuner.plots import param_importances
-    from tuner.results import Search, TrialRecord
-    from tuner.spaces import load_space
+    from tuner.results.plots import param_importances
+    from tuner.results.experiment import Search, TrialResult
+    from tuner.space.search_space import load_space
 
     # The same point can be trained by two arms (TPE's first 10 points are its seeded random draws, the
     # paper's point starts every search): each distinct (point, result) counts once.
     unique = {json.dumps([t["params"], t["val_ibp_err"]], sort_keys=True): t
               for e in entries if e["eps"] == eps and e["arm"] in SEARCH_ARMS for t in e["finished"]}
-    trials = [TrialRecord(trial_id=str(i), status="finished", params=t["params"],
+    trials = [TrialResult(trial_id=str(i), status="finished", params=t["params"],
                           history=[{"ibp_err": t["val_ibp_err"]}]) for i, t in enumerate(unique.values())]
     if len(trials) < 4:
         return {}

@@ -106,7 +106,7 @@ def finished(run: Path) -> list[dict] | None:
 
 
 def search_cost(work: Path, eps: float) -> dict | None:
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
 
     try:
         search = load_search(search_name(eps), str(work.resolve()))

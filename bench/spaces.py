@@ -14,7 +14,7 @@ def space_with_defaults(space: str, defaults: list[str], out: Path, overrides: d
     import yaml
 
     from trainers.config import ConfigError, parse_overrides
-    from tuner.record import read_space_file, space_with_overrides
+    from tuner.space.record import read_space_file, space_with_overrides
 
     _, raw = read_space_file(space)
     try:

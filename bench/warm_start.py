@@ -31,8 +31,8 @@ SPACE = "search_spaces/mnist_small_budget.yaml"
 
 def run_arm(name: str, overrides: dict, seed: int, sampler_seed: int, budget: int, data_dir: str, storage: str,
             warm_start: str | None = None) -> dict:
-    from tuner.results import load_search
-    from tuner.search import prepare_search, run_search
+    from tuner.results.experiment import load_search
+    from tuner.run.driver import prepare_search, run_search
 
     record, store = prepare_search(SPACE, {**overrides, "seed": seed}, name, 10_000, 2, "cpu=1", "none", "ibp_err",
                                    storage, None, None, data_dir, sampler_seed, "tpe", budget, warm_start=warm_start)
@@ -48,7 +48,7 @@ def run_arm(name: str, overrides: dict, seed: int, sampler_seed: int, budget: in
 
 def main(argv=None) -> dict:
     from trainers.config import parse_overrides
-    from tuner.search import connect_ray
+    from tuner.run.driver import connect_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the space's base config")

@@ -1,1 +1,1 @@
-"""Declarative search spaces (YAML), read by tuner.spaces."""
+"""Declarative search spaces (YAML), read by tuner.space.search_space."""

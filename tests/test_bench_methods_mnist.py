@@ -30,7 +30,7 @@ def test_train_search_collect_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shu
               *TINY]
     main(["train", *common, "--methods", "sabr"])
     main(["search", *common])
-    from tuner.record import read_record
+    from tuner.space.record import read_record
 
     record = read_record(str((tmp_path / "searches").resolve()), "methods_eps0.02")
     assert record.space["defaults"]["batch_size"] == 64  # the search read the space train did

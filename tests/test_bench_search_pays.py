@@ -46,7 +46,7 @@ def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_
     for arm in ("certtune", "random"):
         main(["search", "--arm", arm, "--eps", "0.1", "--budget", "0.25", "--fidelity", "epochs:3",
               "--reeval-top", "1", "--reeval-seeds", "1", "--concurrent", "2", *common])
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
 
     search = load_search("certtune_eps0.1_s0", str(tmp_path / "searches"))
     assert search.record.num_samples == int(0.25 // (3 * 600 / 59_700)) == 8  # a trial: 0.03 full-data epochs

@@ -17,7 +17,7 @@ def test_every_step_at_a_tiny_size(tmp_path, data_dir, capsys, monkeypatch, ray_
     # 12 epochs: the space's base ramp (10 epochs) must fit in the trials before --defaults shortens it
     main(["search", "--eps", "0.02", *common, "--trials", "2", "--trial-epochs", "12", "--subset", "256",
           "--defaults", "schedule.length=2", "data.val_size=100"])
-    from tuner.record import read_record
+    from tuner.space.record import read_record
 
     record = read_record(str((tmp_path / "work").resolve()), "search_eps0.02")
     assert record.space["defaults"]["schedule.length"] == 2  # the space searched has the changed defaults point

@@ -15,10 +15,10 @@ import ray
 from bench.search_overhead import make_sleep_trainable
 from ray import tune
 
-from tuner.budget import SearchBudget, TrialEpochBudget, epochs_reported
-from tuner.record import SearchError, read_record
-from tuner.results import load_search, load_study
-from tuner.search import build_tuner, prepare_search
+from tuner.run.budget import SearchBudget, TrialEpochBudget, epochs_reported
+from tuner.space.record import SearchError, read_record
+from tuner.results.experiment import load_search, load_study
+from tuner.run.driver import build_tuner, prepare_search
 
 SPACE = "search_spaces/mnist_tiny.yaml"
 EPOCHS = 3
@@ -108,7 +108,7 @@ def test_seconds_budget_weights_each_trials_seconds_by_its_cpus(local_ray, tmp_p
 
 
 def test_gpu_trials_count_gpu_seconds():
-    from tuner.record import device_weight
+    from tuner.space.record import device_weight
     assert device_weight({"cpu": 4, "gpu": 0.5}) == ("gpu", 0.5)  # 100 s on half a GPU: 50 GPU-seconds
     assert device_weight({"cpu": 4, "gpu": 0}) == ("cpu", 4.0)
     budget = SearchBudget(None, None, max_trial_seconds=50, seconds_weight=0.5)

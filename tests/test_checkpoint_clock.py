@@ -1,13 +1,13 @@
-"""When a search trial saves a checkpoint (tuner/trial.py CheckpointClock), on a clock that tests set."""
+"""When a search trial saves a checkpoint (tuner/run/trial.py CheckpointClock), on a clock that tests set."""
 import pytest
 
-import tuner.trial
-from tuner.trial import CheckpointClock
+import tuner.run.trial
+from tuner.run.trial import CheckpointClock
 
 
 def checkpointed_epochs(monkeypatch, every_s: float, epoch_seconds: list[float]) -> list[int]:
     now = [0.0]
-    monkeypatch.setattr(tuner.trial.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(tuner.run.trial.time, "monotonic", lambda: now[0])
     clock, saved = CheckpointClock(every_s), []
     for epoch, seconds in enumerate(epoch_seconds, 1):
         now[0] += seconds

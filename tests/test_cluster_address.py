@@ -1,4 +1,4 @@
-"""Which Ray a search joins (tuner/cluster.py): --address, RAY_ADDRESS, auto, local. No Ray is started.
+"""Which Ray a search joins (tuner/run/cluster.py): --address, RAY_ADDRESS, auto, local. No Ray is started.
 
 `auto` without RAY_ADDRESS is not tested here: it asks Ray to look for any cluster on this machine, which
 depends on what else runs on it. tests/test_ray_jobs.py runs the RAY_ADDRESS path on a real cluster.
@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from tuner.cluster import AddressError, check_address, recorded_address, resolve_address, resume_flag
+from tuner.run.cluster import AddressError, check_address, recorded_address, resolve_address, resume_flag
 
 TINY = ["epochs=4", "data.subset=256", "data.val_size=100"]
 
@@ -155,7 +155,7 @@ def test_search_with_a_bad_ray_address_is_one_line_and_exit_2(monkeypatch, tmp_p
 
 
 def test_a_local_search_records_no_address(tmp_path, data_dir):
-    from tuner.search import prepare_search
+    from tuner.run.driver import prepare_search
 
     record, storage = prepare_search("mnist_tiny", {"epochs": 4}, "loc", 1, 1, "cpu=1", "none", "ibp_err",
                                      str(tmp_path / "results"), None, None, str(data_dir), 0)
@@ -168,7 +168,7 @@ def test_a_search_in_a_job_asks_the_cluster_for_gpus_not_this_machine(monkeypatc
     # asking for more GPUs than the driver's machine has must go to the cluster, not be refused.
     import torch
 
-    from tuner.search import SearchError, prepare_search
+    from tuner.run.driver import SearchError, prepare_search
 
     gpus = torch.cuda.device_count() + 1  # more than this machine has
     args = ("mnist_tiny", {"epochs": 4}, None, 1, 1, f"cpu=1,gpu={gpus}", "none", "ibp_err")

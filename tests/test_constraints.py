@@ -16,12 +16,12 @@ import optuna
 import pytest
 import ray
 
-from tuner.constraints import Constraint, parse_constraint, satisfied
-from tuner.export import export_search
-from tuner.record import SearchError, read_record, write_record
-from tuner.report import report_search
-from tuner.results import load_search, load_study
-from tuner.search import build_tuner, prepare_search
+from tuner.space.constraints import Constraint, parse_constraint, satisfied
+from tuner.results.export import export_search
+from tuner.space.record import SearchError, read_record, write_record
+from tuner.results.report import report_search
+from tuner.results.experiment import load_search, load_study
+from tuner.run.driver import build_tuner, prepare_search
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = "search_spaces/mnist_tiny.yaml"

@@ -28,13 +28,13 @@ from ray import tune  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.schedules import EpsSchedule, first_target_epoch  # noqa: E402
-from tuner.export import export_search  # noqa: E402
-from tuner.plots import param_importances, plot_importances  # noqa: E402
-from tuner.record import read_space_file, space_with_overrides  # noqa: E402
-from tuner.report import report_search  # noqa: E402
-from tuner.results import ExportError, epoch_history, load_search, trial_status  # noqa: E402
-from tuner.search import trial_dirname  # noqa: E402
-from tuner.searcher import HonestOptunaSearch  # noqa: E402
+from tuner.results.export import export_search  # noqa: E402
+from tuner.results.plots import param_importances, plot_importances  # noqa: E402
+from tuner.space.record import read_space_file, space_with_overrides  # noqa: E402
+from tuner.results.report import report_search  # noqa: E402
+from tuner.results.experiment import ExportError, epoch_history, load_search, trial_status  # noqa: E402
+from tuner.run.driver import trial_dirname  # noqa: E402
+from tuner.study.searcher import HonestOptunaSearch  # noqa: E402
 
 NAME = "exp"
 MULTI = "exp_multi"
@@ -345,8 +345,8 @@ def test_cli_report_and_export(experiment, tmp_path, capsys):
 
 
 def test_report_and_export_build_the_space_once(experiment, tmp_path):
-    # The space is parsed and validated once per process, however many readers ask for it (tuner/record.py).
-    from tuner import record
+    # The space is parsed and validated once per process, however many readers ask for it (tuner/space/record.py).
+    from tuner.space import record as record
 
     record._BUILT.clear()
     before = record.SPACE_BUILDS["count"]

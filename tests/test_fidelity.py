@@ -1,4 +1,4 @@
-"""Fidelities (tuner/fidelity.py): a cheap trial is the target run compressed, and the trainer puts every phase
+"""Fidelities (tuner/space/fidelity.py): a cheap trial is the target run compressed, and the trainer puts every phase
 at the step the plan says (trainers/schedules.py StepPlan).
 
 The property: for points sampled from every shipped space, at every fidelity, the ε warmup's end, the ramp's
@@ -16,8 +16,8 @@ import pytest
 from trainers.config import ConfigError, TrainConfig
 from trainers.schedules import EpsSchedule, StepPlan, first_target_epoch
 from trainers.train import Trainer
-from tuner.fidelity import Fidelity, compressed
-from tuner.spaces import SpaceError, load_space
+from tuner.space.fidelity import Fidelity, compressed
+from tuner.space.search_space import SpaceError, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))
@@ -126,7 +126,7 @@ def test_a_fidelity_must_be_cheaper_than_the_target():
 def test_a_space_names_its_fidelity_and_a_bad_one_is_one_line():
     raw = {"base": {"dataset": "mnist", "model": "cnn_small", "epochs": 8, "schedule": {"start": 1, "length": 2}},
            "params": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
-    from tuner.spaces import SearchSpace
+    from tuner.space.search_space import SearchSpace
     assert str(SearchSpace.from_dict({**raw, "fidelity": "epochs:4"}).fidelity) == "epochs:4"
     assert str(SearchSpace.from_dict(raw).fidelity) == "target"
     # not cheaper than the target: refused by the search that would use it (test_cli_refuses_...), so a base

@@ -16,7 +16,7 @@ import yaml
 
 from test_hostile_input import assert_refused, certtune
 from trainers.config import ConfigError, TrainConfig
-from tuner.spaces import SearchSpace, SpaceError
+from tuner.space.search_space import SearchSpace, SpaceError
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = [None, True, "x", "", -1, 0, 2**70, -(2**70), 1e308, -1e308, float("inf"), float("-inf"), float("nan"),
@@ -144,7 +144,7 @@ def text_mutants(text: str, rng: random.Random, n: int):
 
 
 def test_fuzzed_search_records_load_or_fail_with_one_line():
-    from tuner.record import SearchError, SearchRecord
+    from tuner.space.record import SearchError, SearchRecord
 
     valid = {"name": "s", "space_path": "s.yaml", "space": {"base": {}, "params": {}}, "objective": ["ibp_err"],
              "modes": ["min"], "scheduler": "none", "num_samples": 2, "max_concurrent": 1,
@@ -168,7 +168,7 @@ def test_fuzzed_search_records_load_or_fail_with_one_line():
 
 
 def test_fuzzed_result_lines_parse_or_fail_with_one_line():
-    from tuner.results import ExportError, parse_result_lines
+    from tuner.results.experiment import ExportError, parse_result_lines
 
     valid = "".join(json.dumps({"epoch": e, "epochs": 3, "ibp_err": 0.5, "clean_err": 0.1}) + "\n"
                     for e in (1, 2, 3))

@@ -433,9 +433,9 @@ def journal_with_torn_tail(path: Path) -> bytes:
 
 def test_warm_start_from_a_journal_with_a_torn_tail_reads_it_and_never_repairs_it(tmp_path):
     """Given as FILE#STUDY, or as the name of another search (whose own journal it is): read, not repaired."""
-    from tuner.record import RECORD_FILE, SearchRecord
-    from tuner.spaces import SearchSpace
-    from tuner.study import warm_start_trials
+    from tuner.space.record import RECORD_FILE, SearchRecord
+    from tuner.space.search_space import SearchSpace
+    from tuner.study.journal import warm_start_trials
 
     journal = tmp_path / "old" / "optuna_journal.log"
     journal.parent.mkdir()
@@ -459,7 +459,7 @@ def fake_experiment(storage: Path, name: str = "exp") -> Path:
     params, results and error.txt), written directly: report and export read these plain files only."""
     import json
 
-    from tuner.record import RECORD_FILE, SearchRecord
+    from tuner.space.record import RECORD_FILE, SearchRecord
 
     exp = storage / name
     exp.mkdir(parents=True)

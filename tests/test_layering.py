@@ -24,8 +24,14 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def module_files(package: str) -> dict[str, Path]:
+    """{dotted module name: file} for a package and its subpackages (their __init__ files left out)."""
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts): p
+            for p in sorted((ROOT / package).rglob("*.py")) if p.stem != "__init__"}
+
+
 def package_graph(package: str) -> dict[str, set[str]]:
-    modules = {f"{package}.{p.stem}": p for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
+    modules = module_files(package)
     return {m: {n for n in imported_modules(p) if n in modules and n != m} for m, p in modules.items()}
 
 
@@ -54,22 +60,51 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_tuner_imports_have_no_cycle():
     graph = package_graph("tuner")
-    assert len(graph) >= 10 and graph["tuner.export"]  # the check really reads the package
+    assert len(graph) >= 10 and graph["tuner.results.export"]  # the check really reads the package
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
 
 
 def test_cycle_finder_finds_a_cycle():
     graph = package_graph("tuner")
-    graph["tuner.record"] = graph["tuner.record"] | {"tuner.export"}  # export → results → record → export
+    graph["tuner.space.record"] = graph["tuner.space.record"] | {"tuner.results.export"}  # export → results → record → export
     cycle = find_cycle(graph)
-    assert cycle is not None and cycle[0] == cycle[-1] and "tuner.record" in cycle
+    assert cycle is not None and cycle[0] == cycle[-1] and "tuner.space.record" in cycle
+
+
+# The service's parts, in the order they may import each other (tuner/__init__.py); api, commands and cli on top.
+PARTS = ["tuner.space", "tuner.study", "tuner.results", "tuner.tracking", "tuner.run"]
+TOP = {"tuner.api", "tuner.commands", "tuner.cli"}
+
+
+def part_of(module: str) -> str:
+    return module if module in TOP else ".".join(module.split(".")[:2])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports from a part into a later part (or into the top): what the order forbids."""
+    rank = {part: i for i, part in enumerate(PARTS)} | {m: len(PARTS) for m in TOP}
+    return [f"{m} imports {n}" for m, names in sorted(graph.items()) for n in sorted(names)
+            if rank[part_of(n)] > rank[part_of(m)]]
+
+
+def test_tuner_parts_import_in_one_order():
+    graph = package_graph("tuner")
+    assert {part_of(m) for m in graph} == set(PARTS) | TOP  # every module sits in a part
+    assert "tuner.space.search_space" in graph["tuner.run.trial"]  # the check reads real imports
+    assert upward_imports(graph) == []
+
+
+def test_the_order_check_finds_an_upward_import():
+    graph = package_graph("tuner")
+    graph["tuner.space.fidelity"] = graph["tuner.space.fidelity"] | {"tuner.run.driver"}
+    assert upward_imports(graph) == ["tuner.space.fidelity imports tuner.run.driver"]
 
 
 def test_trial_needs_no_searcher_and_readers_need_no_tuner_wiring():
     graph = package_graph("tuner")
-    assert "tuner.searcher" not in graph["tuner.trial"]  # result keys come from tuner.keys
-    for reader in ("tuner.results", "tuner.export", "tuner.report", "tuner.plots", "tuner.record"):
-        assert "tuner.search" not in graph[reader], reader
+    assert "tuner.study.searcher" not in graph["tuner.run.trial"]  # result keys come from tuner.study.keys
+    for reader in ("tuner.results.experiment", "tuner.results.export", "tuner.results.report", "tuner.results.plots", "tuner.space.record"):
+        assert "tuner.run.driver" not in graph[reader], reader
 
 
 def test_trainers_import_no_ray_optuna_or_wandb():
@@ -132,7 +167,7 @@ def _table():
 
 
 def _core_files():
-    return [p for package in ("trainers", "tuner") for p in sorted((ROOT / package).glob("*.py"))
+    return [p for package in ("trainers", "tuner") for p in module_files(package).values()
             if p.name != "verifiers.py"]
 
 
@@ -231,10 +266,10 @@ OPTUNA_VERDICTS = {"COMPLETE", "PRUNED", "FAIL"}
 
 
 def verdict_offenders(root: Path = ROOT) -> list[str]:
-    """Places outside tuner/verdict.py that decide how a trial ended: a status name written out, Optuna's
+    """Places outside tuner/study/verdict.py that decide how a trial ended: a status name written out, Optuna's
     COMPLETE/PRUNED/FAIL produced (returned or assigned; comparing is reading), a 'diverged: ' reason built, epochs at target counted."""
     offenders = []
-    for path in sorted((root / "tuner").glob("*.py")):
+    for path in sorted((root / "tuner").rglob("*.py")):
         if path.name == "verdict.py":
             continue
         tree = ast.parse(path.read_text(), str(path))
@@ -256,7 +291,7 @@ def verdict_offenders(root: Path = ROOT) -> list[str]:
 
 def test_only_verdict_decides_how_a_trial_ended():
     assert verdict_offenders() == []
-    verdict = (ROOT / "tuner" / "verdict.py").read_text()
+    verdict = (ROOT / "tuner" / "study" / "verdict.py").read_text()
     assert "def trial_status" in verdict and "def optuna_verdict" in verdict and "class TargetEpochCounter" in verdict
 
 
@@ -265,7 +300,7 @@ def test_verdict_check_finds_a_second_decider(tmp_path):
     import shutil
     copy = tmp_path / "tuner"
     shutil.copytree(ROOT / "tuner", copy)
-    with open(copy / "searcher.py", "a") as f:
+    with open(copy / "study" / "searcher.py", "a") as f:
         f.write("\n\ndef own_verdict(result):\n    return TrialState.PRUNED if result else 'failed'\n")
     offenders = verdict_offenders(tmp_path)
     assert any("TrialState.PRUNED" in o for o in offenders) and any("'failed'" in o for o in offenders)

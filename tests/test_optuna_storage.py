@@ -24,10 +24,10 @@ import ray
 import yaml
 from optuna.trial import TrialState
 
-from tuner.record import SearchError, read_record
-from tuner.results import load_search, load_study
-from tuner.search import prepare_search, run_search
-from tuner.study import JOURNAL_FILE, WARM_START_FROM, distributions_at
+from tuner.space.record import SearchError, read_record
+from tuner.results.experiment import load_search, load_study
+from tuner.run.driver import prepare_search, run_search
+from tuner.study.journal import JOURNAL_FILE, WARM_START_FROM, distributions_at
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {
@@ -173,7 +173,7 @@ def test_bad_study_inputs_are_one_line_errors(searches, kwargs, message):
 
 
 def test_an_experiment_from_before_the_storage_still_exports_and_says_why_it_has_no_study(searches, tmp_path):
-    from tuner.export import export_search
+    from tuner.results.export import export_search
 
     old = tmp_path / "results"
     shutil.copytree(Path(searches["storage"]) / "warm", old / "warm")
@@ -196,9 +196,9 @@ def finished(value: float) -> dict:
 def test_restore_reconciles_a_snapshot_older_than_the_storage(tmp_path):
     """What a kill -9 can leave: trial `a` told after the last snapshot, trial `c` asked after it. The
     restored searcher tells nothing twice and hands `c`'s Optuna trial to the next new Ray trial."""
-    from tuner.searcher import HonestOptunaSearch
-    from tuner.spaces import SearchSpace
-    from tuner.study import open_journal
+    from tuner.study.searcher import HonestOptunaSearch
+    from tuner.space.search_space import SearchSpace
+    from tuner.study.journal import open_journal
 
     space = SearchSpace.from_dict(SPACE, name="s")
     journal = tmp_path / JOURNAL_FILE
@@ -227,7 +227,7 @@ def test_restore_reconciles_a_snapshot_older_than_the_storage(tmp_path):
 
 
 def test_a_torn_last_journal_line_is_cut_before_the_next_append(tmp_path):
-    from tuner.study import open_journal
+    from tuner.study.journal import open_journal
 
     journal = tmp_path / JOURNAL_FILE
     optuna.create_study(study_name="s", storage=open_journal(journal)).add_trial(

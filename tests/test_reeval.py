@@ -1,4 +1,4 @@
-"""Re-evaluation (tuner/reeval.py): the best points raced on more seeds, ranked by their mean.
+"""Re-evaluation (tuner/study/reeval.py): the best points raced on more seeds, ranked by their mean.
 
 Hand-computed statistics and plans first, then the ranking on a search read back from constructed trials, the
 scheduler leaving re-evaluations alone, and a real small search on real MNIST whose report, export and Optuna
@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from trainers.config import ConfigError
-from tuner.keys import CONFIG_OF
-from tuner.record import SearchRecord, read_space_file
-from tuner.reeval import ReevalPlan, Score, binomial_se, check_reeval, within_one_se
-from tuner.results import Search, TrialRecord, seed_notes, seed_summary
+from tuner.study.keys import CONFIG_OF
+from tuner.space.record import SearchRecord, read_space_file
+from tuner.study.reeval import ReevalPlan, Score, binomial_se, check_reeval, within_one_se
+from tuner.results.experiment import Search, TrialResult, seed_notes, seed_summary
 
 
 def test_score_by_hand():
@@ -68,7 +68,7 @@ def search_of(values: dict[str, list[float]], order: list[str], defaults_point: 
         params = raw["defaults"] if point == defaults_point else {**raw["defaults"], "lr": 1e-3 + n * 1e-5}
         for offset, v in enumerate(values[point]):
             tid = point if offset == 0 else f"{point}-r{offset}"
-            trials.append(TrialRecord(tid, "finished", dict(params), [{"epoch": 6, "epochs": 6, "ibp_err": v}],
+            trials.append(TrialResult(tid, "finished", dict(params), [{"epoch": 6, "epochs": 6, "ibp_err": v}],
                                       order=n, config_of=point, seed_offset=offset))
             n += 1
     return Search("s", Path("/nonexistent"), record, trials)
@@ -100,7 +100,7 @@ def test_the_scheduler_never_stops_a_reevaluation():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from tuner.schedulers import WarmupAwareASHA
+    from tuner.run.schedulers import WarmupAwareASHA
 
     sched = WarmupAwareASHA(metric="ibp_err", mode="min", max_epochs_at_target=9)
     good, bad = Trial("t", stub=True), Trial("t", stub=True)
@@ -120,10 +120,10 @@ def test_a_real_search_races_its_best_points_and_every_reader_agrees(data_dir, t
     import optuna
 
     import certtune
-    from tuner.export import export_search
-    from tuner.report import report_search
-    from tuner.results import load_search
-    from tuner.study import load_search_study
+    from tuner.results.export import export_search
+    from tuner.results.report import report_search
+    from tuner.results.experiment import load_search
+    from tuner.study.journal import load_search_study
 
     storage = tmp_path / "st"
     certtune.search("mnist_tiny", {"data.subset": 1000, "data.val_size": 300}, name="race", num_samples=6,

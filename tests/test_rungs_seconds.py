@@ -1,11 +1,11 @@
-"""Rungs in seconds at the target ε (tuner/schedulers.py): trials of different cost per epoch meet at their rungs
+"""Rungs in seconds at the target ε (tuner/run/schedulers.py): trials of different cost per epoch meet at their rungs
 after equal compute. Driven result by result on Ray's own Trial objects, as tests/test_scheduler_searcher.py does."""
 import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from trainers.config import ConfigError
-from tuner.schedulers import SECONDS_AT_TARGET, WarmupAwareASHA, default_rungs, make_scheduler
+from tuner.run.schedulers import SECONDS_AT_TARGET, WarmupAwareASHA, default_rungs, make_scheduler
 
 
 def result(epoch: int, seconds_per_epoch: float, ramp: int, err: float) -> dict:
@@ -61,7 +61,7 @@ def test_rungs_flags_and_defaults():
 
 def test_trial_cost_by_hand():
     from trainers.config import TrainConfig
-    from tuner.costs import STEP_COST, trial_cost
+    from tuner.space.costs import STEP_COST, trial_cost
 
     cfg = TrainConfig.from_dict({"method": "crown-ibp", "epochs": 10, "batch_size": 100, "lr_milestones": [8],
                                  "schedule": {"start": 2, "length": 3}, "data": {"subset": 1000}}).resolve()
@@ -81,7 +81,7 @@ def test_a_search_over_two_methods_of_different_cost_meets_at_equal_seconds(data
     space searching `method`, the trials report their seconds at target, and a STAPS epoch costs more of them,
     so at a rung in seconds it has trained fewer epochs (the rule itself: the tests above)."""
     import certtune
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
 
     certtune.search(SPACE, name="cost", num_samples=2, max_concurrent=1, data_dir=str(data_dir),
                     storage=str(tmp_path), grace_seconds=0.01, echo=False)

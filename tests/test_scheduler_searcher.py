@@ -21,9 +21,9 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler  # noqa:
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from trainers.config import ConfigError  # noqa: E402
-from tuner.schedulers import TargetEpochCounter, WarmupAwareASHA, make_scheduler  # noqa: E402
-from tuner.keys import FAIL_REASON, RAY_TRIAL_ID  # noqa: E402
-from tuner.searcher import HonestOptunaSearch  # noqa: E402
+from tuner.run.schedulers import TargetEpochCounter, WarmupAwareASHA, make_scheduler  # noqa: E402
+from tuner.study.keys import FAIL_REASON, RAY_TRIAL_ID  # noqa: E402
+from tuner.study.searcher import HonestOptunaSearch  # noqa: E402
 
 EPOCHS = 9          # rungs at 1, 3, 9 epochs (at target) with grace 1, rf 3
 EPS_TARGET = 0.3

@@ -102,8 +102,8 @@ def test_optuna_study_saved_with_the_experiment_matches_the_trials(searched):
     import optuna
     from optuna.trial import TrialState
 
-    from tuner.results import load_study
-    from tuner.spaces import load_space
+    from tuner.results.experiment import load_study
+    from tuner.space.search_space import load_space
 
     study = load_study(searched["exp"])
     assert isinstance(study.sampler, optuna.samplers.TPESampler)
@@ -131,7 +131,7 @@ def test_optuna_study_saved_with_the_experiment_matches_the_trials(searched):
 def best_complete_trial(exp: Path):
     from optuna.trial import TrialState
 
-    from tuner.results import load_study
+    from tuner.results.experiment import load_study
 
     complete = [t for t in load_study(exp).trials if t.state == TrialState.COMPLETE]
     return min(complete, key=lambda t: (t.value, t.number))
@@ -148,7 +148,7 @@ def trained_config(trial_dir: Path):
 def test_trial_config_is_the_space_point_with_the_overrides(searched):
     """One code path: the config a trial trained with is space.to_train_config(its params) + overrides."""
     from trainers.config import TrainConfig
-    from tuner.record import SearchRecord
+    from tuner.space.record import SearchRecord
 
     record = SearchRecord.from_json((searched["exp"] / "certtune_search.json").read_text())
     checked = 0
@@ -188,8 +188,8 @@ def test_export_verify_ranks_the_top_trials_by_a_stronger_verifier_on_validation
     import csv
 
     import trainers.verify as verify_module
-    from tuner.export import export_search
-    from tuner.results import load_search
+    from tuner.results.export import export_search
+    from tuner.results.experiment import load_search
     from trainers.verify import verifier_options, verify_checkpoint
 
     real_load_splits = verify_module.load_splits
@@ -241,7 +241,7 @@ def test_export_verify_ranks_the_top_trials_by_a_stronger_verifier_on_validation
 
 
 def load_study_trials(exp: Path):
-    from tuner.results import load_study
+    from tuner.results.experiment import load_study
 
     return load_study(exp).trials
 
@@ -258,9 +258,9 @@ def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(
     import hashlib
 
     from trainers.config import TrainConfig
-    from tuner.results import trial_status
+    from tuner.results.experiment import trial_status
 
-    from tuner.record import SearchRecord
+    from tuner.space.record import SearchRecord
 
     exp = searched["exp"]
     record = SearchRecord.from_json((exp / "certtune_search.json").read_text())
@@ -306,9 +306,9 @@ def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(
 
 
 def test_wandb_search_run_holds_the_report_table(searched):
-    from tuner.report import ordered_trials, report_search, trial_rows
-    from tuner.results import load_search
-    from tuner.search_run import table_rows
+    from tuner.results.report import ordered_trials, report_search, trial_rows
+    from tuner.results.experiment import load_search
+    from tuner.tracking.search_run import table_rows
 
     exp = searched["exp"]
     _, (run,) = trial_and_search_runs(exp)
@@ -328,7 +328,7 @@ def test_wandb_search_run_holds_the_report_table(searched):
 
 
 def test_no_trial_diverged_or_failed_and_no_api_key_is_needed(searched):
-    from tuner.results import trial_status
+    from tuner.results.experiment import trial_status
 
     for d in trial_dirs(searched["exp"]):
         rows = result_rows(d)
@@ -350,7 +350,7 @@ DIVERGING_SPACE = {
 def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, data_dir):
     from optuna.trial import TrialState
 
-    from tuner.results import load_study
+    from tuner.results.experiment import load_study
 
     space = tmp_path / "diverging.yaml"
     space.write_text(yaml.safe_dump(DIVERGING_SPACE))
@@ -379,8 +379,8 @@ def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, dat
 
 # ---- W&B settings without a search ------------------------------------------------------------------
 def test_wandb_is_offline_without_a_key_and_the_key_never_reaches_the_experiment(tmp_path, monkeypatch):
-    from tuner import tracking
-    from tuner.record import SearchRecord
+    from tuner.tracking.trial_runs import trial_runs as tracking
+    from tuner.space.record import SearchRecord
 
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.setenv(var, "")  # records the original value, so the test leaves the environment as it was
@@ -507,7 +507,7 @@ def test_resume_of_an_unknown_search_is_one_line_and_exit_2(tmp_path):
 
 
 def test_resource_and_objective_parsing():
-    from tuner.search import SearchError, parse_resources
+    from tuner.run.driver import SearchError, parse_resources
 
     assert parse_resources("cpu=2,gpu=0.5") == {"cpu": 2, "gpu": 0.5}
     assert parse_resources("gpu=1") == {"cpu": 1, "gpu": 1}
@@ -517,9 +517,9 @@ def test_resource_and_objective_parsing():
 
 
 def test_max_epochs_at_target_is_the_longest_possible_time_at_target():
-    from tuner.record import space_with_overrides
-    from tuner.search import max_epochs_at_target
-    from tuner.spaces import load_space
+    from tuner.space.record import space_with_overrides
+    from tuner.run.driver import max_epochs_at_target
+    from tuner.space.search_space import load_space
 
     raw = yaml.safe_load((REPO / "search_spaces" / "mnist_tiny.yaml").read_text())
     space = load_space("mnist_tiny")

@@ -124,7 +124,7 @@ def test_deterministic_input_failures_are_one_line_before_ray(tmp_path, data_dir
     empty.mkdir(parents=True)
     other = work / "other"  # a search beside --storage that `../other` would reach
     other.mkdir()
-    from tuner.record import RECORD_FILE, SearchRecord
+    from tuner.space.record import RECORD_FILE, SearchRecord
 
     (other / RECORD_FILE).write_text(SearchRecord("other", "x.yaml", {}, ["ibp_err"], ["min"], "none", 1, 1,
                                                   {"cpu": 1, "gpu": 0}, str(data_dir)).to_json())
@@ -188,7 +188,7 @@ def test_a_trial_that_cannot_run_ends_at_once_and_a_search_of_failures_exits_non
         rows = result_rows(d)
         assert len(rows) == 1 and rows[0]["fail_reason"].startswith("data: data.subset: 99999999")
         assert not (d / "error.txt").exists()  # ended by the trial itself: Ray never retried it
-    from tuner.results import load_study
+    from tuner.results.experiment import load_study
 
     trials = load_study(exp).trials
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
@@ -245,7 +245,7 @@ def test_sigint_then_resume_with_tied_objectives_all_readers_agree(tmp_path, dat
     best = json.loads(export.stdout)["best"]["trial_id"]
     assert summary_best(resumed.stdout) == report_best(report.stdout) == best
 
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
 
     search = load_search("tie", str(storage))
     finished = search.ranked()

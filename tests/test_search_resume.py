@@ -95,7 +95,7 @@ def wait_for_finished_and_running(proc, exp: Path, timeout: float = 240) -> dict
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
     from optuna.trial import TrialState
 
-    from tuner.results import load_study
+    from tuner.results.experiment import load_study
 
     storage, name = tmp_path / "results", "interrupted"
     exp = storage / name
@@ -147,7 +147,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
     study = load_study(exp)
     # The study is in its journal file, read by Optuna itself: one trial per Ray trial (none lost, none
     # twice), none left RUNNING, each as `certtune report` reads it.
-    from tuner.results import load_search
+    from tuner.results.experiment import load_search
     journal = optuna_study(exp)
     assert [(t.number, t.state, t.values, t.params) for t in journal.trials] == \
         [(t.number, t.state, t.values, t.params) for t in study.trials]
@@ -251,8 +251,8 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     COMPLETE trial per Ray trial, none RUNNING."""
     from optuna.trial import TrialState
 
-    from tuner.results import load_search, load_study
-    from tuner.results import SUPERSEDED_FILE
+    from tuner.results.experiment import load_search, load_study
+    from tuner.results.experiment import SUPERSEDED_FILE
 
     storage, name = tmp_path / "results", "killed"
     exp = storage / name
@@ -294,9 +294,9 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     import optuna
     import shutil
 
-    from tuner.record import read_record
-    from tuner.search import set_aside_superseded
-    from tuner.study import open_storage
+    from tuner.space.record import read_record
+    from tuner.run.driver import set_aside_superseded
+    from tuner.study.journal import open_storage
 
     stray_id = "0badc0de"
     shutil.copytree(exp / f"trial_{found.trials[0].trial_id}", exp / f"trial_{stray_id}")

@@ -1,4 +1,4 @@
-"""Selection by the certificate (--select-by, tuner/selection.py): a real small search on real MNIST certifies its
+"""Selection by the certificate (--select-by, tuner/results/selection.py): a real small search on real MNIST certifies its
 top points by α-CROWN on validation when its trials end, and a constructed case shows the winner changes when
 the verifier says so: the search's best point gets a checkpoint that certifies nothing."""
 import json
@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 
-from tuner.selection import check_selection
+from tuner.results.selection import check_selection
 
 
 def test_bad_selection_flags_are_one_line():
-    from tuner.record import SearchError
+    from tuner.space.record import SearchError
 
     for args, says in [(("beta-crown", "3", None), "--select-by: 'beta-crown' is not one of"),
                        (("crown", "0", None), "--select-top: must be a whole number >= 1"),
@@ -26,10 +26,10 @@ def test_bad_selection_flags_are_one_line():
 def test_the_search_selects_by_alpha_crown_and_a_broken_best_loses(data_dir, tmp_path, ray_shut_down_after):
     import certtune
     from trainers.checkpoint import load_checkpoint, save_checkpoint
-    from tuner.export import export_search
-    from tuner.report import report_search
-    from tuner.results import SELECTION_FILE, load_search
-    from tuner.selection import select_and_record
+    from tuner.results.export import export_search
+    from tuner.results.report import report_search
+    from tuner.results.experiment import SELECTION_FILE, load_search
+    from tuner.results.selection import select_and_record
 
     storage = tmp_path / "st"
     certtune.search("mnist_tiny", {"eps": 0.01, "data.subset": 1000, "data.val_size": 300}, name="sel",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from trainers.config import TrainConfig
-from tuner.spaces import SPACES_DIR, Expr, ExprError, SpaceError, load_space
+from tuner.space.search_space import SPACES_DIR, Expr, ExprError, SpaceError, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -385,8 +385,8 @@ def test_starts_is_the_section_and_seeds_its_former_name(tmp_path, capsys):
 
 
 def test_spaces_are_built_only_by_the_space_module_and_the_record():
-    # A space is parsed and validated in tuner/spaces.py, and built from a search's record only by
-    # tuner/record.py (read_space_file, build_space: cached, once per process); every other module is handed
+    # A space is parsed and validated in tuner/space/search_space.py, and built from a search's record only by
+    # tuner/space/record.py (read_space_file, build_space: cached, once per process); every other module is handed
     # a SearchSpace, so no reader builds its own.
     import ast
 

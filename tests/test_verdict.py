@@ -1,4 +1,4 @@
-"""The verdict table (tuner/verdict.py) on hand-written results: a trial's status for readers, what Optuna is
+"""The verdict table (tuner/study/verdict.py) on hand-written results: a trial's status for readers, what Optuna is
 told, the failure reason and the epochs at target ε. No Ray, no training: the rules alone."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tuner.verdict import (COMPLETE, FAIL, FAILED, FINISHED, NO_RESULT, PENDING, PRUNED, RAISED, RUNNING, STOPPED,
+from tuner.study.verdict import (COMPLETE, FAIL, FAILED, FINISHED, NO_RESULT, PENDING, PRUNED, RAISED, RUNNING, STOPPED,
                            TargetEpochCounter, after_spent_budget, epochs_at_target, failure_reason, optuna_verdict,
                            settled_state, trial_status, values_at_target)
 

@@ -576,7 +576,7 @@ def _check_shapes(raw: _Raw, dataset: str) -> None:
 
 def train_split_size(dataset: str, data_dir: str | Path | None, cfg: DataConfig) -> int:
     """The training images left after the validation split, with no subset: what `data.subset` is a part of
-    (a subset fidelity scales the batch by its share: tuner/fidelity.py)."""
+    (a subset fidelity scales the batch by its share: tuner/space/fidelity.py)."""
     if dataset not in SHAPES:
         raise DataError(f"dataset: unknown {dataset!r}; allowed: {', '.join(SHAPES)}")
     root = resolve_data_dir(data_dir)

@@ -3,7 +3,7 @@ trains at ε(s) with the learning rate lr(s).
 
 A config gives its schedule in epochs (`schedule.start`, `schedule.length`, `lr_milestones`), whole or
 fractional: a fractional epoch is that fraction of the epoch's batches, so a run compressed to fewer epochs
-(tuner/fidelity.py) keeps every phase at the same fraction of its steps. `StepPlan` turns the epochs into
+(tuner/space/fidelity.py) keeps every phase at the same fraction of its steps. `StepPlan` turns the epochs into
 steps once; the trainer, the search and the tests read the plan, so they agree on where each phase falls.
 """
 from __future__ import annotations

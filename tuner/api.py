@@ -59,15 +59,15 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
            select_n: int | None = None, echo: bool = True):
     """`certtune search`: a space file, a shipped space name (`mnist_tiny`) or a space as a dict (the YAML's
     mapping). Every input is checked first (and, for a local search, the data is downloaded once); then the
-    trials run. Returns the search read back (tuner.results.Search: `.best()`, `.trials`, `.counts()`).
+    trials run. Returns the search read back (tuner.results.experiment.Search: `.best()`, `.trials`, `.counts()`).
     `checkpoint_every`: seconds of training between a trial's checkpoints (default 30; 0: every epoch).
-    `fidelity`: `target`, `epochs:E` or `subset:N` (tuner/fidelity.py; default: the space's). `reeval_top`,
-    `reeval_seeds`: re-evaluate the best points on more seeds at the end (tuner/reeval.py). `rungs`: "epochs"
-    or "seconds" at the target ε (tuner/schedulers.py; default seconds when the space searches `method`).
+    `fidelity`: `target`, `epochs:E` or `subset:N` (tuner/space/fidelity.py; default: the space's). `reeval_top`,
+    `reeval_seeds`: re-evaluate the best points on more seeds at the end (tuner/study/reeval.py). `rungs`: "epochs"
+    or "seconds" at the target ε (tuner/run/schedulers.py; default seconds when the space searches `method`).
     `select_by` (a verifier), `select_top`, `select_n`: pick the winner by that certificate on validation
-    (tuner/selection.py).
+    (tuner/results/selection.py).
     `echo` prints the experiment path and the summary, as the CLI does."""
-    from tuner.search import finish, prepare_search, run_search
+    from tuner.run.driver import finish, prepare_search, run_search
 
     record, storage = prepare_search(
         space, _overrides(overrides), name, num_samples, max_concurrent, _resources(resources_per_trial), scheduler,
@@ -79,7 +79,7 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
     if echo:
         print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
         if record.method_costs:
-            from tuner.costs import cost_line
+            from tuner.space.costs import cost_line
             print(f"search {record.name}: {cost_line(record.method_costs)}", flush=True)
     run_search(record, storage)
     return _finished(record, storage, echo)
@@ -87,8 +87,8 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
 
 def resume(name: str, *, storage: str | None = None, address: str | None = None, echo: bool = True):
     """`certtune resume`: continue an interrupted search; returns it read back, as `search` does."""
-    from tuner.record import normalize_storage, read_record
-    from tuner.search import resume_search
+    from tuner.space.record import normalize_storage, read_record
+    from tuner.run.driver import resume_search
 
     resume_search(name, None if storage is None else str(storage), address)
     storage = normalize_storage(None if storage is None else str(storage))
@@ -97,8 +97,8 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
 
 def _finished(record, storage: str, echo: bool):
     """The search read back once Tuner.fit returned; `finish` also logs the W&B search run."""
-    from tuner.results import load_search
-    from tuner.search import finish
+    from tuner.results.experiment import load_search
+    from tuner.run.driver import finish
 
     summary, _ = finish(record, storage)
     if echo:
@@ -112,9 +112,9 @@ def report(name: str, *, storage: str | None = None):
     of trials.csv (trial_id, status, rank, param.*, final metrics, wall_seconds, diverged, error)."""
     import pandas as pd
 
-    from tuner.export import trial_table
-    from tuner.report import ordered_trials
-    from tuner.results import load_search
+    from tuner.results.export import trial_table
+    from tuner.results.report import ordered_trials
+    from tuner.results.experiment import load_search
 
     found = load_search(name, None if storage is None else str(storage))
     header, rows = trial_table(found, ordered_trials(found))
@@ -132,8 +132,8 @@ def export(name: str, *, storage: str | None = None, out: str | Path | None = No
     returns the paths written and the best trial. With `verify` (ibp, crown-ibp, crown, alpha-crown, bab) the
     top_k trials' best checkpoints are certified on the validation split (its first `verify_n` examples; data
     from `data_dir`, default the search's) and ranked by that (verified.csv)."""
-    from tuner.export import export_search
-    from tuner.record import positive_int
+    from tuner.results.export import export_search
+    from tuner.space.record import positive_int
 
     options = None
     if verify is not None:

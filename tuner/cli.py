@@ -45,7 +45,7 @@ def is_user_error(exc: Exception) -> bool:
     user_errors = (ConfigError, UsageError, FileNotFoundError)
     # A DataError or SpaceError can only come from a module already imported (and importing the data
     # module would pull in torch just to print a config typo).
-    for module, name in (("trainers.data", "DataError"), ("tuner.spaces", "SpaceError")):
+    for module, name in (("trainers.data", "DataError"), ("tuner.space.search_space", "SpaceError")):
         if module in sys.modules:
             user_errors += (getattr(sys.modules[module], name),)
     return isinstance(exc, user_errors)

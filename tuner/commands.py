@@ -119,7 +119,7 @@ def add_search_commands(sub) -> None:
 
 def cmd_search(args) -> int:
     from tuner import api
-    from tuner.search import exit_code
+    from tuner.run.driver import exit_code
 
     return exit_code(api.search(
         args.space, parse_overrides(args.overrides), name=args.name, num_samples=args.num_samples,
@@ -135,7 +135,7 @@ def cmd_search(args) -> int:
 
 def cmd_resume(args) -> int:
     from tuner import api
-    from tuner.search import exit_code
+    from tuner.run.driver import exit_code
 
     return exit_code(api.resume(args.name, storage=args.storage, address=args.address))
 
@@ -151,7 +151,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tuner.report import report_search
+    from tuner.results.report import report_search
 
     print(report_search(args.name, args.storage), flush=True)
     return 0

@@ -8,7 +8,7 @@ the space's defaults point (the recipe a user would run without a search) are tr
 seeds each, seed offsets 1..S added to the config's seed. These runs are trials of the same experiment and
 the same Optuna study, counted in --num-samples: the search plans `num_samples - reserved` trials of its own.
 
-Every reader of a search ranks points by `Score` (tuner/results.py): the mean over a point's finished seeds
+Every reader of a search ranks points by `Score` (tuner/results/experiment.py): the mean over a point's finished seeds
 with its standard error, and a point evaluated on fewer seeds is ranked after one evaluated on more (a
 challenger has to be raced as often as the incumbent before it can replace it). docs/decisions.md says why.
 """

@@ -19,7 +19,7 @@ from trainers.config import ConfigError, TrainConfig, set_dotted
 from trainers.errors import shown
 from trainers.files import UnsafeFileError, open_lock, take_lock, write_atomic
 from trainers.input_files import parse_json, read_text
-from tuner.spaces import SearchSpace, load_space, parse_space_yaml
+from tuner.space.search_space import SearchSpace, load_space, parse_space_yaml
 
 RECORD_FILE = "certtune_search.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -47,12 +47,12 @@ class SearchRecord:
     wandb_project: str | None = None
     address: str | None = None
     sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
-    max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/budget.py); None: num_samples only
-    max_trial_seconds: float | None = None  # compute budget in device-seconds (tuner/budget.py); None: no limit
+    max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/run/budget.py); None: num_samples only
+    max_trial_seconds: float | None = None  # compute budget in device-seconds (tuner/run/budget.py); None: no limit
     seconds_device: str | None = None  # what a trial's train_seconds are weighted by: "gpu" or "cpu" (device_weight)
-    constraints: list[str] = field(default_factory=list)  # e.g. ["clean_err<=0.35"] (tuner/constraints.py)
+    constraints: list[str] = field(default_factory=list)  # e.g. ["clean_err<=0.35"] (tuner/space/constraints.py)
 
-    # Where the Optuna study lives (tuner/study.py): "journal", an RDB URL, "memory"; "" = recorded before
+    # Where the Optuna study lives (tuner/study/journal.py): "journal", an RDB URL, "memory"; "" = recorded before
     # studies had a storage (only in Ray's searcher pickle).
     study_storage: str = ""
     warm_start: str | None = None  # --warm-start: a search name in storage, or STORAGE#STUDY
@@ -60,26 +60,26 @@ class SearchRecord:
 
     wandb_artifacts: bool = False  # log each finished trial's best.pt to W&B as a model artifact
     # A trial saves a checkpoint at its last epoch and once this many seconds of training have passed since
-    # its last one (0: every epoch); tuner/trial.py CheckpointClock, docs/decisions.md.
+    # its last one (0: every epoch); tuner/run/trial.py CheckpointClock, docs/decisions.md.
     checkpoint_every_s: float = 30.0
-    # The trials' fidelity (tuner/fidelity.py): `target`, `epochs:E` or `subset:N`; the space's `fidelity`
+    # The trials' fidelity (tuner/space/fidelity.py): `target`, `epochs:E` or `subset:N`; the space's `fidelity`
     # section unless --fidelity says otherwise. Export always writes the target run.
     fidelity: str = "target"
-    # Re-evaluation (tuner/reeval.py): once the other trials have ended, the best `reeval_top` points and the
+    # Re-evaluation (tuner/study/reeval.py): once the other trials have ended, the best `reeval_top` points and the
     # space's defaults are trained again with `reeval_seeds` more seeds each, within --num-samples.
     reeval_top: int = 0
     reeval_seeds: int = 0
-    # What the warmup-aware ASHA's rungs count at the target ε (tuner/schedulers.py): "epochs", or "seconds"
+    # What the warmup-aware ASHA's rungs count at the target ε (tuner/run/schedulers.py): "epochs", or "seconds"
     # (the default for spaces that search `method`); `grace_seconds` places the first rung in seconds.
     rungs: str = "epochs"
     grace_seconds: float | None = None
-    # --select-by (tuner/selection.py): when the trials have ended, the top `select_top` points are certified by
+    # --select-by (tuner/results/selection.py): when the trials have ended, the top `select_top` points are certified by
     # this verifier on the first `select_n` validation images (all when None) and the winner picked by it.
     select_by: str | None = None
     select_top: int = 0
     select_n: int | None = None
     # A space that searches `method`: each method's trial cost relative to the first, estimated before the search
-    # from measured step costs (tuner/costs.py); {} otherwise, or when the data is not on this machine.
+    # from measured step costs (tuner/space/costs.py); {} otherwise, or when the data is not on this machine.
     method_costs: dict[str, float] = field(default_factory=dict)
     # Where the experiment was started (experiment_path). Ray's state and searcher snapshot keep absolute paths
     # to it, so `resume` runs it only there (check_location); report and export read a copy anywhere.

@@ -1,7 +1,7 @@
 """How a trial ended: the one home of the rules, read from the facts the trainer reports.
 
 A trial reports `epoch`, `epochs`, `at_target` and its objectives each epoch, and `diverged` / `fail_reason`
-when it cannot go on (tuner/trial.py). From those facts alone this module decides:
+when it cannot go on (tuner/run/trial.py). From those facts alone this module decides:
 - its status for readers (`certtune report`, export, W&B, the driver's log): `trial_status`;
 - what Optuna is told when it ends (COMPLETE, PRUNED or FAIL): `optuna_verdict`, `settled_state`;
 - its failure reason in words: `diverged_reason`, `failure_reason`;
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tuner.keys import DIVERGED, FAIL_REASON
+from tuner.study.keys import DIVERGED, FAIL_REASON
 
 # A trial's status, as every reader names it.
 FINISHED, STOPPED, FAILED, RUNNING, PENDING = "finished", "stopped", "failed", "running", "pending"

@@ -2,14 +2,14 @@
 
 Export, report, the search summary, the budget stopper and W&B tracking all read a search through this module,
 so they agree. The experiment directory `<storage>/<name>/` is read as plain files (no Ray runtime needed):
-- `certtune_search.json`: the search record (tuner/record.py);
+- `certtune_search.json`: the search record (tuner/space/record.py);
 - the newest `experiment_state-<time>.json`: Ray's status of every trial (TERMINATED, ERROR, RUNNING, ...);
 - per trial directory: `result.json` (one JSON line per reported epoch: the trainer metrics plus Ray's keys;
   read by `parse_result_lines`, which skips a line torn by a crash), `params.json` (the sampled params) and,
   for an errored trial, `error.txt`.
 
 Rules defined once here:
-- status (`trial_status`, decided in tuner/verdict.py): finished | stopped | failed | running | pending;
+- status (`trial_status`, decided in tuner/study/verdict.py): finished | stopped | failed | running | pending;
 - the best trial (`Search.sort_key`): objectives in order (each minimised or maximised per its mode), ties
   broken by the earlier creation order (Ray's trial counter), so every reader names the same best trial;
 - trial-epochs (`furthest_epoch`, `trial_epochs`): per trial the furthest epoch it reported (a retried
@@ -17,10 +17,10 @@ Rules defined once here:
 - device-seconds (`trained_seconds`, `device_seconds`): per trial the largest `train_seconds` it reported
   (the trainer keeps it across a resume, so a replay does not add), times the GPUs it holds if any, else
   its CPUs (the record's `seconds_weight`), summed over trials;
-- the spent budget of an experiment on any storage, local or URI (`spent_by_trial`), for tuner/budget.py;
+- the spent budget of an experiment on any storage, local or URI (`spent_by_trial`), for tuner/run/budget.py;
 - constraints (`Search.feasible`): a trial satisfies every `--constraint` on its last result; the best trial
   is the best feasible one when any finished trial is feasible (ranked first), with the tie-break above;
-- points and seeds (`Search.score`, tuner/reeval.py): a re-evaluation trial trains an earlier trial's point
+- points and seeds (`Search.score`, tuner/study/reeval.py): a re-evaluation trial trains an earlier trial's point
   with another seed; a point is ranked by its mean over its seeds (the trial's own value and its finished
   re-evaluations), points evaluated on more seeds first. Without re-evaluation that is the trial's value.
 """
@@ -38,19 +38,19 @@ from typing import Any, Iterable
 from trainers.config import ConfigError
 from trainers.errors import shown
 from trainers.input_files import read_text
-from tuner.constraints import parse_constraints, satisfied
-from tuner.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
-from tuner.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
+from tuner.space.constraints import parse_constraints, satisfied
+from tuner.study.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
+from tuner.space.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
                           first_line, is_uri, normalize_storage)
-from tuner.reeval import ReevalPlan, Score
-from tuner.spaces import SearchSpace, SpaceError
-# Re-exported for the readers of a search (report, export, plots): the status rules live in tuner.verdict.
-from tuner.verdict import (ENDED, FAILED, FINISHED, NO_RESULT, PENDING, STATUSES, STOPPED,  # noqa: F401
+from tuner.study.reeval import ReevalPlan, Score
+from tuner.space.search_space import SearchSpace, SpaceError
+# Re-exported for the readers of a search (report, export, plots): the status rules live in tuner.study.verdict.
+from tuner.study.verdict import (ENDED, FAILED, FINISHED, NO_RESULT, PENDING, STATUSES, STOPPED,  # noqa: F401
                            after_spent_budget, is_finite, is_number, trial_status)
 
 MAX_STATE_BYTES = 256 * 2**20  # one state file (Ray's experiment state, a trial's result.json): far above real ones
 SUPERSEDED_FILE = "certtune_superseded.json"  # in a trial directory: trained again under another id (resume)
-SELECTION_FILE = "certtune_selection.json"  # in the experiment: the --select-by choice (tuner/selection.py)
+SELECTION_FILE = "certtune_selection.json"  # in the experiment: the --select-by choice (tuner/results/selection.py)
 TRIAL_FILES = ("params.json", "result.json", "error.txt", SUPERSEDED_FILE)  # what a remote copy needs per trial
 
 
@@ -60,7 +60,7 @@ class ExportError(SearchError):
 
 
 @dataclass
-class TrialRecord:
+class TrialResult:
     """One Ray trial as export sees it. `history` holds one result per epoch (a retried trial's replayed
     epochs replace the earlier ones); `last` is the latest result."""
 
@@ -98,10 +98,10 @@ class Search:
     name: str
     path: Path  # the experiment directory read (a temporary copy for remote storage, gone after loading)
     record: SearchRecord
-    trials: list[TrialRecord]
+    trials: list[TrialResult]
     location: str = ""  # where the experiment lives: local path or URI
-    superseded: list[TrialRecord] = field(default_factory=list)  # trained again under another id: compute only
-    selection: dict | None = None  # the --select-by verifier's choice (tuner/selection.py), once made
+    superseded: list[TrialResult] = field(default_factory=list)  # trained again under another id: compute only
+    selection: dict | None = None  # the --select-by verifier's choice (tuner/results/selection.py), once made
 
     @property
     def objectives(self) -> list[str]:
@@ -120,25 +120,25 @@ class Search:
     def counts(self) -> dict[str, int]:
         return {s: sum(t.status == s for t in self.trials) for s in STATUSES}
 
-    def seeds_of(self, trial: TrialRecord) -> list[TrialRecord]:
-        """The trial and the finished re-evaluations of its point (tuner/reeval.py)."""
+    def seeds_of(self, trial: TrialResult) -> list[TrialResult]:
+        """The trial and the finished re-evaluations of its point (tuner/study/reeval.py)."""
         return [trial] + self._finished_reruns.get(trial.trial_id, [])
 
     @cached_property
-    def _finished_reruns(self) -> dict[str, list[TrialRecord]]:
+    def _finished_reruns(self) -> dict[str, list[TrialResult]]:
         """{point's trial id: its finished re-evaluations}, grouped once: ranking reads it for every point."""
-        groups: dict[str, list[TrialRecord]] = {}
+        groups: dict[str, list[TrialResult]] = {}
         for t in self.trials:
             if t.is_rerun and t.status == FINISHED:
                 groups.setdefault(t.config_of, []).append(t)
         return groups
 
-    def score(self, trial: TrialRecord, objective: str) -> Score:
+    def score(self, trial: TrialResult, objective: str) -> Score:
         """The point's mean over its seeds on `objective` (only the trial's value without re-evaluation)."""
         values = [t.value(objective) for t in self.seeds_of(trial)]
         return Score.of([v for v in values if v is not None and math.isfinite(v)])
 
-    def sort_key(self, trial: TrialRecord) -> tuple:
+    def sort_key(self, trial: TrialResult) -> tuple:
         """More seeds first (a point is compared with points raced as often), then the objectives' means in order
         (lexicographic, each minimised or maximised per its mode), then creation order."""
         signs = [1.0 if m == "min" else -1.0 for m in self.modes]
@@ -146,21 +146,21 @@ class Search:
         return ((-scores[0].n,) + tuple(math.inf if not s.n else sign * s.mean for sign, s in zip(signs, scores))
                 + (trial.order,))
 
-    def points(self) -> list[TrialRecord]:
+    def points(self) -> list[TrialResult]:
         """The trials of the search's own points (re-evaluations left out)."""
         return [t for t in self.trials if not t.is_rerun]
 
-    def feasible(self, trial: TrialRecord) -> bool:
+    def feasible(self, trial: TrialResult) -> bool:
         """Every --constraint holds on the trial's last result (True when the search has none)."""
         return satisfied(parse_constraints(self.record.constraints), trial.last)
 
-    def ranked(self, status: str = FINISHED) -> list[TrialRecord]:
+    def ranked(self, status: str = FINISHED) -> list[TrialResult]:
         """Points whose own trial has this status, those satisfying every constraint first, each group by
         sort_key (re-evaluations count in their point's score, not as points of their own)."""
         return sorted((t for t in self.points() if t.status == status),
                       key=lambda t: (not self.feasible(t),) + self.sort_key(t))
 
-    def selected(self) -> TrialRecord | None:
+    def selected(self) -> TrialResult | None:
         """The search's winner: the --select-by verifier's first point once the selection is made, else best()."""
         if self.selection and self.selection.get("points"):
             by_id = {t.trial_id: t for t in self.points()}
@@ -169,7 +169,7 @@ class Search:
                 return chosen
         return self.best()
 
-    def reruns(self) -> list[TrialRecord]:
+    def reruns(self) -> list[TrialResult]:
         return [t for t in self.trials if t.is_rerun]
 
     def planned_trials(self) -> int:
@@ -188,7 +188,7 @@ class Search:
         params = {t.trial_id: t.params for t in own}
         return len(own) + len(plan.reruns(finals, params, sign_mode))
 
-    def best(self) -> TrialRecord | None:
+    def best(self) -> TrialResult | None:
         """The best finished trial (feasible first, then sort_key: objectives, then creation order), or None.
         With constraints and no feasible finished trial it is the best infeasible one: check `feasible`."""
         ranked = self.ranked()
@@ -232,13 +232,13 @@ UNSTABLE_SPREAD = 2.0  # a recipe whose spread over seeds is more than this time
 
 def seed_summary(search: Search) -> dict | None:
     """The best point's score over seeds and what qualifies it (None if nothing finished):
-    - `close_call`: the runner-up is within one standard error (tuner/reeval.py within_one_se): the order of the
+    - `close_call`: the runner-up is within one standard error (tuner/study/reeval.py within_one_se): the order of the
       two is not settled by the seeds run;
     - `val_se`: the binomial sampling error of the best's first objective on its validation split (an error rate
       measured on `val_images` images), `val_se_ok` when it is at most VAL_SE_LIMIT;
     - `spread` and `defaults_spread`: the standard deviation over seeds of the best point and of the space's
       defaults point (when both have seeds), `unstable` when the best's is more than UNSTABLE_SPREAD times it."""
-    from tuner.reeval import binomial_se, within_one_se
+    from tuner.study.reeval import binomial_se, within_one_se
 
     ranked = search.ranked()
     if not ranked:
@@ -417,7 +417,7 @@ def download_experiment(uri: str, local: Path) -> Path:
     return local
 
 
-def read_trials(path: Path, objectives: list[str]) -> list[TrialRecord]:
+def read_trials(path: Path, objectives: list[str]) -> list[TrialResult]:
     """Every trial of the experiment: those in Ray's newest experiment state, then any other trial directory.
     Every path read is inside the experiment (`inside`), whatever the state file or a link says."""
     state = read_experiment_state(path)
@@ -496,7 +496,7 @@ def creation_order(info: dict, fallback: int) -> int:
 
 
 def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path | None, state_last: dict,
-               error_file: Path | None, order: int, ended_at: float | None, objectives: list[str]) -> TrialRecord:
+               error_file: Path | None, order: int, ended_at: float | None, objectives: list[str]) -> TrialResult:
     params = config
     if logdir is not None and (logdir / "params.json").is_file():
         params = _read_json(logdir / "params.json", config)
@@ -506,7 +506,7 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     if state_last and (not rows or _later(state_last, rows[-1])):
         rows = rows + [state_last]  # result.json lost its tail: Ray's state still knows the last result
     history = epoch_history(rows)
-    trial = TrialRecord(str(trial_id), PENDING, dict(params), history, order,
+    trial = TrialResult(str(trial_id), PENDING, dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
                         epochs_run=furthest_epoch(rows), seconds_run=trained_seconds(rows),
                         dirname=logdir.name if logdir is not None else None,
@@ -563,7 +563,7 @@ def _later(state_last: dict, last_row: dict) -> bool:
         and state_last["epoch"] > last_row["epoch"]
 
 
-def check_trial_params(trials: list[TrialRecord], space: SearchSpace, path: Path) -> None:
+def check_trial_params(trials: list[TrialResult], space: SearchSpace, path: Path) -> None:
     """Each trial's params (its params.json) are a point of the search's space: a tampered params.json is
     named here, not blamed later on the space file by a config built from it."""
     for t in trials:
@@ -600,8 +600,8 @@ def last_line(path: Path) -> str:
 # ---- the Optuna study ---------------------------------------------------------------------------------
 def load_study(experiment_dir: str | Path):
     """The Optuna study of a (local) experiment, loaded from its Optuna storage with `optuna.load_study`
-    (tuner/study.py); never from Ray's searcher pickle. SearchError for a search that predates the storage."""
-    from tuner.study import load_search_study
+    (tuner/study/journal.py); never from Ray's searcher pickle. SearchError for a search that predates the storage."""
+    from tuner.study.journal import load_search_study
 
     experiment_dir = Path(experiment_dir)
     record = SearchRecord.from_json(read_text(experiment_dir / RECORD_FILE, MAX_RECORD_BYTES, RECORD_FILE),

@@ -24,7 +24,7 @@ What a trial's run holds (`TrialWandbCallback.log_trial_start`, `TrialLoggingAct
   exit code 1 for a failed trial, so W&B shows its run as failed;
 - with `--wandb-artifacts`, a finished trial's `best.pt` as a `model` artifact (it travels in the trial's last
   checkpoint, so it reaches the driver from any node).
-The search itself gets a run too (tuner/search_run.py): the trials table `certtune report` prints.
+The search itself gets a run too (tuner/tracking/search_run.py): the trials table `certtune report` prints.
 
 The API key is never passed as an argument (Ray would pickle it into the experiment's `tuner.pkl`); W&B and
 Ray read it from `WANDB_API_KEY` or `~/.netrc` themselves.
@@ -38,9 +38,9 @@ from urllib.parse import urlparse
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
-from tuner.outcome import ending
-from tuner.results import is_number, parse_result_lines
-from tuner.verdict import FAILED, FINISHED
+from tuner.tracking.outcome import ending
+from tuner.results.experiment import is_number, parse_result_lines
+from tuner.study.verdict import FAILED, FINISHED
 
 DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -142,7 +142,7 @@ class TrialWandbCallback(WandbLoggerCallback):
 def run_config(record, params: dict) -> dict:
     """A trial run's W&B config: the resolved training config the trial trains with (as its config.yaml:
     base, sampled and derived values), the sampled params as `searched`, and what the search is."""
-    from tuner.spaces import SpaceError
+    from tuner.space.search_space import SpaceError
     from trainers.config import ConfigError
 
     searched = {k: v for k, v in params.items() if k != "callbacks"}

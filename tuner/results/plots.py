@@ -8,9 +8,9 @@ from pathlib import Path
 
 from trainers.schedules import EpsSchedule, first_target_epoch, last_reg_epoch, reg_weight
 from trainers.verifiers import per_epoch_metrics
-from tuner.results import Search, TrialRecord, counts_text, is_finite, is_number
-from tuner.spaces import SearchSpace
-from tuner.verdict import FINISHED, STOPPED
+from tuner.results.experiment import Search, TrialResult, counts_text, is_finite, is_number
+from tuner.space.search_space import SearchSpace
+from tuner.study.verdict import FINISHED, STOPPED
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 NOMINAL_STEPS_PER_EPOCH = 100
@@ -108,7 +108,7 @@ def plot_importances(search: Search, space: SearchSpace, path: Path) -> str:
     return _save(fig, path)
 
 
-def param_importances(search: Search, space: SearchSpace, trials: list[TrialRecord]) -> dict[str, float]:
+def param_importances(search: Search, space: SearchSpace, trials: list[TrialResult]) -> dict[str, float]:
     """Rebuild the finished trials as an in-memory Optuna study and ask Optuna for importances."""
     import optuna
 
@@ -129,7 +129,7 @@ def distribution(space: SearchSpace, name: str, points: list[dict]):
     (`high: epochs - schedule.start`) differs between trials; the union of their ranges is used."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from tuner.spaces import ExprError
+    from tuner.space.search_space import ExprError
 
     p = space.params[name]
     if p.type == "categorical":
@@ -153,7 +153,7 @@ def distribution(space: SearchSpace, name: str, points: list[dict]):
     return FloatDistribution(float(low), float(high), log=p.type == "loguniform")
 
 
-def plot_schedules(search: Search, space: SearchSpace, trial: TrialRecord, path: Path) -> str:
+def plot_schedules(search: Search, space: SearchSpace, trial: TrialResult, path: Path) -> str:
     """Left: the best trial's ε and λ per training batch (from its config, with the trainer's schedule code).
     Right: its validation errors per epoch (from its results)."""
     cfg = space.config_of(trial.params)
@@ -200,7 +200,7 @@ def plot_schedules(search: Search, space: SearchSpace, trial: TrialRecord, path:
     return _save(fig, path)
 
 
-def plot_pareto(search: Search, front: list[TrialRecord], path: Path) -> str:
+def plot_pareto(search: Search, front: list[TrialResult], path: Path) -> str:
     """Finished trials over the first two objectives, the Pareto front highlighted."""
     o0, o1 = search.objectives[:2]
     finished = search.ranked()

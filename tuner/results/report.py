@@ -1,6 +1,6 @@
 """`certtune report NAME`: a terminal summary of a search, finished or still running.
 
-Reads the experiment with tuner/results.py, as `certtune export` and the search summary do; writes nothing.
+Reads the experiment with tuner/results/experiment.py, as `certtune export` and the search summary do; writes nothing.
 Shows how many trials are running, finished, stopped and failed, then a table of the top trials: finished
 ones ranked by their final objective(s) (ties: the earlier-created trial first), then running, early-stopped
 (their values are truncated, marked *), failed and pending ones. Also both budgets (spent, of their limits),
@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tuner.results import STATUSES, Search, TrialRecord, load_search, seed_notes, seed_summary
-from tuner.selection import selection_lines
-from tuner.verdict import FAILED, FINISHED, PENDING, RUNNING, STOPPED, failure_reason
+from tuner.results.experiment import STATUSES, Search, TrialResult, load_search, seed_notes, seed_summary
+from tuner.results.selection import selection_lines
+from tuner.study.verdict import FAILED, FINISHED, PENDING, RUNNING, STOPPED, failure_reason
 
 TOP = 10
 ROW_ORDER = (FINISHED, RUNNING, STOPPED, FAILED, PENDING)
@@ -38,7 +38,7 @@ def format_report(search: Search, top: int = TOP) -> str:
              f"experiment: {search.location}",
              f"budget: {search.budget_text()}"]
     if record.method_costs:
-        from tuner.costs import cost_line
+        from tuner.space.costs import cost_line
         lines.append(cost_line(record.method_costs))
     if record.reeval_top:
         reruns = search.reruns()
@@ -67,13 +67,13 @@ def format_report(search: Search, top: int = TOP) -> str:
     return "\n".join(lines)
 
 
-def ordered_trials(search: Search) -> list[TrialRecord]:
+def ordered_trials(search: Search) -> list[TrialResult]:
     """Finished points ranked by objective(s) (their mean over seeds), then the other points by status, each
     group by objective, then the re-evaluation trials in the order they were created."""
     return [t for status in ROW_ORDER for t in search.ranked(status)] + search.reruns()
 
 
-def trial_rows(search: Search, trials: list[TrialRecord]) -> tuple[list[str], list[list[str]]]:
+def trial_rows(search: Search, trials: list[TrialResult]) -> tuple[list[str], list[list[str]]]:
     shown = list(search.objectives) + (["clean_err"] if "clean_err" not in search.objectives else [])
     constrained = bool(search.record.constraints)
     seeds = bool(search.record.reeval_top)

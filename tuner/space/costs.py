@@ -4,7 +4,7 @@ STEP_COST is a training step of each method in natural (clean, non-certified) st
 --methods` on cnn_small / MNIST, batch 128, 2 CPU threads, mid-ramp (ε at half the target, the preset's
 regularizers on), bench/results/step_cost_methods_cpu_quiet.json (docs/benchmarks.md). Ratios travel between
 machines better than seconds; on a GPU they differ (the attacks of SABR and TAPS weigh less there), so a
-search's rungs in seconds (tuner/schedulers.py) use what the trials measure, and this table serves planning:
+search's rungs in seconds (tuner/run/schedulers.py) use what the trials measure, and this table serves planning:
 the search prints it when it searches `method`, and `report` repeats it, so a budget can be sized before the
 trials run. CROWN-IBP costs its figure during the ramp only; at the target ε it trains with IBP (vanilla's cost).
 """

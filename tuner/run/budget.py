@@ -4,7 +4,7 @@ One trial-epoch is one epoch of one trial, the unit ASHA saves and the unit in w
 compared (bench/search_quality.py). A device-second is one second of a trial's training (its reported
 `train_seconds`) times the devices it holds: its GPUs if it holds any, else its CPUs (SearchRecord.seconds_weight),
 so a CROWN-IBP epoch costs what it really costs. The budget counts, per trial, the furthest epoch and the
-largest `train_seconds` it has reported (tuner/results.py), and stops the whole experiment once either sum
+largest `train_seconds` it has reported (tuner/results/experiment.py), and stops the whole experiment once either sum
 reaches its limit: no new trial starts and the running ones stop (they end as early-stopped, so they are
 never exported as best). The trial whose result spends the budget is asked to stop through Ray's normal path,
 but Ray ends the experiment's running trials without telling the searcher (Ray 2.60), so those Optuna trials
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ray.tune import Stopper
 
-from tuner.results import device_seconds, furthest_epoch, read_results, spent_by_trial, trained_seconds, trial_epochs
+from tuner.results.experiment import device_seconds, furthest_epoch, read_results, spent_by_trial, trained_seconds, trial_epochs
 
 
 def epochs_reported(trial_dir: Path) -> int:

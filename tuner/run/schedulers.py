@@ -12,8 +12,8 @@ from __future__ import annotations
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from trainers.config import ConfigError
-from tuner.keys import CONFIG_OF
-from tuner.verdict import TargetEpochCounter, is_finite_float
+from tuner.study.keys import CONFIG_OF
+from tuner.study.verdict import TargetEpochCounter, is_finite_float
 
 EPOCHS_AT_TARGET = "epochs_at_target"
 SECONDS_AT_TARGET = "seconds_at_target"
@@ -152,7 +152,7 @@ def default_rungs(searched: list[str]) -> str:
 
 
 def is_rerun(trial) -> bool:
-    """A re-evaluation trial (tuner/reeval.py): its config names the trial whose point it trains again."""
+    """A re-evaluation trial (tuner/study/reeval.py): its config names the trial whose point it trains again."""
     return CONFIG_OF in (getattr(trial, "config", None) or {})
 
 

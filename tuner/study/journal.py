@@ -27,11 +27,11 @@ from typing import Any
 
 from trainers.config import ConfigError
 from trainers.input_files import read_bytes
-from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
-from tuner.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
+from tuner.study.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
+from tuner.space.record import (SearchError, SearchRecord, check_name, experiment_path, first_line, is_uri,
                           read_record)
-from tuner.spaces import SearchSpace, SpaceError
-from tuner.verdict import ENDED, FAILED, failure_reason, settled_state, values_at_target
+from tuner.space.search_space import SearchSpace, SpaceError
+from tuner.study.verdict import ENDED, FAILED, failure_reason, settled_state, values_at_target
 
 JOURNAL_FILE = "optuna_journal.log"
 WARM_START_FROM = "warm_start_from"  # user attr of a trial copied from an earlier study: "<study>@<storage>"
@@ -258,7 +258,7 @@ def load_search_study(record: SearchRecord, root: str):
 def settle_study(record: SearchRecord, root: str, trials: list) -> int:
     """Tell the storage how trials ended that Ray ended without telling the searcher: when the trial-epoch
     budget stops the experiment, the trials still running are stopped (PRUNED, with the values they reached
-    at target ε), and Ray does not call the searcher for them. `trials` are tuner.results TrialRecords (the
+    at target ε), and Ray does not call the searcher for them. `trials` are tuner.results.experiment TrialRecords (the
     report's reading); only ended ones are told, so an interrupted search keeps its open trials for
     `certtune resume`. Returns how many were told."""
     from optuna.trial import TrialState
@@ -396,8 +396,8 @@ def warm_start_trials(spec: str, root: str, space: SearchSpace, objectives: list
     return out
 
 
-class _Recorder:
-    """Stands in for an Optuna trial while a space suggests: answers with the given values and records the
+class _DistributionProbe:
+    """Stands in for an Optuna trial while a space suggests: answers with the given values and notes the
     distribution of each suggest call (what this space would sample at that point)."""
 
     def __init__(self, values: dict[str, Any]):
@@ -422,12 +422,12 @@ class _Recorder:
 
 def distributions_at(space: SearchSpace, values: dict[str, Any]) -> dict[str, Any]:
     """{param: Optuna distribution} this space samples from at the point `values` (active params only)."""
-    recorder = _Recorder(values)
+    probe = _DistributionProbe(values)
     try:
-        space.suggest(recorder)
+        space.suggest(probe)
     except SpaceError:
         pass  # bounds empty at this point: the params recorded so far are compared
-    return recorder.distributions
+    return probe.distributions
 
 
 def train_config_dict(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The search-level W&B run: the trials table `certtune report` prints, and the search's counts and best trial.
 
-Logged by the driver when a search or resume ends (tuner/search.py `finish`), in the same project and group as
+Logged by the driver when a search or resume ends (tuner/run/driver.py `finish`), in the same project and group as
 the trials' runs, `job_type="search"`. Its id is derived from the search name and where the experiment lives,
 with `resume="allow"`: after `certtune resume` the same run gets the table again, now complete (the table is
 logged at step = the trial-epochs spent, so a later, fuller table is a later step). Offline files go to
@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tuner.record import is_uri
-from tuner.report import ordered_trials, trial_rows
-from tuner.results import Search
-from tuner.tracking import wandb_mode
-from tuner.verdict import failure_reason
+from tuner.space.record import is_uri
+from tuner.results.report import ordered_trials, trial_rows
+from tuner.results.experiment import Search
+from tuner.tracking.trial_runs import wandb_mode
+from tuner.study.verdict import failure_reason
 
 TABLE = "trials"
 

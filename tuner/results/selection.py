@@ -4,8 +4,8 @@ A search ranks its trials by what they measured every epoch, usually the IBP-ver
 cheap, and loose for methods that α-CROWN or BaB certify far better (docs/benchmarks.md: by IBP `fast` wins;
 by α-CROWN and BaB at ε = 0.1 the newer methods do). A user who will certify with α-CROWN wants the winner by
 α-CROWN. So, when the trials have ended, the search certifies its top `select_top` points on the validation
-split with that verifier (their best.pt, as `export --verify` does: tuner/rerank.py), every seed of a point
-when it was re-evaluated (tuner/reeval.py), and picks the winner by the verified error, the mean over seeds.
+split with that verifier (their best.pt, as `export --verify` does: tuner/results/rerank.py), every seed of a point
+when it was re-evaluated (tuner/study/reeval.py), and picks the winner by the verified error, the mean over seeds.
 The choice is written to `certtune_selection.json` in the experiment; `report` shows both figures, `export`
 follows it, and the summary names it. The test split is never read here.
 """
@@ -15,11 +15,11 @@ import json
 import math
 
 from trainers.verifiers import metric_of
-from tuner.record import SearchError, experiment_path, write_text
-from tuner.reeval import Score
-from tuner.rerank import RERANK_VERIFIERS, rerank
-from tuner.results import SELECTION_FILE, Search
-from tuner.verdict import FINISHED
+from tuner.space.record import SearchError, experiment_path, write_text
+from tuner.study.reeval import Score
+from tuner.results.rerank import RERANK_VERIFIERS, rerank
+from tuner.results.experiment import SELECTION_FILE, Search
+from tuner.study.verdict import FINISHED
 
 MAX_TOP = 100
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainers.verifiers import names
-from tuner.record import is_uri
-from tuner.results import ExportError, Search, TrialRecord
+from tuner.space.record import is_uri
+from tuner.results.experiment import ExportError, Search, TrialResult
 
 RERANK_VERIFIERS = names(certifies=True)  # every verifier but the attack (trainers/verifiers.py)
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best.pt first; last.pt for searches from before it was kept
@@ -25,7 +25,7 @@ CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best.pt first; last.pt for searches
 
 @dataclass
 class VerifiedTrial:
-    trial: TrialRecord
+    trial: TrialResult
     search_rank: int  # its place in the search's own ranking (1 = the search's best)
     checkpoint: str  # where the certified weights came from
     verifier_err: float  # the --verify verifier's error (result[METRIC_OF[verifier]])
@@ -33,7 +33,7 @@ class VerifiedTrial:
     seconds: float
 
 
-def rerank(search: Search, candidates: list[TrialRecord], verifier: str, data_dir: str | None = None,
+def rerank(search: Search, candidates: list[TrialResult], verifier: str, data_dir: str | None = None,
            limit: int | None = None, options=None, device: str = "cpu") -> list[VerifiedTrial]:
     """The candidates (in the search's order) certified by `verifier` on their validation split, best first:
     those satisfying every --constraint of the search first, then by verified error, ties in the search's
@@ -54,7 +54,7 @@ def rerank(search: Search, candidates: list[TrialRecord], verifier: str, data_di
     return sorted(verified, key=lambda v: (not search.feasible(v.trial), v.verifier_err, v.search_rank))
 
 
-def fetch_checkpoint(search: Search, trial: TrialRecord, scratch: Path) -> tuple[Path, str]:
+def fetch_checkpoint(search: Search, trial: TrialResult, scratch: Path) -> tuple[Path, str]:
     """(a local path to the trial's best.pt, else last.pt, from its newest Ray checkpoint; where it lives).
     A checkpoint on remote storage is copied into `scratch` first."""
     if not trial.dirname:
@@ -69,7 +69,7 @@ def fetch_checkpoint(search: Search, trial: TrialRecord, scratch: Path) -> tuple
     return _fetch_remote(trial, trial_dir, scratch)
 
 
-def _fetch_remote(trial: TrialRecord, trial_dir: str, scratch: Path) -> tuple[Path, str]:
+def _fetch_remote(trial: TrialResult, trial_dir: str, scratch: Path) -> tuple[Path, str]:
     import pyarrow.fs
 
     try:

@@ -64,7 +64,7 @@ from typing import Any
 from trainers.config import ConfigError, TrainConfig
 from trainers.errors import shown
 from trainers.safe_yaml import parse_yaml, read_yaml_file
-from tuner.fidelity import Fidelity
+from tuner.space.fidelity import Fidelity
 
 SECTIONS = ("description", "base", "params", "derived", "defaults", "starts", "fidelity")
 RENAMED = {"seeds": "starts"}  # former section names, still read (load_space notes the new name on stderr)
@@ -612,7 +612,7 @@ class _Builder:
         return space
 
     def fidelity(self, text: Any, space: SearchSpace) -> Fidelity:
-        """The trials' fidelity (tuner/fidelity.py); the base config is the target run. Whether it is cheaper
+        """The trials' fidelity (tuner/space/fidelity.py); the base config is the target run. Whether it is cheaper
         than the target is checked where the search's fidelity is known (--fidelity may replace this one)."""
         try:
             fidelity = Fidelity.parse(text, "fidelity")

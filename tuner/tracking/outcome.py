@@ -2,7 +2,7 @@
 
 A trial ends `finished` (its last epoch), `stopped` (early, by the scheduler or the trial-epoch budget) or
 `failed` (diverged, a config or data error it reported, or an exception Ray gave up retrying), with the same
-rule `certtune report` uses (`tuner.verdict.trial_status`). The trial processes' own output is forwarded to the
+rule `certtune report` uses (`tuner.study.verdict.trial_status`). The trial processes' own output is forwarded to the
 driver by Ray (`log_to_driver`); this callback adds one line per failed or retried trial that does not depend
 on that forwarding, since a diverged trial ends normally and Ray itself prints nothing about it.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from tuner.results import last_line
-from tuner.verdict import FAILED, trial_status
+from tuner.results.experiment import last_line
+from tuner.study.verdict import FAILED, trial_status
 
 
 def ending(trial, objectives: list[str], raised: bool = False) -> tuple[str, str | None]:

@@ -34,10 +34,10 @@ from trainers.config import ConfigError, TrainConfig
 from trainers.data import DataError, train_split_size
 from trainers.schedules import first_target_epoch
 from trainers.train import DivergedError, Trainer
-from tuner.fidelity import Fidelity
-from tuner.keys import DIVERGED, FAIL_REASON, SEED_OFFSET
-from tuner.spaces import SearchSpace, SpaceError
-from tuner.verdict import diverged_reason
+from tuner.space.fidelity import Fidelity
+from tuner.study.keys import DIVERGED, FAIL_REASON, SEED_OFFSET
+from tuner.space.search_space import SearchSpace, SpaceError
+from tuner.study.verdict import diverged_reason
 
 # best.pt rides along once the trainer has written it: a restarted trial must get it back, or its final
 # checkpoint would lack it (the trainer rewrites best.pt only when a later epoch beats the restored best).
@@ -45,7 +45,7 @@ CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "best.pt")
 
 
 def make_trainable(record) -> Callable[[dict], None]:
-    """The Ray function trainable of a search, closed over its SearchRecord (see tuner/search.py)."""
+    """The Ray function trainable of a search, closed over its SearchRecord (see tuner/run/driver.py)."""
 
     def certtune_trial(config: dict) -> None:
         run_trial(config, record)
@@ -90,8 +90,8 @@ def run_trial(config: dict, record) -> None:
         if not clock.due(metrics["epochs"] - metrics["epoch"]):
             tune.report(metrics)
             return
-        # The last epoch's checkpoint carries best.pt: `export --verify` certifies it (tuner/rerank.py) and
-        # W&B logs it as an artifact (tuner/tracking.py).
+        # The last epoch's checkpoint carries best.pt: `export --verify` certifies it (tuner/results/rerank.py) and
+        # W&B logs it as an artifact (tuner/tracking/trial_runs.py).
         report_with_checkpoint(metrics, run)
 
     try:
@@ -103,8 +103,8 @@ def run_trial(config: dict, record) -> None:
 def trial_config(space: SearchSpace, record, config: dict) -> tuple[TrainConfig, float]:
     """What a trial trains, and what one of its epochs costs in epochs over the full training split.
 
-    The target run is the space's point (seed + the re-evaluation's offset: tuner/reeval.py); the trial trains
-    it at the search's fidelity (tuner/fidelity.py), the one mapping from a fidelity to a config."""
+    The target run is the space's point (seed + the re-evaluation's offset: tuner/study/reeval.py); the trial trains
+    it at the search's fidelity (tuner/space/fidelity.py), the one mapping from a fidelity to a config."""
     target = space.config_of(config)
     offset = config.get(SEED_OFFSET) or 0
     if offset:
@@ -130,7 +130,7 @@ class CheckpointClock:
     `every_s` anyway (at the pace of the epoch just done); every epoch when `every_s` is 0.
 
     A checkpoint per epoch made Ray snapshot the whole experiment after each one (CheckpointConfig's
-    num_to_keep rule, tuner/search.py), a cost that grows with the number of trials. Checkpoints at least
+    num_to_keep rule, tuner/run/driver.py), a cost that grows with the number of trials. Checkpoints at least
     `every_s` apart, two of them rarely within one snapshot period, keep the snapshots on Ray's own period;
     a crash loses at most about 2 × `every_s` of a running trial (docs/decisions.md)."""
 

@@ -12,18 +12,18 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ray.tune.search import Searcher
 
-from tuner.constraints import Constraint
+from tuner.space.constraints import Constraint
 from trainers.config import ConfigError
-from tuner.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
-from tuner.reeval import ReevalPlan, Rerun
-from tuner.verdict import TargetEpochCounter, is_finite_float, optuna_verdict
-from tuner.study import flat_config
+from tuner.study.keys import CONFIG_OF, FAIL_REASON, RAY_TRIAL_ID, SEED_OFFSET
+from tuner.study.reeval import ReevalPlan, Rerun
+from tuner.study.verdict import TargetEpochCounter, is_finite_float, optuna_verdict
+from tuner.study.journal import flat_config
 
 
 class HonestOptunaSearch(OptunaSearch):
     """OptunaSearch (same arguments) that tells Optuna how each trial really ended.
 
-    When a trial ends, tuner.verdict.optuna_verdict decides what Optuna is told: FAIL (the trial raised, or
+    When a trial ends, tuner.study.verdict.optuna_verdict decides what Optuna is told: FAIL (the trial raised, or
     an objective is missing, NaN or inf; user attr `fail_reason`), PRUNED (stopped early, `epoch < epochs`:
     Optuna keeps its last intermediate value and step) or COMPLETE with the final value (list if
     multi-objective).
@@ -32,13 +32,13 @@ class HonestOptunaSearch(OptunaSearch):
     objective at every epoch at target ε, with step = epochs at target, the unit of WarmupAwareASHA's rungs.
     Ramp epochs are not reported, so a PRUNED trial is ranked by TPE on its budget at target and its value.
 
-    With `constraints` (tuner/constraints.py), a COMPLETE or PRUNED trial also gets its violation of each on
+    With `constraints` (tuner/space/constraints.py), a COMPLETE or PRUNED trial also gets its violation of each on
     that last result (`Trial.set_constraint`, key `clean_err<=0.35`), which TPE reads: it models feasible
     trials as the good ones (Optuna 5 replaced TPE's `constraints_func` by these per-trial constraints).
     `train_config(params) -> dict` (optional): the trial's resolved training config, put on the Optuna trial as
     user attrs `config.<dotted key>` when it ends, so a dashboard shows what each trial trained.
 
-    With `reeval` (tuner/reeval.py), the searcher suggests `reeval.main_trials` points of its own, waits until
+    With `reeval` (tuner/study/reeval.py), the searcher suggests `reeval.main_trials` points of its own, waits until
     they have ended, and then suggests the re-evaluation trials: earlier points, each with a seed offset, as
     trials the study is told like any other (user attrs `config_of`, `seed_offset` group them by point).
 
@@ -116,7 +116,7 @@ class HonestOptunaSearch(OptunaSearch):
         self._last_step.pop(trial_id, None)
 
     def _verdict(self, result: dict | None, error: bool) -> tuple[TrialState, float | list | None, str | None]:
-        """(state, value(s) for tell, fail reason) from the trial's last result, by tuner.verdict's rules."""
+        """(state, value(s) for tell, fail reason) from the trial's last result, by tuner.study.verdict's rules."""
         multi = isinstance(self.metric, list)
         state, values, reason = optuna_verdict(result, error, self.metric if multi else [self.metric])
         return TrialState[state], values if multi or values is None else values[0], reason
@@ -150,7 +150,7 @@ class HonestOptunaSearch(OptunaSearch):
                 self._main_ids.append(trial_id)
         if self._storage is not None and trial_id in self._ot_trials:
             # Linked from the start, so a trial Ray ends without telling the searcher (the experiment stopped
-            # by the trial-epoch budget) is found again by tuner.study.settle_study.
+            # by the trial-epoch budget) is found again by tuner.study.journal.settle_study.
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return params
 

@@ -4,11 +4,11 @@
     results = run_search(record, storage)
     results = resume_search(name, storage, address)
 
-One path for a trial (tuner/trial.py): sampled params → `space.to_train_config` → `Trainer.fit`, the same
+One path for a trial (tuner/run/trial.py): sampled params → `space.to_train_config` → `Trainer.fit`, the same
 function `certtune train` runs. The experiment lives in `<storage>/<name>/` (RunConfig(storage_path, name));
 `certtune_search.json` there records the search (the space file's contents included) before the Tuner starts,
 so `resume` and `export` rebuild the trainable and the space without the original files. The Optuna study
-is named after the search and lives in an Optuna storage (tuner/study.py: a journal file in the experiment
+is named after the search and lives in an Optuna storage (tuner/study/journal.py: a journal file in the experiment
 directory by default, or --optuna-storage URL); Ray's searcher snapshot holds only its address. Full guide:
 docs/search.md.
 """
@@ -24,18 +24,18 @@ from typing import Any
 from trainers.config import ConfigError
 from trainers.schedules import first_target_epoch
 from trainers.verifiers import per_epoch_metrics
-from tuner.cluster import check_address, recorded_address, resolve_address, resume_flag
-from tuner.constraints import parse_constraints
-from tuner.fidelity import Fidelity
-from tuner.record import (SearchError, SearchRecord, check_location, check_name, device_weight, experiment_path,
+from tuner.run.cluster import check_address, recorded_address, resolve_address, resume_flag
+from tuner.space.constraints import parse_constraints
+from tuner.space.fidelity import Fidelity
+from tuner.space.record import (SearchError, SearchRecord, check_location, check_name, device_weight, experiment_path,
                           first_line, hold_driver_lock, is_uri, normalize_storage, positive_int, read_record,
                           release_driver_lock, space_source, space_with_overrides, write_record, write_text)
-from tuner.keys import RAY_TRIAL_ID
-from tuner.reeval import ReevalPlan, check_reeval
-from tuner.selection import check_selection
-from tuner.results import ENDED, SUPERSEDED_FILE, Search, load_search
-from tuner.spaces import SearchSpace, SpaceError
-from tuner.verdict import epochs_at_target, failure_reason
+from tuner.study.keys import RAY_TRIAL_ID
+from tuner.study.reeval import ReevalPlan, check_reeval
+from tuner.results.selection import check_selection
+from tuner.results.experiment import ENDED, SUPERSEDED_FILE, Search, load_search
+from tuner.space.search_space import SearchSpace, SpaceError
+from tuner.study.verdict import epochs_at_target, failure_reason
 
 # Objectives a trial reports (all minimised) and the eval metric the trainer needs for each.
 OBJECTIVES = per_epoch_metrics() | {"train_seconds": None}
@@ -182,7 +182,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         raise SearchError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     trial_fidelity = space.fidelity if fidelity in (None, "") else Fidelity.parse(fidelity)
     trial_fidelity.check(space.base_config)
-    from tuner.schedulers import default_rungs, make_scheduler
+    from tuner.run.schedulers import default_rungs, make_scheduler
     rungs = rungs or default_rungs(space.searched_names())
     grace_seconds = None if grace_seconds in (None, "") else positive_seconds(grace_seconds, "--grace-seconds", "seconds")
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)),
@@ -211,7 +211,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         max_trial_seconds=None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds),
         seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints,
         **({} if checkpoint_every in (None, "") else {"checkpoint_every_s": checkpoint_seconds(checkpoint_every)}))
-    if check_address(address) is None:  # a fresh local instance (tuner/cluster.py: --address, RAY_ADDRESS)
+    if check_address(address) is None:  # a fresh local instance (tuner/run/cluster.py: --address, RAY_ADDRESS)
         if Path(record.data_dir).exists() and not Path(record.data_dir).is_dir():
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
         check_fits(record.resources_per_trial, local_resources())
@@ -235,8 +235,8 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
 
 def check_study_inputs(record: SearchRecord, space: SearchSpace, storage: str, optuna_storage: str | None,
                        warm_start: str | None, enqueue: str | None) -> None:
-    """--optuna-storage, --warm-start and --enqueue (tuner/study.py), checked and put into the record."""
-    from tuner.study import (check_new_study, check_own_journal, journal_path, read_enqueue_file,
+    """--optuna-storage, --warm-start and --enqueue (tuner/study/journal.py), checked and put into the record."""
+    from tuner.study.journal import (check_new_study, check_own_journal, journal_path, read_enqueue_file,
                              study_storage_kind, warm_start_trials)
 
     record.study_storage = study_storage_kind(optuna_storage, storage)
@@ -306,11 +306,11 @@ def check_fidelity_data(space: SearchSpace, fidelity: Fidelity, data_dir: str) -
 
 
 def estimate_method_costs(space: SearchSpace, fidelity: Fidelity, data_dir: str) -> dict[str, float]:
-    """Each method's trial cost relative to the first trial's, when the space searches `method` (tuner/costs.py)."""
+    """Each method's trial cost relative to the first trial's, when the space searches `method` (tuner/space/costs.py)."""
     if "method" not in space.params:
         return {}
     from trainers.data import train_split_size
-    from tuner.costs import method_costs
+    from tuner.space.costs import method_costs
 
     target = space.to_train_config(space.default_point() or space.corner("low"))
     return {m: round(c, 3) for m, c in method_costs(space, fidelity, train_split_size(
@@ -330,11 +330,11 @@ def seed_value(seed: Any) -> int:
 
 def connect_ray(address: str | None) -> None:
     """Join the cluster that `address` (a --address value, `RAY_ADDRESS` when None or `auto`) names, or start
-    a fresh local Ray instance sized to this machine (tuner/cluster.py has the rules).
+    a fresh local Ray instance sized to this machine (tuner/run/cluster.py has the rules).
 
     A local instance starts Ray's dashboard when `ray[default]` is installed (Ray picks a free port from
     8265 up; the URL is printed). The trials' own output (their errors, a diverged trial's reason) is
-    forwarded to this driver's log; tuner/outcome.py adds one line per failed trial on top."""
+    forwarded to this driver's log; tuner/tracking/outcome.py adds one line per failed trial on top."""
     import ray
 
     if ray.is_initialized():
@@ -377,18 +377,18 @@ def trial_dirname(trial) -> str:
 
 
 def build_tuner(record: SearchRecord, storage: str, trainable=None):
-    """The Tuner of a search. `trainable` replaces the real trial (tuner/trial.py) for benchmarks of the
+    """The Tuner of a search. `trainable` replaces the real trial (tuner/run/trial.py) for benchmarks of the
     service itself; it gets the same resources, searcher, scheduler, checkpoints and callbacks."""
     import functools
 
     from ray import tune
 
-    from tuner.outcome import TrialOutcomeLog
-    from tuner.schedulers import make_scheduler
-    from tuner.searcher import HonestOptunaSearch
-    from tuner.study import open_storage, train_config_dict
-    from tuner.tracking import wandb_callback
-    from tuner.trial import make_trainable
+    from tuner.tracking.outcome import TrialOutcomeLog
+    from tuner.run.schedulers import make_scheduler
+    from tuner.study.searcher import HonestOptunaSearch
+    from tuner.study.journal import open_storage, train_config_dict
+    from tuner.tracking.trial_runs import wandb_callback
+    from tuner.run.trial import make_trainable
 
     space = record.build_space()
     single = len(record.objective) == 1
@@ -424,14 +424,14 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
             # Two checkpoints per trial are kept. Ray forces an experiment snapshot (which costs O(trials))
             # when a trial has saved num_to_keep checkpoints since the last one, so a restored experiment
             # never points at a deleted checkpoint. Trials checkpoint at most every checkpoint_every_s
-            # (tuner/trial.py), so with two kept the periodic snapshot (every >= 10 s) nearly always comes
+            # (tuner/run/trial.py), so with two kept the periodic snapshot (every >= 10 s) nearly always comes
             # first and the forced ones are rare: the search's overhead stays flat as it grows.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks))
 
 
 def reeval_plan(record: SearchRecord, space: SearchSpace) -> ReevalPlan | None:
-    """The search's re-evaluation (tuner/reeval.py), None without --reeval-top."""
+    """The search's re-evaluation (tuner/study/reeval.py), None without --reeval-top."""
     if not record.reeval_top:
         return None
     return ReevalPlan(record.reeval_top, record.reeval_seeds, record.num_samples, space.default_point() or None)
@@ -439,8 +439,8 @@ def reeval_plan(record: SearchRecord, space: SearchSpace) -> ReevalPlan | None:
 
 def make_budget(record: SearchRecord, storage: str):
     """The stopper of a search with a budget (None without): it counts from what the experiment already holds,
-    on local or URI storage, so a resumed search does not get its budget again (tuner/budget.py)."""
-    from tuner.budget import SearchBudget
+    on local or URI storage, so a resumed search does not get its budget again (tuner/run/budget.py)."""
+    from tuner.run.budget import SearchBudget
 
     if record.max_trial_epochs is None and record.max_trial_seconds is None:
         return None
@@ -458,7 +458,7 @@ def make_sampler(record: SearchRecord):
 
 
 def run_search(record: SearchRecord, storage: str):
-    from tuner.study import create_search_study, warm_start_trials
+    from tuner.study.journal import create_search_study, warm_start_trials
 
     hold_driver_lock(storage, record.name)  # prepare_search took it; a caller that did not prepare takes it here
     try:
@@ -477,17 +477,17 @@ def run_search(record: SearchRecord, storage: str):
 
 
 def settle(record: SearchRecord, storage: str) -> None:
-    """Trials Ray ended without telling the searcher are told to the Optuna storage (tuner/study.py)."""
-    from tuner.study import settle_study
+    """Trials Ray ended without telling the searcher are told to the Optuna storage (tuner/study/journal.py)."""
+    from tuner.study.journal import settle_study
 
     settle_study(record, storage, load_search(record.name, storage).trials)
 
 
 def select_winner(record: SearchRecord, storage: str) -> None:
-    """--select-by: once every trial has ended, certify the top points and record the choice (tuner/selection.py)."""
+    """--select-by: once every trial has ended, certify the top points and record the choice (tuner/results/selection.py)."""
     if not record.select_by:
         return
-    from tuner.selection import select_and_record
+    from tuner.results.selection import select_and_record
 
     search = load_search(record.name, storage)
     if not search.is_complete() or search.selection is not None:
@@ -515,8 +515,8 @@ def resume_search(name: str, storage: str | None, address: str | None):
 def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     from ray import tune
 
-    from tuner.tracking import prepare_resume
-    from tuner.trial import make_trainable
+    from tuner.tracking.trial_runs import prepare_resume
+    from tuner.run.trial import make_trainable
 
     name = record.name
     if not tune.Tuner.can_restore(path):
@@ -541,9 +541,9 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
 
 def check_experiment_readable(record: SearchRecord, storage: str) -> None:
     """Before Ray starts: the experiment's own files are regular files (Ray would block reading a FIFO named
-    tuner.pkl) and the search's journal parses (tuner/study.py check_journal)."""
+    tuner.pkl) and the search's journal parses (tuner/study/journal.py check_journal)."""
     from trainers.input_files import regular_file_size
-    from tuner.study import check_journal, journal_path
+    from tuner.study.journal import check_journal, journal_path
 
     if is_uri(storage):
         return
@@ -568,7 +568,7 @@ def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
     told to Optuna already and stays a trial. Returns the directories marked."""
     from optuna.trial import TrialState
 
-    from tuner.study import existing_study, open_storage
+    from tuner.study.journal import existing_study, open_storage
 
     stray = [t for t in load_search(record.name, storage).trials if not t.in_state and t.dirname]
     optuna_storage = open_storage(record, storage) if stray else None  # None: no storage, or nothing stray
@@ -600,7 +600,7 @@ MAX_REASONS = 5
 
 def summarize(search: Search, storage: str) -> str:
     """Counts by status, trial-epochs, the best finished trial, and why trials failed when every one did.
-    Read from the experiment directory by tuner/results.py, as `report` and `export` read it, so the three
+    Read from the experiment directory by tuner/results/experiment.py, as `report` and `export` read it, so the three
     agree on statuses and on the best trial (the same tie-break)."""
     record = search.record
     counts = ", ".join(f"{n} {s}" for s, n in search.counts().items() if n)
@@ -615,7 +615,7 @@ def summarize(search: Search, storage: str) -> str:
         if not feasible:
             lines.append(f"no finished trial satisfies every constraint ({', '.join(record.constraints)}); "
                          f"the one above is the best finished trial regardless")
-    from tuner.selection import selection_lines
+    from tuner.results.selection import selection_lines
     lines += selection_lines(search)
     if search.all_failed():
         lines.append(f"every trial failed ({len(search.trials)}); reasons:")
@@ -641,6 +641,6 @@ def finish(record: SearchRecord, storage: str) -> tuple[str, int]:
     """(summary, exit code) of a search whose Tuner.fit returned, read back from its experiment."""
     search = load_search(record.name, storage)
     if record.wandb_project:
-        from tuner.search_run import log_search_run
+        from tuner.tracking.search_run import log_search_run
         log_search_run(search, storage)
     return summarize(search, storage), exit_code(search)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers.verifiers import per_epoch_metrics
-from tuner.record import SearchError
+from tuner.space.record import SearchError
 
 # Metrics a trial reports in every result (the trainer's validation metrics and its training seconds).
-# crown_ibp_err and pgd_err are there only when eval.metrics measures them (checked by tuner/search.py).
+# crown_ibp_err and pgd_err are there only when eval.metrics measures them (checked by tuner/run/driver.py).
 METRICS = (*per_epoch_metrics(), "train_seconds", "loss", "relu_active",
            "relu_inactive", "relu_unstable", "bound_tightness", "best_ibp_err")
 SYNTAX = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*(\S+)\s*")

@@ -1,7 +1,7 @@
 """`certtune export`: a finished search → the best config as a YAML `certtune train` runs, the top-k configs,
 a table of all trials, the Pareto front (several objectives) and plots. Guide: docs/export.md.
 
-The search is read by tuner/results.py (plain files, no Ray runtime); the plots are tuner/plots.py. Only
+The search is read by tuner/results/experiment.py (plain files, no Ray runtime); the plots are tuner/results/plots.py. Only
 trials that ran all their epochs are eligible as "best": an early-stopped trial's last value belongs to a
 shorter budget (ray-project/ray#10113), and a diverged or errored one has none. The best is
 `Search.best()`, the same trial the search summary and `report` name (ties: the earlier-created trial); with
@@ -17,12 +17,12 @@ from typing import Any
 
 from trainers.files import UnsafeFileError, check_own_files, read_regular, write_atomic
 from trainers.verifiers import per_epoch_metrics
-from tuner.plots import plot_history, plot_importances, plot_pareto, plot_schedules
-from tuner.record import is_uri, normalize_storage
-from tuner.rerank import RERANK_VERIFIERS, rerank, verified_rows
-from tuner.results import ExportError, Search, TrialRecord, counts_text, load_search, seed_notes, seed_summary
-from tuner.spaces import SearchSpace
-from tuner.verdict import FINISHED
+from tuner.results.plots import plot_history, plot_importances, plot_pareto, plot_schedules
+from tuner.space.record import is_uri, normalize_storage
+from tuner.results.rerank import RERANK_VERIFIERS, rerank, verified_rows
+from tuner.results.experiment import ExportError, Search, TrialResult, counts_text, load_search, seed_notes, seed_summary
+from tuner.space.search_space import SearchSpace
+from tuner.study.verdict import FINISHED
 
 EXPORT_DIR = "export"
 TOP_DIR = "top_k"
@@ -40,7 +40,7 @@ def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
-def pareto_front(search: Search) -> list[TrialRecord]:
+def pareto_front(search: Search) -> list[TrialResult]:
     """Finished trials no other finished trial dominates, best first objective first."""
     finished = search.ranked()
     n = len(search.objectives)
@@ -54,7 +54,7 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
                   verifier_options=None, data_dir: str | None = None, device: str = "cpu") -> dict:
     """Write best.yaml, top_k/rank<i>.yaml, trials.csv, pareto.csv (several objectives) and the plots into `out`
     (default `<storage>/<name>/export/`); with `epochs`, also best_<epochs>ep.yaml, the best recipe scaled to
-    that many epochs. With `verify` (a verifier, tuner/rerank.py), the top-k trials' best checkpoints are
+    that many epochs. With `verify` (a verifier, tuner/results/rerank.py), the top-k trials' best checkpoints are
     certified by it on the validation split (its first `verify_n` examples) and best.yaml and top_k/ follow that
     ranking; verified.csv holds it. Returns the paths written and a summary of the best trial."""
     if verify is not None and verify not in RERANK_VERIFIERS:
@@ -117,7 +117,7 @@ def export_search(name: str, storage: str | None, out: Path | None = None, top_k
     return summary
 
 
-def selected_order(search: Search, ranked: list[TrialRecord]) -> tuple[list[TrialRecord], dict[str, str]]:
+def selected_order(search: Search, ranked: list[TrialResult]) -> tuple[list[TrialResult], dict[str, str]]:
     """The points the search certified (--select-by), in its order, then the rest; and their header lines."""
     chosen = search.selection
     order = [row["trial_id"] for row in chosen["points"]]
@@ -187,7 +187,7 @@ def verified_notes(verified, verifier: str | None) -> dict[str, str]:
                               f"by it, rank {v.search_rank} in the search" for i, v in enumerate(verified, 1)}
 
 
-def constraints_note(search: Search, best: TrialRecord) -> str | None:
+def constraints_note(search: Search, best: TrialResult) -> str | None:
     """What the constraints did to the choice of best (None without constraints)."""
     record = search.record
     if not record.constraints:
@@ -200,7 +200,7 @@ def constraints_note(search: Search, best: TrialRecord) -> str | None:
             f"finished trial regardless")
 
 
-def best_summary(search: Search, trial: TrialRecord) -> dict:
+def best_summary(search: Search, trial: TrialResult) -> dict:
     scores = {o: search.score(trial, o) for o in search.objectives}
     return {"trial_id": trial.trial_id, **{o: trial.value(o) for o in search.objectives},
             **{f"{o}_mean": s.mean for o, s in scores.items()}, **{f"{o}_se": s.se for o, s in scores.items()},
@@ -208,7 +208,7 @@ def best_summary(search: Search, trial: TrialRecord) -> dict:
             "finished_trials": search.counts()[FINISHED], "trials": len(search.trials)}
 
 
-def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: int, path: Path,
+def write_config(search: Search, space: SearchSpace, trial: TrialResult, rank: int, path: Path,
                  epochs: int | None = None, note: str | None = None) -> str:
     """The trial's complete TrainConfig (space base + overrides + sampled + derived, resolved), as `train` reads
     it; with `epochs`, the same recipe scaled to that many epochs (TrainConfig.scaled_to)."""
@@ -235,12 +235,12 @@ def write_config(search: Search, space: SearchSpace, trial: TrialRecord, rank: i
     return str(path)
 
 
-def metric_columns(trials: list[TrialRecord], objectives: list[str]) -> list[str]:
+def metric_columns(trials: list[TrialResult], objectives: list[str]) -> list[str]:
     names = list(METRICS) + [o for o in objectives if o not in METRICS]
     return [n for n in names if any(n in t.last for t in trials)]
 
 
-def trial_table(search: Search, trials: list[TrialRecord]) -> tuple[list[str], list[list[Any]]]:
+def trial_table(search: Search, trials: list[TrialResult]) -> tuple[list[str], list[list[Any]]]:
     """One row per trial: id, status, rank among finished (None if not finished), each searched param (None when
     inactive), final metrics, Ray's wall seconds, and why it failed. trials.csv and `certtune.report()` show it."""
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
@@ -261,7 +261,7 @@ def trial_table(search: Search, trials: list[TrialRecord]) -> tuple[list[str], l
     return header, rows
 
 
-def point_cells(search: Search, trial: TrialRecord, objective: str) -> list[Any]:
+def point_cells(search: Search, trial: TrialResult, objective: str) -> list[Any]:
     """config_of, seed_offset, and for a point's own trial its score over seeds (blank on re-evaluations)."""
     if trial.is_rerun:
         return [trial.config_of, trial.seed_offset, None, None, None]
@@ -270,7 +270,7 @@ def point_cells(search: Search, trial: TrialRecord, objective: str) -> list[Any]
             score.se if score.n > 1 else None, score.n]
 
 
-def write_trials_csv(search: Search, trials: list[TrialRecord], path: Path) -> str:
+def write_trials_csv(search: Search, trials: list[TrialResult], path: Path) -> str:
     """trial_table as CSV (blank cells for missing values)."""
     return write_table(*trial_table(search, trials), path)
 

@@ -1,0 +1,1 @@
+"""A search read back from its experiment: trials and their ranking, selection, report, export and plots."""
