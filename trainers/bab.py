@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .alpha_crown import optimise_bound
-from .backward import minimizing_corner
-from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, relu_chains
+from .alpha_crown import Variables, alpha_step, ascend, slopes
+from .backward import ReluStep, crown_step, minimizing_corner
+from .crown import Bounds, back_through, crown_intermediate, crown_lower_bound, relu_chains
 from .bounds import split_last_linear
 from .verifiers import default
 
@@ -97,7 +97,32 @@ def margin_attack(model, C, x_lower, x_upper, steps, restarts, generator, deadli
     return None
 
 
-def branch_scores(inter_bounds: dict, seen: dict, lower: Tensor) -> dict:
+def beta_step(bounds: Bounds, alpha: dict, beta: dict, splits: dict) -> ReluStep:
+    """β-CROWN's ReLU step (Wang et al., NeurIPS 2021): α-CROWN's, then each split s·z ≥ 0 as A_z ← A_z − β·s."""
+    relaxed = alpha_step(bounds, alpha)
+
+    def step(relu, A, bias):
+        A, bias = relaxed(relu, A, bias)
+        if relu in beta:
+            A = A - beta[relu] * splits[relu].unsqueeze(1).to(A.dtype)
+        return A, bias
+    return step
+
+
+def multipliers(splits: dict, alpha: dict, lr: float) -> Variables:
+    """β ≥ 0 as variables, one per neuron and row of every layer with a split, starting at 0."""
+    return Variables({relu: torch.zeros_like(alpha[relu]).requires_grad_() for relu in splits}, lr, 0.0, None)
+
+
+def keeping_incoming(step: ReluStep, incoming: dict) -> ReluStep:
+    """`step`, keeping each ReLU's incoming A (the coefficients of its output) in `incoming` for branch_scores."""
+    def keeping(relu, A, bias):
+        incoming[relu] = A.detach()
+        return step(relu, A, bias)
+    return keeping
+
+
+def branch_scores(inter_bounds: dict, incoming: dict, lower: Tensor) -> dict:
     """Per unstable neuron, how much its upper line's intercept costs the open rows (BaBSR's intercept
     score): Σ_s [row s open]·max(−A_s, 0)·u(−l)/(u − l); plus a tiny triangle-height term so that every
     unstable neuron scores above every stable one."""
@@ -106,7 +131,7 @@ def branch_scores(inter_bounds: dict, seen: dict, lower: Tensor) -> dict:
     for relu, (lo, up) in inter_bounds.items():
         unstable = (lo < 0) & (up > 0)
         intercept = torch.where(unstable, up * (-lo) / (up - lo).clamp(min=1e-12), torch.zeros_like(lo))
-        cost = torch.einsum("ds,dsn->dn", open_rows, (-seen[relu]).clamp(min=0).flatten(2)).view_as(lo)
+        cost = torch.einsum("ds,dsn->dn", open_rows, (-incoming[relu]).clamp(min=0).flatten(2)).view_as(lo)
         scores[relu] = torch.where(unstable, cost * intercept + 1e-6 * intercept + 1e-12, torch.full_like(lo, -1.0))
     return scores
 
@@ -115,14 +140,16 @@ def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfi
     """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners. At
     `deadline` the α/β ascent stops with the bounds it has (valid, looser)."""
     D = len(d)
-    inter = Intermediate(records, d.bounds)
     Cd, xl, xu = C.expand(D, *C.shape[1:]), x_lower.expand(D, *x_lower.shape[1:]), x_upper.expand(D, *x_upper.shape[1:])
     splits = {r: s for r, s in d.splits.items() if (s != 0).any()}
-    seen: dict = {}
-    lower, A = optimise_bound(model, inter, Cd, xl, xu, cfg.iterations, cfg.lr, d.lower, splits, cfg.beta_lr, seen,
-                              deadline)
+    alpha = slopes(d.bounds, Cd.shape[1], cfg.lr)
+    beta = multipliers(splits, alpha.tensors, cfg.beta_lr)
+    incoming: dict = {}
+    step = keeping_incoming(beta_step(d.bounds, alpha.tensors, beta.tensors, splits), incoming)
+    groups = [alpha, beta] if splits else [alpha]  # the root has no split: α alone
+    lower, A = ascend(model, records, Cd, xl, xu, step, groups, cfg.iterations, d.lower, deadline)
     corners = minimizing_corner(A, xl, xu)  # (D, S, *input)
-    return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, seen, lower)), corners
+    return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, incoming, lower)), corners
 
 
 def split(d: Domains) -> Domains:
@@ -163,7 +190,7 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: flo
 
     bounds, splits = leaf.bounds, leaf.splits
     body, _ = split_last_linear(model)
-    step = relaxed_step(bounds)  # every neuron is stable or split here: each relaxation is exact
+    step = crown_step(bounds)  # every neuron is stable or split here: each relaxation is exact
     A_ub, b_ub = [], []
     for relu, chain in relu_chains(body):
         s = splits[relu][0].flatten()

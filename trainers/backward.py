@@ -3,8 +3,9 @@
 One small function per layer kind. The pass reads what the forward (IBP) walk recorded for each layer,
 keyed by the layer itself (`Tape.records` in trainers/bounds.py): a conv's input size, a BN's scale and
 shift, a Flatten's input shape. How each ReLU is relaxed is the caller's choice, passed as `relu_step`:
-CROWN-IBP relaxes with the ReLU's IBP bounds, CROWN with its own intermediate bounds, α-CROWN with
-optimised lower slopes, β-CROWN adds its split multipliers (trainers/crown.py, alpha_crown.py, bab.py).
+`crown_step` over IBP's bounds (CROWN-IBP) or CROWN's own intermediate bounds (CROWN), `alpha_step` with
+optimised lower slopes (α-CROWN, trainers/alpha_crown.py), `beta_step` adding the split multipliers
+(β-CROWN, trainers/bab.py).
 
 Shapes: A is (B, S, *layer shape) for B examples and S specification rows; bias is (B, S).
 """
@@ -49,6 +50,13 @@ def _back_relu(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor):
     """The ReLU step with the adaptive relaxation of the bounds [lower, upper] (CROWN-IBP, CROWN)."""
     low_slope, up_slope, up_bias = relu_relaxation(lower, upper)
     return back_relu_lines(A, bias, low_slope.unsqueeze(1), up_slope.unsqueeze(1), up_bias)
+
+
+def crown_step(bounds: dict) -> ReluStep:
+    """CROWN's ReLU step (Zhang et al., NeurIPS 2018): each ReLU relaxed adaptively over its input's bounds."""
+    def step(relu, A, bias):
+        return _back_relu(A, bias, *bounds[relu])
+    return step
 
 
 def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor):
@@ -117,10 +125,8 @@ def lower_bound_over(model: nn.Module, C: Tensor, records: dict, relu_bounds: di
     CROWN-IBP (bounds.crown_lower); over CROWN's own intermediate bounds, CROWN's final pass
     (crown.crown_lower_bound). It lives here, below both, so the training losses use it without the
     CROWN verifier's module."""
-    def relu_step(relu, A, bias):
-        return _back_relu(A, bias, *relu_bounds[relu])
-
-    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), records, relu_step)
+    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), records,
+                        crown_step(relu_bounds))
     return concretize(A, bias, x_lower, x_upper)
 
 

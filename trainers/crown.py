@@ -7,8 +7,9 @@ pass from the specification C·f gives the final bounds. Each intermediate bound
 auto_LiRPA's sparse intermediate bounds do). Where IBP is exact (one conv/linear layer, then BN, before
 the first ReLU) its bounds are taken as they are.
 
-The ReLU step takes a lower slope α per neuron and specification row (α-CROWN, trainers/alpha_crown.py)
-and split multipliers β (β-CROWN, trainers/bab.py); without them it is CROWN's adaptive relaxation.
+Each pass relaxes the ReLUs with the step its caller passes (trainers/backward.py): `crown_step` here,
+`alpha_step` for α-CROWN's optimised slopes (trainers/alpha_crown.py), `beta_step` for β-CROWN's split
+constraints (trainers/bab.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backward import (ReluStep, _back_relu, back_relu_lines, concretize, lower_bound_over, relu_relaxation,
-                       two_sided, walk_back)
+from .backward import ReluStep, concretize, crown_step, lower_bound_over, two_sided, walk_back
 from .bounds import ReluInput, has_batchnorm, propagate, split_last_linear
 from .layers import ResidualBlock
 
@@ -48,31 +48,6 @@ def ibp_is_exact(chain: tuple[nn.Sequential, ...]) -> bool:
     if any(isinstance(m, (nn.ReLU, ResidualBlock)) for m in leaves):
         return False
     return sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in leaves) <= 1
-
-
-def relaxed_step(bounds: Bounds, alpha: dict | None = None, beta: dict | None = None,
-                 splits: dict | None = None, seen: dict | None = None) -> ReluStep:
-    """The ReLU step of a backward pass over the pre-activation bounds `bounds[relu]`.
-
-    alpha[relu] (B, S, *shape) in [0, 1]: lower slopes of the unstable neurons, per row (else adaptive).
-    splits[relu] (B, *shape) in {+1, −1, 0}: the constraint s·z ≥ 0 of a split neuron (z ≥ 0 active, z ≤ 0
-    inactive); beta[relu] (B, S, *shape) ≥ 0 adds it by Lagrangian: A_z ← A_z − β·s (β-CROWN).
-    seen: if given, receives each ReLU's incoming A (coefficients of its output), for branching scores."""
-    def step(relu, A, bias):
-        lower, upper = bounds[relu]
-        if seen is not None:
-            seen[relu] = A.detach()
-        if alpha is None or relu not in alpha:
-            A, bias = _back_relu(A, bias, lower, upper)
-        else:
-            _, up_slope, up_bias = relu_relaxation(lower, upper)
-            unstable = ((lower < 0) & (upper > 0)).unsqueeze(1)
-            low_slope = torch.where(unstable, alpha[relu], (lower >= 0).unsqueeze(1).to(A.dtype))
-            A, bias = back_relu_lines(A, bias, low_slope, up_slope.unsqueeze(1), up_bias)
-        if beta is not None and relu in beta:
-            A = A - beta[relu] * splits[relu].unsqueeze(1).to(A.dtype)
-        return A, bias
-    return step
 
 
 def back_through(chain, A: Tensor, records: dict, relu_step: ReluStep) -> tuple[Tensor, Tensor]:
@@ -143,7 +118,7 @@ def crown_intermediate(model: nn.Module, x_lower: Tensor, x_upper: Tensor, x: Te
     for relu, chain in relu_chains(body):
         ibp = (records[relu].lower, records[relu].upper)
         bounds[relu] = ibp if ibp_is_exact(chain) else layer_bounds(
-            chain, ibp, records, relaxed_step(bounds), x_lower, x_upper)
+            chain, ibp, records, crown_step(bounds), x_lower, x_upper)
     return Intermediate(records, bounds)
 
 
