@@ -313,3 +313,27 @@ def test_the_steps_check_finds_an_optional_switch(tmp_path):
                    "def noting_step(step, incoming=None) -> ReluStep: pass\n"
                    "def alpha_step(bounds, alpha) -> ReluStep: pass\n")
     assert [f.split()[1].split("(")[0] for f in step_switches(src)] == ["relaxed_step", "optimise", "noting_step"]
+
+
+# ---- one meaning for "record": the search's (tuner's SearchRecord); trainers/ names none --------------
+def record_names(path: Path) -> list[str]:
+    """Identifiers in a file (names, attributes, parameters, functions, classes) that say "record"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        name = (getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "arg", None)
+                or (node.name if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None))
+        if isinstance(name, str) and "record" in name.lower():
+            found.append(f"{path.name}:{node.lineno} {name}")
+    return found
+
+
+def test_trainers_name_nothing_record():
+    """The backward passes' per-layer facts are `Tape.facts` / `BatchNormAffine` (docs/decisions.md, "Facts
+    per layer"); "record" is left to the search's record."""
+    assert not [f for p in sorted((ROOT / "trainers").glob("*.py")) for f in record_names(p)]
+
+
+def test_the_record_check_finds_a_record_name(tmp_path):
+    src = tmp_path / "bounds.py"
+    src.write_text("class BatchNormRecord: pass\ndef walk(records): tape.record(layer, 1)\n")
+    assert len(record_names(src)) == 3

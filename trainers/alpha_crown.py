@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backward import ReluStep, back_relu_lines, concretize, relu_relaxation, two_sided
+from .backward import LayerFacts, ReluStep, back_relu_lines, concretize, relu_relaxation, two_sided
 from .crown import Bounds, Intermediate, back_through, crown_intermediate, crown_lower_bound, spec_or_identity
 from .verifiers import default
 
@@ -61,7 +61,7 @@ def slopes(bounds: Bounds, rows: int, lr: float) -> Variables:
     return Variables({relu: a.requires_grad_() for relu, a in initial_alpha(bounds, rows).items()}, lr, 0.0, 1.0)
 
 
-def ascend(model: nn.Module, records: dict, C: Tensor, x_lower: Tensor, x_upper: Tensor, step: ReluStep,
+def ascend(model: nn.Module, facts: LayerFacts, C: Tensor, x_lower: Tensor, x_upper: Tensor, step: ReluStep,
            groups: list[Variables], iterations: int, best: Tensor, deadline: float = math.inf
            ) -> tuple[Tensor, Tensor]:
     """Projected gradient ascent on the backward bound of C·f, the ReLUs relaxed by `step`, over the
@@ -73,7 +73,7 @@ def ascend(model: nn.Module, records: dict, C: Tensor, x_lower: Tensor, x_upper:
     variables = [p for g in groups for p in g.tensors.values()]
     for it in range(iterations + 1):
         with torch.enable_grad():
-            A, bias = back_through((model,), C, records, step)
+            A, bias = back_through((model,), C, facts, step)
             lower = concretize(A, bias, x_lower, x_upper)
             objective = -lower.sum()
         best = torch.maximum(best, lower.detach())
@@ -94,7 +94,7 @@ def optimise_alpha(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Te
     """The α-CROWN bound of C·f over the box, never below `best`: the ascent over the slopes alone."""
     alpha = slopes(inter.bounds, C.shape[1], lr)
     step = alpha_step(inter.bounds, alpha.tensors)
-    return ascend(model, inter.records, C, x_lower, x_upper, step, [alpha], iterations, best)[0]
+    return ascend(model, inter.facts, C, x_lower, x_upper, step, [alpha], iterations, best)[0]
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def alpha_crown_verified(problem, base: Tensor) -> Tensor:
     if len(todo):
         sub = {r: (lo[todo], up[todo]) for r, (lo, up) in inter.bounds.items()}
         opts = problem.options
-        best = optimise_alpha(problem.model, Intermediate(inter.records, sub), problem.C[todo],
+        best = optimise_alpha(problem.model, Intermediate(inter.facts, sub), problem.C[todo],
                               problem.lower[todo], problem.upper[todo], opts.alpha_iterations, opts.alpha_lr,
                               crown[todo])
         verified[todo] = (best > 0).all(1)

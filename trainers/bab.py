@@ -136,7 +136,7 @@ def branch_scores(inter_bounds: dict, incoming: dict, lower: Tensor) -> dict:
     return scores
 
 
-def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfig, deadline: float = math.inf):
+def bound_domains(model, facts, d: Domains, C, x_lower, x_upper, cfg: BabConfig, deadline: float = math.inf):
     """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners. At
     `deadline` the α/β ascent stops with the bounds it has (valid, looser)."""
     D = len(d)
@@ -147,7 +147,7 @@ def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfi
     incoming: dict = {}
     step = keeping_incoming(beta_step(d.bounds, alpha.tensors, beta.tensors, splits), incoming)
     groups = [alpha, beta] if splits else [alpha]  # the root has no split: α alone
-    lower, A = ascend(model, records, Cd, xl, xu, step, groups, cfg.iterations, d.lower, deadline)
+    lower, A = ascend(model, facts, Cd, xl, xu, step, groups, cfg.iterations, d.lower, deadline)
     corners = minimizing_corner(A, xl, xu)  # (D, S, *input)
     return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, incoming, lower)), corners
 
@@ -182,7 +182,7 @@ def is_leaf(d: Domains) -> Tensor:
     return ~torch.stack([((lo < 0) & (up > 0)).flatten(1).any(1) for lo, up in d.bounds.values()]).any(0)
 
 
-def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: float = math.inf
+def solve_leaf(model, facts, leaf: Domains, C, x_lower, x_upper, deadline: float = math.inf
                ) -> tuple[str, Tensor | None]:
     """A leaf is linear on {x in box: s·z(x) ≥ 0 for its splits}: min of each row of C·f there by LP.
     `unknown` when `deadline` passes before every row is decided."""
@@ -199,11 +199,11 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: flo
             continue
         E = torch.zeros(1, len(chosen), s.numel(), dtype=x_lower.dtype, device=x_lower.device)
         E[0, torch.arange(len(chosen), device=chosen.device), chosen] = 1.0
-        A, bias = back_through(chain, E.view(1, len(chosen), *splits[relu].shape[1:]), records, step)
+        A, bias = back_through(chain, E.view(1, len(chosen), *splits[relu].shape[1:]), facts, step)
         sign = s[chosen].to(A.dtype).unsqueeze(1)  # s·(a·x + b) ≥ 0  ⇔  −s·a·x ≤ s·b
         A_ub.append(-sign * A[0].flatten(1))
         b_ub.append(sign.squeeze(1) * bias[0])
-    A_obj, bias_obj = back_through((model,), C, records, step)
+    A_obj, bias_obj = back_through((model,), C, facts, step)
     lo, up = x_lower.flatten().double().cpu().numpy(), x_upper.flatten().double().cpu().numpy()
     A_ub = torch.cat(A_ub).double().cpu().numpy() if A_ub else None
     b_ub = torch.cat(b_ub).double().cpu().numpy() if b_ub else None
@@ -240,11 +240,11 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         start = crown_lower_bound(model, inter, C, x_lower, x_upper)
         root = Domains(inter.bounds, {r: torch.zeros_like(lo, dtype=torch.int8) for r, (lo, _) in inter.bounds.items()},
                        start, {})
-        root, _ = bound_domains(model, inter.records, root, C, x_lower, x_upper, cfg, deadline)
+        root, _ = bound_domains(model, inter.facts, root, C, x_lower, x_upper, cfg, deadline)
     if (root.lower > 0).all():
         return VERIFIED, None
     if is_leaf(root).all():  # no unstable neuron at all: the network is linear on the box
-        return solve_leaf(model, inter.records, root, C, x_lower, x_upper, deadline)
+        return solve_leaf(model, inter.facts, root, C, x_lower, x_upper, deadline)
     point = margin_attack(model, C, x_lower, x_upper, cfg.attack_steps, cfg.attack_restarts, generator, deadline)
     if point is not None:
         return FALSIFIED, point
@@ -253,7 +253,7 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         order = open_domains.lower.min(1).values.argsort()  # the worst bounds first
         batch, rest = open_domains.take(order[:cfg.batch]), open_domains.take(order[cfg.batch:])
         with torch.no_grad():
-            children, corners = bound_domains(model, inter.records, split(batch), C, x_lower, x_upper, cfg,
+            children, corners = bound_domains(model, inter.facts, split(batch), C, x_lower, x_upper, cfg,
                                               deadline)
         bad = violated(model, C, corners.flatten(0, 1))
         if bad.any():
@@ -261,7 +261,7 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         keep = ~(children.lower > 0).all(1)
         leaf = keep & is_leaf(children)
         for i in leaf.nonzero().flatten().tolist():
-            status, point = solve_leaf(model, inter.records, children.take(torch.tensor([i], device=leaf.device)),
+            status, point = solve_leaf(model, inter.facts, children.take(torch.tensor([i], device=leaf.device)),
                                        C, x_lower, x_upper, deadline)
             if status != VERIFIED:  # falsified, or unknown at the deadline
                 return status, point
