@@ -304,3 +304,71 @@ def test_verdict_check_finds_a_second_decider(tmp_path):
         f.write("\n\ndef own_verdict(result):\n    return TrialState.PRUNED if result else 'failed'\n")
     offenders = verdict_offenders(tmp_path)
     assert any("TrialState.PRUNED" in o for o in offenders) and any("'failed'" in o for o in offenders)
+
+
+# ---- the ReLU steps: one function per algorithm, no optional switches (trainers/backward.py) -------------
+def _defaults(fn: ast.FunctionDef) -> dict[str, ast.expr]:
+    args = fn.args.posonlyargs + fn.args.args
+    pairs = zip(args[len(args) - len(fn.args.defaults):], fn.args.defaults)
+    kw = ((a, d) for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None)
+    return {a.arg: d for a, d in (*pairs, *kw)}
+
+
+def _builds_a_step(fn: ast.FunctionDef) -> bool:
+    return isinstance(fn.returns, ast.Name) and fn.returns.id == "ReluStep"
+
+
+def step_switches(path: Path) -> list[str]:
+    """Functions that serve several algorithms through optional switches: `alpha` and `beta` both defaulting
+    to None (CROWN, α-CROWN and β-CROWN in one function), or a ReLU step builder (returns ReluStep) with
+    any optional parameter: each step takes exactly what its algorithm needs."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        defaults = _defaults(fn)
+        nones = {a for a, d in defaults.items() if isinstance(d, ast.Constant) and d.value is None}
+        if {"alpha", "beta"} <= nones or (_builds_a_step(fn) and defaults):
+            found.append(f"{path.name}:{fn.lineno} {fn.name}({', '.join(sorted(defaults))} optional)")
+    return found
+
+
+def test_each_relu_step_is_its_own_function_without_switches():
+    files = sorted((ROOT / "trainers").glob("*.py"))
+    assert not [f for p in files for f in step_switches(p)]
+    builders = {fn.name for p in files for fn in ast.walk(ast.parse(p.read_text()))
+                if isinstance(fn, ast.FunctionDef) and _builds_a_step(fn)}
+    assert {"crown_step", "alpha_step", "beta_step", "keeping_incoming"} <= builders, builders
+
+
+def test_the_steps_check_finds_an_optional_switch(tmp_path):
+    src = tmp_path / "crown.py"
+    src.write_text("def relaxed_step(bounds, alpha=None, beta=None, splits=None, seen=None) -> ReluStep: pass\n"
+                   "def optimise(model, *, alpha: dict | None = None, beta=None): pass\n"
+                   "def noting_step(step, incoming=None) -> ReluStep: pass\n"
+                   "def alpha_step(bounds, alpha) -> ReluStep: pass\n")
+    assert [f.split()[1].split("(")[0] for f in step_switches(src)] == ["relaxed_step", "optimise", "noting_step"]
+
+
+# ---- one meaning for "record": the search's (tuner's SearchRecord); trainers/ names none --------------
+def record_names(path: Path) -> list[str]:
+    """Identifiers in a file (names, attributes, parameters, functions, classes) that say "record"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        name = (getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "arg", None)
+                or (node.name if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None))
+        if isinstance(name, str) and "record" in name.lower():
+            found.append(f"{path.name}:{node.lineno} {name}")
+    return found
+
+
+def test_trainers_name_nothing_record():
+    """The backward passes' per-layer facts are `Tape.facts` / `BatchNormAffine` (docs/decisions.md, "Facts
+    per layer"); "record" is left to the search's record."""
+    assert not [f for p in sorted((ROOT / "trainers").glob("*.py")) for f in record_names(p)]
+
+
+def test_the_record_check_finds_a_record_name(tmp_path):
+    src = tmp_path / "bounds.py"
+    src.write_text("class BatchNormRecord: pass\ndef walk(records): tape.record(layer, 1)\n")
+    assert len(record_names(src)) == 3

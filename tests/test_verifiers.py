@@ -113,7 +113,7 @@ def test_crown_intermediate_bounds_are_within_ibp_and_contain_samples():
     tighter = False
     for relu in relus:
         lo, up = inter.bounds[relu]
-        ibp = inter.records[relu]
+        ibp = inter.facts[relu]
         assert (lo >= ibp.lower - 1e-6).all() and (up <= ibp.upper + 1e-6).all()
         tighter |= bool((up - lo).sum() < (ibp.upper - ibp.lower).sum() - 1e-3)
         z = torch.stack(seen[relu])

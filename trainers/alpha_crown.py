@@ -12,13 +12,15 @@ layer per iteration; with fixed intermediate bounds an iteration is one backward
 """
 from __future__ import annotations
 
+import math
 import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .backward import concretize, relu_relaxation, two_sided
-from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, spec_or_identity
+from .backward import LayerFacts, ReluStep, back_relu_lines, concretize, relu_relaxation, two_sided
+from .crown import Bounds, Intermediate, back_through, crown_intermediate, crown_lower_bound, spec_or_identity
 from .verifiers import default
 
 ITERATIONS, LR = default("alpha_iterations"), default("alpha_lr")  # the table's defaults (trainers/verifiers.py)
@@ -33,43 +35,66 @@ def initial_alpha(bounds, rows: int) -> dict:
     return alpha
 
 
-def optimise_bound(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Tensor, x_upper: Tensor,
-                   iterations: int, lr: float, best: Tensor, splits: dict | None = None,
-                   beta_lr: float = 0.05, seen: dict | None = None, deadline: float | None = None
-                   ) -> tuple[Tensor, Tensor]:
-    """Projected gradient ascent on the backward bound of C·f over α (and over β ≥ 0 for the split
-    constraints `splits`, β-CROWN). Returns the best bound per example and row, elementwise max with `best`,
-    and the A at the input of the last iteration's pass (for the box corner that attains it). Stops early
-    at `deadline` (time.monotonic()): every α ∈ [0, 1] and β ≥ 0 gives a valid bound, so the best so far is
-    still sound, only less tight."""
-    params = [p.requires_grad_() for p in initial_alpha(inter.bounds, C.shape[1]).values()]
-    alpha = dict(zip(inter.bounds, params))
-    beta = None
-    groups = [{"params": params, "lr": lr}]
-    if splits:
-        beta = {relu: torch.zeros_like(alpha[relu]).requires_grad_() for relu in splits}
-        groups.append({"params": list(beta.values()), "lr": beta_lr})
-    optimizer = torch.optim.Adam(groups)
-    step = relaxed_step(inter.bounds, alpha, beta, splits, seen)
+def alpha_step(bounds: Bounds, alpha: dict) -> ReluStep:
+    """α-CROWN's ReLU step (Xu et al., ICLR 2021): lower line α·z, α ∈ [0, 1] per unstable neuron and row."""
+    def step(relu, A, bias):
+        lower, upper = bounds[relu]
+        _, up_slope, up_bias = relu_relaxation(lower, upper)
+        unstable = ((lower < 0) & (upper > 0)).unsqueeze(1)
+        low_slope = torch.where(unstable, alpha[relu], (lower >= 0).unsqueeze(1).to(A.dtype))
+        return back_relu_lines(A, bias, low_slope, up_slope.unsqueeze(1), up_bias)
+    return step
+
+
+class Variables(NamedTuple):
+    """Tensors the ascent optimises (ReLU -> tensor), their Adam step size, and the interval [low, high]
+    they are projected back onto after each step (high None: no upper end)."""
+
+    tensors: dict
+    lr: float
+    low: float
+    high: float | None
+
+
+def slopes(bounds: Bounds, rows: int, lr: float) -> Variables:
+    """α as variables in [0, 1], starting from CROWN's adaptive slopes."""
+    return Variables({relu: a.requires_grad_() for relu, a in initial_alpha(bounds, rows).items()}, lr, 0.0, 1.0)
+
+
+def ascend(model: nn.Module, facts: LayerFacts, C: Tensor, x_lower: Tensor, x_upper: Tensor, step: ReluStep,
+           groups: list[Variables], iterations: int, best: Tensor, deadline: float = math.inf
+           ) -> tuple[Tensor, Tensor]:
+    """Projected gradient ascent on the backward bound of C·f, the ReLUs relaxed by `step`, over the
+    variables of `groups`. Returns the best bound per example and row, elementwise max with `best`, and
+    the A at the input of the last iteration's pass (for the box corner that attains it). Stops early at
+    `deadline` (time.monotonic()): every point of the variables' intervals gives a valid bound, so the
+    best so far is still sound, only less tight."""
+    optimizer = torch.optim.Adam([{"params": list(g.tensors.values()), "lr": g.lr} for g in groups])
+    variables = [p for g in groups for p in g.tensors.values()]
     for it in range(iterations + 1):
         with torch.enable_grad():
-            A, bias = back_through((model,), C, inter.records, step)
+            A, bias = back_through((model,), C, facts, step)
             lower = concretize(A, bias, x_lower, x_upper)
             objective = -lower.sum()
         best = torch.maximum(best, lower.detach())
-        if it == iterations or (deadline is not None and time.monotonic() >= deadline):
+        if it == iterations or time.monotonic() >= deadline:
             break
-        variables = [p for g in groups for p in g["params"]]
-        grads = torch.autograd.grad(objective, variables)
-        for p, g in zip(variables, grads):
+        for p, g in zip(variables, torch.autograd.grad(objective, variables)):
             p.grad = g
         optimizer.step()
         with torch.no_grad():
-            for p in params:
-                p.clamp_(0, 1)
-            for p in groups[1]["params"] if beta else ():
-                p.clamp_(min=0)
+            for g in groups:
+                for p in g.tensors.values():
+                    p.clamp_(g.low, g.high)
     return best, A.detach()
+
+
+def optimise_alpha(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Tensor, x_upper: Tensor,
+                   iterations: int, lr: float, best: Tensor) -> Tensor:
+    """The α-CROWN bound of C·f over the box, never below `best`: the ascent over the slopes alone."""
+    alpha = slopes(inter.bounds, C.shape[1], lr)
+    step = alpha_step(inter.bounds, alpha.tensors)
+    return ascend(model, inter.facts, C, x_lower, x_upper, step, [alpha], iterations, best)[0]
 
 
 @torch.no_grad()
@@ -78,7 +103,7 @@ def alpha_crown_lower(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Ten
     """α-CROWN lower bound of C·f over the box, never below CROWN's."""
     inter = crown_intermediate(model, x_lower, x_upper, x)
     start = crown_lower_bound(model, inter, C, x_lower, x_upper)
-    return optimise_bound(model, inter, C, x_lower, x_upper, iterations, lr, start)[0]
+    return optimise_alpha(model, inter, C, x_lower, x_upper, iterations, lr, start)
 
 
 def alpha_crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,
@@ -100,8 +125,8 @@ def alpha_crown_verified(problem, base: Tensor) -> Tensor:
     if len(todo):
         sub = {r: (lo[todo], up[todo]) for r, (lo, up) in inter.bounds.items()}
         opts = problem.options
-        best, _ = optimise_bound(problem.model, Intermediate(inter.records, sub), problem.C[todo],
-                                 problem.lower[todo], problem.upper[todo], opts.alpha_iterations, opts.alpha_lr,
-                                 crown[todo])
+        best = optimise_alpha(problem.model, Intermediate(inter.facts, sub), problem.C[todo],
+                              problem.lower[todo], problem.upper[todo], opts.alpha_iterations, opts.alpha_lr,
+                              crown[todo])
         verified[todo] = (best > 0).all(1)
     return verified

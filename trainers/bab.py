@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .alpha_crown import optimise_bound
-from .backward import minimizing_corner
-from .crown import Intermediate, back_through, crown_intermediate, crown_lower_bound, relaxed_step, relu_chains
+from .alpha_crown import Variables, alpha_step, ascend, slopes
+from .backward import ReluStep, crown_step, minimizing_corner
+from .crown import Bounds, back_through, crown_intermediate, crown_lower_bound, relu_chains
 from .bounds import split_last_linear
 from .verifiers import default
 
@@ -97,7 +97,32 @@ def margin_attack(model, C, x_lower, x_upper, steps, restarts, generator, deadli
     return None
 
 
-def branch_scores(inter_bounds: dict, seen: dict, lower: Tensor) -> dict:
+def beta_step(bounds: Bounds, alpha: dict, beta: dict, splits: dict) -> ReluStep:
+    """β-CROWN's ReLU step (Wang et al., NeurIPS 2021): α-CROWN's, then each split s·z ≥ 0 as A_z ← A_z − β·s."""
+    relaxed = alpha_step(bounds, alpha)
+
+    def step(relu, A, bias):
+        A, bias = relaxed(relu, A, bias)
+        if relu in beta:
+            A = A - beta[relu] * splits[relu].unsqueeze(1).to(A.dtype)
+        return A, bias
+    return step
+
+
+def multipliers(splits: dict, alpha: dict, lr: float) -> Variables:
+    """β ≥ 0 as variables, one per neuron and row of every layer with a split, starting at 0."""
+    return Variables({relu: torch.zeros_like(alpha[relu]).requires_grad_() for relu in splits}, lr, 0.0, None)
+
+
+def keeping_incoming(step: ReluStep, incoming: dict) -> ReluStep:
+    """`step`, keeping each ReLU's incoming A (the coefficients of its output) in `incoming` for branch_scores."""
+    def keeping(relu, A, bias):
+        incoming[relu] = A.detach()
+        return step(relu, A, bias)
+    return keeping
+
+
+def branch_scores(inter_bounds: dict, incoming: dict, lower: Tensor) -> dict:
     """Per unstable neuron, how much its upper line's intercept costs the open rows (BaBSR's intercept
     score): Σ_s [row s open]·max(−A_s, 0)·u(−l)/(u − l); plus a tiny triangle-height term so that every
     unstable neuron scores above every stable one."""
@@ -106,23 +131,25 @@ def branch_scores(inter_bounds: dict, seen: dict, lower: Tensor) -> dict:
     for relu, (lo, up) in inter_bounds.items():
         unstable = (lo < 0) & (up > 0)
         intercept = torch.where(unstable, up * (-lo) / (up - lo).clamp(min=1e-12), torch.zeros_like(lo))
-        cost = torch.einsum("ds,dsn->dn", open_rows, (-seen[relu]).clamp(min=0).flatten(2)).view_as(lo)
+        cost = torch.einsum("ds,dsn->dn", open_rows, (-incoming[relu]).clamp(min=0).flatten(2)).view_as(lo)
         scores[relu] = torch.where(unstable, cost * intercept + 1e-6 * intercept + 1e-12, torch.full_like(lo, -1.0))
     return scores
 
 
-def bound_domains(model, records, d: Domains, C, x_lower, x_upper, cfg: BabConfig, deadline: float = math.inf):
+def bound_domains(model, facts, d: Domains, C, x_lower, x_upper, cfg: BabConfig, deadline: float = math.inf):
     """β-CROWN bound of a batch of domains; returns the new Domains and the minimising box corners. At
     `deadline` the α/β ascent stops with the bounds it has (valid, looser)."""
     D = len(d)
-    inter = Intermediate(records, d.bounds)
     Cd, xl, xu = C.expand(D, *C.shape[1:]), x_lower.expand(D, *x_lower.shape[1:]), x_upper.expand(D, *x_upper.shape[1:])
     splits = {r: s for r, s in d.splits.items() if (s != 0).any()}
-    seen: dict = {}
-    lower, A = optimise_bound(model, inter, Cd, xl, xu, cfg.iterations, cfg.lr, d.lower, splits, cfg.beta_lr, seen,
-                              deadline)
+    alpha = slopes(d.bounds, Cd.shape[1], cfg.lr)
+    beta = multipliers(splits, alpha.tensors, cfg.beta_lr)
+    incoming: dict = {}
+    step = keeping_incoming(beta_step(d.bounds, alpha.tensors, beta.tensors, splits), incoming)
+    groups = [alpha, beta] if splits else [alpha]  # the root has no split: α alone
+    lower, A = ascend(model, facts, Cd, xl, xu, step, groups, cfg.iterations, d.lower, deadline)
     corners = minimizing_corner(A, xl, xu)  # (D, S, *input)
-    return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, seen, lower)), corners
+    return Domains(d.bounds, d.splits, lower, branch_scores(d.bounds, incoming, lower)), corners
 
 
 def split(d: Domains) -> Domains:
@@ -155,7 +182,7 @@ def is_leaf(d: Domains) -> Tensor:
     return ~torch.stack([((lo < 0) & (up > 0)).flatten(1).any(1) for lo, up in d.bounds.values()]).any(0)
 
 
-def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: float = math.inf
+def solve_leaf(model, facts, leaf: Domains, C, x_lower, x_upper, deadline: float = math.inf
                ) -> tuple[str, Tensor | None]:
     """A leaf is linear on {x in box: s·z(x) ≥ 0 for its splits}: min of each row of C·f there by LP.
     `unknown` when `deadline` passes before every row is decided."""
@@ -163,7 +190,7 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: flo
 
     bounds, splits = leaf.bounds, leaf.splits
     body, _ = split_last_linear(model)
-    step = relaxed_step(bounds)  # every neuron is stable or split here: each relaxation is exact
+    step = crown_step(bounds)  # every neuron is stable or split here: each relaxation is exact
     A_ub, b_ub = [], []
     for relu, chain in relu_chains(body):
         s = splits[relu][0].flatten()
@@ -172,11 +199,11 @@ def solve_leaf(model, records, leaf: Domains, C, x_lower, x_upper, deadline: flo
             continue
         E = torch.zeros(1, len(chosen), s.numel(), dtype=x_lower.dtype, device=x_lower.device)
         E[0, torch.arange(len(chosen), device=chosen.device), chosen] = 1.0
-        A, bias = back_through(chain, E.view(1, len(chosen), *splits[relu].shape[1:]), records, step)
+        A, bias = back_through(chain, E.view(1, len(chosen), *splits[relu].shape[1:]), facts, step)
         sign = s[chosen].to(A.dtype).unsqueeze(1)  # s·(a·x + b) ≥ 0  ⇔  −s·a·x ≤ s·b
         A_ub.append(-sign * A[0].flatten(1))
         b_ub.append(sign.squeeze(1) * bias[0])
-    A_obj, bias_obj = back_through((model,), C, records, step)
+    A_obj, bias_obj = back_through((model,), C, facts, step)
     lo, up = x_lower.flatten().double().cpu().numpy(), x_upper.flatten().double().cpu().numpy()
     A_ub = torch.cat(A_ub).double().cpu().numpy() if A_ub else None
     b_ub = torch.cat(b_ub).double().cpu().numpy() if b_ub else None
@@ -213,11 +240,11 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         start = crown_lower_bound(model, inter, C, x_lower, x_upper)
         root = Domains(inter.bounds, {r: torch.zeros_like(lo, dtype=torch.int8) for r, (lo, _) in inter.bounds.items()},
                        start, {})
-        root, _ = bound_domains(model, inter.records, root, C, x_lower, x_upper, cfg, deadline)
+        root, _ = bound_domains(model, inter.facts, root, C, x_lower, x_upper, cfg, deadline)
     if (root.lower > 0).all():
         return VERIFIED, None
     if is_leaf(root).all():  # no unstable neuron at all: the network is linear on the box
-        return solve_leaf(model, inter.records, root, C, x_lower, x_upper, deadline)
+        return solve_leaf(model, inter.facts, root, C, x_lower, x_upper, deadline)
     point = margin_attack(model, C, x_lower, x_upper, cfg.attack_steps, cfg.attack_restarts, generator, deadline)
     if point is not None:
         return FALSIFIED, point
@@ -226,7 +253,7 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         order = open_domains.lower.min(1).values.argsort()  # the worst bounds first
         batch, rest = open_domains.take(order[:cfg.batch]), open_domains.take(order[cfg.batch:])
         with torch.no_grad():
-            children, corners = bound_domains(model, inter.records, split(batch), C, x_lower, x_upper, cfg,
+            children, corners = bound_domains(model, inter.facts, split(batch), C, x_lower, x_upper, cfg,
                                               deadline)
         bad = violated(model, C, corners.flatten(0, 1))
         if bad.any():
@@ -234,7 +261,7 @@ def bab_one(model, x_lower, x_upper, C, cfg: BabConfig, generator) -> tuple[str,
         keep = ~(children.lower > 0).all(1)
         leaf = keep & is_leaf(children)
         for i in leaf.nonzero().flatten().tolist():
-            status, point = solve_leaf(model, inter.records, children.take(torch.tensor([i], device=leaf.device)),
+            status, point = solve_leaf(model, inter.facts, children.take(torch.tensor([i], device=leaf.device)),
                                        C, x_lower, x_upper, deadline)
             if status != VERIFIED:  # falsified, or unknown at the deadline
                 return status, point

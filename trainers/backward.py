@@ -1,10 +1,11 @@
 """The backward linear pass: a linear lower bound A·z_out + bias pushed back through the layers to the input.
 
-One small function per layer kind. The pass reads what the forward (IBP) walk recorded for each layer,
-keyed by the layer itself (`Tape.records` in trainers/bounds.py): a conv's input size, a BN's scale and
+One small function per layer kind. The pass reads what the forward (IBP) walk noted of each layer,
+keyed by the layer itself (`Tape.facts` in trainers/bounds.py): a conv's input size, a BN's scale and
 shift, a Flatten's input shape. How each ReLU is relaxed is the caller's choice, passed as `relu_step`:
-CROWN-IBP relaxes with the ReLU's IBP bounds, CROWN with its own intermediate bounds, α-CROWN with
-optimised lower slopes, β-CROWN adds its split multipliers (trainers/crown.py, alpha_crown.py, bab.py).
+`crown_step` over IBP's bounds (CROWN-IBP) or CROWN's own intermediate bounds (CROWN), `alpha_step` with
+optimised lower slopes (α-CROWN, trainers/alpha_crown.py), `beta_step` adding the split multipliers
+(β-CROWN, trainers/bab.py).
 
 Shapes: A is (B, S, *layer shape) for B examples and S specification rows; bias is (B, S).
 """
@@ -20,6 +21,9 @@ from .layers import ResidualBlock
 
 # relu_step(relu_module, A, bias) -> (A, bias): A·relu(z) ≥ A'·z + bias' − bias, over the ReLU's input z.
 ReluStep = Callable[[nn.ReLU, Tensor, Tensor], "tuple[Tensor, Tensor]"]
+# layer module -> what the forward walk learnt of it that a backward pass needs (bounds.Tape.facts): called
+# facts, not records, because "record" is the search's (tuner's SearchRecord).
+LayerFacts = dict
 
 
 def relu_relaxation(lower: Tensor, upper: Tensor):
@@ -51,6 +55,13 @@ def _back_relu(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor):
     return back_relu_lines(A, bias, low_slope.unsqueeze(1), up_slope.unsqueeze(1), up_bias)
 
 
+def crown_step(bounds: dict) -> ReluStep:
+    """CROWN's ReLU step (Zhang et al., NeurIPS 2018): each ReLU relaxed adaptively over its input's bounds."""
+    def step(relu, A, bias):
+        return _back_relu(A, bias, *bounds[relu])
+    return step
+
+
 def _back_linear(layer: nn.Linear, A: Tensor, bias: Tensor):
     if layer.bias is not None:
         bias = bias + A @ layer.bias
@@ -75,26 +86,26 @@ def _back_batchnorm(A: Tensor, bias: Tensor, scale: Tensor, shift: Tensor):
     return A * scale.view(shape), bias
 
 
-def walk_back(module: nn.Module, A: Tensor, bias: Tensor, records: dict, relu_step: ReluStep):
+def walk_back(module: nn.Module, A: Tensor, bias: Tensor, facts: LayerFacts, relu_step: ReluStep):
     """Push the linear lower bound A·z_out + bias back to the module's input, layer by layer."""
     if isinstance(module, nn.Sequential):
         for layer in reversed(module):
-            A, bias = walk_back(layer, A, bias, records, relu_step)
+            A, bias = walk_back(layer, A, bias, facts, relu_step)
         return A, bias
     if isinstance(module, ResidualBlock):  # a sum: both branches receive A, their input coefficients add
-        A_short, bias = walk_back(module.shortcut, A, bias, records, relu_step)
-        A_main, bias = walk_back(module.main, A, bias, records, relu_step)
+        A_short, bias = walk_back(module.shortcut, A, bias, facts, relu_step)
+        A_main, bias = walk_back(module.main, A, bias, facts, relu_step)
         return A_main + A_short, bias
     if isinstance(module, nn.Linear):
         return _back_linear(module, A, bias)
     if isinstance(module, nn.Conv2d):
-        return _back_conv(module, A, bias, records[module])
+        return _back_conv(module, A, bias, facts[module])
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return _back_batchnorm(A, bias, *records[module])
+        return _back_batchnorm(A, bias, *facts[module])
     if isinstance(module, nn.ReLU):
         return relu_step(module, A, bias)
     if isinstance(module, nn.Flatten):
-        return A.view(*A.shape[:2], *records[module]), bias
+        return A.view(*A.shape[:2], *facts[module]), bias
     raise TypeError(f"bound propagation does not support {type(module).__name__}")
 
 
@@ -110,17 +121,15 @@ def minimizing_corner(A: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
     return torch.where(A > 0, x_lower.unsqueeze(1), x_upper.unsqueeze(1))
 
 
-def lower_bound_over(model: nn.Module, C: Tensor, records: dict, relu_bounds: dict, x_lower: Tensor,
+def lower_bound_over(model: nn.Module, C: Tensor, facts: LayerFacts, relu_bounds: dict, x_lower: Tensor,
                      x_upper: Tensor) -> Tensor:
     """Lower bound of C·f over the box: one backward pass from the output, each ReLU relaxed (adaptive
     slopes) over the bounds of its input, `relu_bounds[relu]` = (lower, upper). Over IBP's bounds this is
     CROWN-IBP (bounds.crown_lower); over CROWN's own intermediate bounds, CROWN's final pass
     (crown.crown_lower_bound). It lives here, below both, so the training losses use it without the
     CROWN verifier's module."""
-    def relu_step(relu, A, bias):
-        return _back_relu(A, bias, *relu_bounds[relu])
-
-    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), records, relu_step)
+    A, bias = walk_back(model, C, torch.zeros(C.shape[:2], device=C.device, dtype=C.dtype), facts,
+                        crown_step(relu_bounds))
     return concretize(A, bias, x_lower, x_upper)
 
 

@@ -8,7 +8,7 @@ IBP carries an interval as (center, radius). Alongside it we carry the clean bat
 in train mode a BatchNorm layer is the fixed affine map given by the *clean* batch's statistics, and the
 trainer gets the clean logits from the same walk instead of a separate forward pass.
 
-The walk records what the backward passes need per layer, keyed by the layer (`Tape.records`).
+The walk notes what the backward passes need to know of each layer, keyed by the layer (`Tape.facts`).
 CROWN-IBP keeps IBP bounds for every hidden layer and runs one backward linear pass (trainers/backward.py)
 from the output: the margins C·f(x) are written as A·x + bias over the input box, with each ReLU relaxed by
 its IBP pre-activation bounds (upper line through (l, 0) and (u, u); lower slope 1 if u > −l else 0).
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backward import _back_relu, concretize, lower_bound_over, relu_relaxation, two_sided, walk_back  # noqa: F401
+from .backward import (LayerFacts, _back_relu, concretize, lower_bound_over, relu_relaxation,  # noqa: F401
+                       two_sided, walk_back)
 from .layers import ResidualBlock
 
 
@@ -62,7 +63,7 @@ class ReluInput(NamedTuple):
     radius: Tensor
 
 
-class BatchNormRecord(NamedTuple):
+class BatchNormAffine(NamedTuple):
     """BN as the per-channel affine map z ↦ scale·z + shift it was in this walk."""
 
     scale: Tensor
@@ -71,18 +72,19 @@ class BatchNormRecord(NamedTuple):
 
 @dataclass
 class Tape:
-    """What the backward passes need, one record per layer, keyed by the layer module itself: a conv's
-    input size (H, W), a BN's `BatchNormRecord`, a Flatten's input shape, a ReLU's `ReluInput`. Linear
-    layers need none. `relu_inputs` lists the ReLU inputs in forward order (for the regularizers)."""
+    """What the backward passes need to know of each layer, one fact per layer, keyed by the layer module
+    itself: a conv's input size (H, W), a BN's `BatchNormAffine`, a Flatten's input shape, a ReLU's
+    `ReluInput`. Linear layers need none. `relu_inputs` lists the ReLU inputs in forward order (for the
+    regularizers)."""
 
-    records: dict = field(default_factory=dict)
+    facts: LayerFacts = field(default_factory=dict)
     relu_inputs: list[ReluInput] = field(default_factory=list)  # every ReLU's input interval
     update_bn_stats: bool = False
 
-    def record(self, layer: nn.Module, value) -> None:
-        if layer in self.records:  # a module object used twice would have two records under one key
+    def note(self, layer: nn.Module, fact) -> None:
+        if layer in self.facts:  # a module object used twice would have two facts under one key
             raise TypeError(f"bound propagation needs each layer object once; {layer!r} appears twice in the model")
-        self.records[layer] = value
+        self.facts[layer] = fact
 
 
 def ibp_linear(layer: nn.Linear, s: State) -> State:
@@ -158,7 +160,7 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
 
 def ibp_batchnorm(layer, s: State, tape: Tape) -> State:
     scale, shift = bn_affine(layer, s.clean, tape.update_bn_stats)
-    tape.record(layer, BatchNormRecord(scale, shift))
+    tape.note(layer, BatchNormAffine(scale, shift))
     a, b = _per_channel(scale, s.center), _per_channel(shift, s.center)
     clean = None if s.clean is None else torch.addcmul(b, s.clean, a)
     return State(clean, torch.addcmul(b, s.center, a), s.radius * a.abs())
@@ -172,10 +174,10 @@ def ibp_affine_batchnorm(layer: nn.Conv2d | nn.Linear, bn, s: State, tape: Tape)
     `ibp_conv`/`ibp_linear` then `ibp_batchnorm`, rounded differently."""
     affine = _affine_op(layer)
     if isinstance(layer, nn.Conv2d):
-        tape.record(layer, s.center.shape[-2:])
+        tape.note(layer, s.center.shape[-2:])
     clean = None if s.clean is None else affine(s.clean, layer.weight, layer.bias)
     scale, shift = bn_affine(bn, clean, tape.update_bn_stats)
-    tape.record(bn, BatchNormRecord(scale, shift))
+    tape.note(bn, BatchNormAffine(scale, shift))
     weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
     bias = shift if layer.bias is None else torch.addcmul(shift, layer.bias, scale)
     if clean is not None:
@@ -204,7 +206,7 @@ def folds_into_weights(layer: nn.Module, following: nn.Module | None, s: State) 
 def ibp_relu(layer: nn.ReLU, s: State, tape: Tape) -> State:
     lower, upper = s.center - s.radius, s.center + s.radius
     tape.relu_inputs.append(ReluInput(lower, upper, s.center, s.radius))
-    tape.record(layer, tape.relu_inputs[-1])
+    tape.note(layer, tape.relu_inputs[-1])
     lo, up = torch.relu(lower), torch.relu(upper)
     clean = None if s.clean is None else torch.relu(s.clean)
     center = torch.lerp(lo, up, 0.5)  # (lo + up)/2 in one pass
@@ -212,7 +214,7 @@ def ibp_relu(layer: nn.ReLU, s: State, tape: Tape) -> State:
 
 
 def ibp_flatten(layer: nn.Flatten, s: State, tape: Tape) -> State:
-    tape.record(layer, s.center.shape[1:])
+    tape.note(layer, s.center.shape[1:])
     flat = layer  # nn.Flatten(start_dim=1) is the only form we support
     return State(None if s.clean is None else flat(s.clean), flat(s.center), flat(s.radius))
 
@@ -238,7 +240,7 @@ def ibp_walk(module: nn.Module, s: State, tape: Tape) -> State:
     if isinstance(module, nn.Linear):
         return ibp_linear(module, s)
     if isinstance(module, nn.Conv2d):
-        tape.record(module, s.center.shape[-2:])
+        tape.note(module, s.center.shape[-2:])
         return ibp_conv(module, s)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return ibp_batchnorm(module, s, tape)
@@ -314,10 +316,10 @@ def ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | N
 # ---- CROWN-IBP: one backward linear pass (trainers/backward.py) ----------------------------------
 def crown_lower(model: nn.Module, p: Propagation, C: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
     """CROWN-IBP: the lower bound of C·f over the box by CROWN's backward pass over the IBP bounds of every
-    ReLU input recorded in `p` (CROWN itself runs the same pass over its own intermediate bounds)."""
-    records = p.tape.records
-    ibp = {layer: (r.lower, r.upper) for layer, r in records.items() if isinstance(r, ReluInput)}
-    return lower_bound_over(model, C, records, ibp, x_lower, x_upper)
+    ReLU input on `p`'s tape (CROWN itself runs the same pass over its own intermediate bounds)."""
+    facts = p.tape.facts
+    ibp = {layer: (r.lower, r.upper) for layer, r in facts.items() if isinstance(r, ReluInput)}
+    return lower_bound_over(model, C, facts, ibp, x_lower, x_upper)
 
 
 def crown_ibp_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,

@@ -7,8 +7,9 @@ pass from the specification C·f gives the final bounds. Each intermediate bound
 auto_LiRPA's sparse intermediate bounds do). Where IBP is exact (one conv/linear layer, then BN, before
 the first ReLU) its bounds are taken as they are.
 
-The ReLU step takes a lower slope α per neuron and specification row (α-CROWN, trainers/alpha_crown.py)
-and split multipliers β (β-CROWN, trainers/bab.py); without them it is CROWN's adaptive relaxation.
+Each pass relaxes the ReLUs with the step its caller passes (trainers/backward.py): `crown_step` here,
+`alpha_step` for α-CROWN's optimised slopes (trainers/alpha_crown.py), `beta_step` for β-CROWN's split
+constraints (trainers/bab.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backward import (ReluStep, _back_relu, back_relu_lines, concretize, lower_bound_over, relu_relaxation,
-                       two_sided, walk_back)
+from .backward import LayerFacts, ReluStep, concretize, crown_step, lower_bound_over, two_sided, walk_back
 from .bounds import ReluInput, has_batchnorm, propagate, split_last_linear
 from .layers import ResidualBlock
 
@@ -50,36 +50,11 @@ def ibp_is_exact(chain: tuple[nn.Sequential, ...]) -> bool:
     return sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in leaves) <= 1
 
 
-def relaxed_step(bounds: Bounds, alpha: dict | None = None, beta: dict | None = None,
-                 splits: dict | None = None, seen: dict | None = None) -> ReluStep:
-    """The ReLU step of a backward pass over the pre-activation bounds `bounds[relu]`.
-
-    alpha[relu] (B, S, *shape) in [0, 1]: lower slopes of the unstable neurons, per row (else adaptive).
-    splits[relu] (B, *shape) in {+1, −1, 0}: the constraint s·z ≥ 0 of a split neuron (z ≥ 0 active, z ≤ 0
-    inactive); beta[relu] (B, S, *shape) ≥ 0 adds it by Lagrangian: A_z ← A_z − β·s (β-CROWN).
-    seen: if given, receives each ReLU's incoming A (coefficients of its output), for branching scores."""
-    def step(relu, A, bias):
-        lower, upper = bounds[relu]
-        if seen is not None:
-            seen[relu] = A.detach()
-        if alpha is None or relu not in alpha:
-            A, bias = _back_relu(A, bias, lower, upper)
-        else:
-            _, up_slope, up_bias = relu_relaxation(lower, upper)
-            unstable = ((lower < 0) & (upper > 0)).unsqueeze(1)
-            low_slope = torch.where(unstable, alpha[relu], (lower >= 0).unsqueeze(1).to(A.dtype))
-            A, bias = back_relu_lines(A, bias, low_slope, up_slope.unsqueeze(1), up_bias)
-        if beta is not None and relu in beta:
-            A = A - beta[relu] * splits[relu].unsqueeze(1).to(A.dtype)
-        return A, bias
-    return step
-
-
-def back_through(chain, A: Tensor, records: dict, relu_step: ReluStep) -> tuple[Tensor, Tensor]:
+def back_through(chain, A: Tensor, facts: LayerFacts, relu_step: ReluStep) -> tuple[Tensor, Tensor]:
     """A·z (z the output of the chain) as A'·x + bias' over the model input x, bounded from below."""
     bias = torch.zeros(A.shape[:2], device=A.device, dtype=A.dtype)
     for part in reversed(chain):
-        A, bias = walk_back(part, A, bias, records, relu_step)
+        A, bias = walk_back(part, A, bias, facts, relu_step)
     return A, bias
 
 
@@ -98,7 +73,7 @@ def unit_rows(idx: Tensor, shape) -> Tensor:
     return E.scatter_(2, idx.unsqueeze(-1), 1.0).view(B, n, *shape)
 
 
-def layer_bounds(chain, prior: tuple[Tensor, Tensor], records: dict, relu_step: ReluStep,
+def layer_bounds(chain, prior: tuple[Tensor, Tensor], facts: LayerFacts, relu_step: ReluStep,
                  x_lower: Tensor, x_upper: Tensor, max_elements: int = 1 << 24) -> tuple[Tensor, Tensor]:
     """CROWN bounds of the ReLU input that `chain` computes, intersected with `prior`; only the neurons
     `prior` leaves unstable get a backward row (a lower and an upper row each), in chunks of rows."""
@@ -110,13 +85,13 @@ def layer_bounds(chain, prior: tuple[Tensor, Tensor], records: dict, relu_step: 
     shape = lower.shape[1:]
     # The widest A of the chain is about the widest layer: a ReLU input or the model input.
     widest = max(shape.numel(), x_lower[0].numel(),
-                 *(r.lower[0].numel() for r in records.values() if isinstance(r, ReluInput)))
+                 *(r.lower[0].numel() for r in facts.values() if isinstance(r, ReluInput)))
     chunk = max(1, max_elements // (2 * B * widest))
     new_lower, new_upper = [], []
     for start in range(0, n, chunk):
         E = unit_rows(idx[:, start:start + chunk], shape).to(lower.dtype)
         lo_rows, up_rows = two_sided(
-            lambda spec: concretize(*back_through(chain, spec, records, relu_step), x_lower, x_upper), E)
+            lambda spec: concretize(*back_through(chain, spec, facts, relu_step), x_lower, x_upper), E)
         new_lower.append(lo_rows)
         new_upper.append(up_rows)
     new_lower, new_upper = torch.cat(new_lower, 1), torch.cat(new_upper, 1)
@@ -128,23 +103,23 @@ def layer_bounds(chain, prior: tuple[Tensor, Tensor], records: dict, relu_step: 
 
 
 class Intermediate(NamedTuple):
-    records: dict  # the forward walk's per-layer records (conv sizes, BN maps, ...)
+    facts: LayerFacts  # what the forward walk noted of each layer (conv sizes, BN maps, ...)
     bounds: Bounds  # CROWN ∩ IBP bounds of every ReLU's input
 
 
 def crown_intermediate(model: nn.Module, x_lower: Tensor, x_upper: Tensor, x: Tensor | None = None) -> Intermediate:
-    """IBP walk for the records, then CROWN bounds for every ReLU layer's input, in forward order."""
+    """IBP walk for the layer facts, then CROWN bounds for every ReLU layer's input, in forward order."""
     if model.training and x is None and has_batchnorm(model):
         x = (x_lower + x_upper) / 2
     p = propagate(model, x_lower, x_upper, None, x)
-    records = p.tape.records
+    facts = p.tape.facts
     body, _ = split_last_linear(model)
     bounds: Bounds = {}
     for relu, chain in relu_chains(body):
-        ibp = (records[relu].lower, records[relu].upper)
+        ibp = (facts[relu].lower, facts[relu].upper)
         bounds[relu] = ibp if ibp_is_exact(chain) else layer_bounds(
-            chain, ibp, records, relaxed_step(bounds), x_lower, x_upper)
-    return Intermediate(records, bounds)
+            chain, ibp, facts, crown_step(bounds), x_lower, x_upper)
+    return Intermediate(facts, bounds)
 
 
 def spec_or_identity(C: Tensor | None, model: nn.Module, like: Tensor) -> Tensor:
@@ -157,7 +132,7 @@ def spec_or_identity(C: Tensor | None, model: nn.Module, like: Tensor) -> Tensor
 def crown_lower_bound(model: nn.Module, inter: Intermediate, C: Tensor, x_lower: Tensor, x_upper: Tensor) -> Tensor:
     """Lower bound of C·f over the box: one backward pass from the output over the CROWN bounds (the pass
     CROWN-IBP runs over IBP's bounds: backward.lower_bound_over)."""
-    return lower_bound_over(model, C, inter.records, inter.bounds, x_lower, x_upper)
+    return lower_bound_over(model, C, inter.facts, inter.bounds, x_lower, x_upper)
 
 
 def crown_bounds(model: nn.Module, x_lower: Tensor, x_upper: Tensor, C: Tensor | None = None,

@@ -1,7 +1,7 @@
 """The two warmup regularizers of Shi et al. (Eq. 7, 8) and the code-only L_std, from IBP ReLU-input bounds.
 
 Ê is the mean over every element of a layer's (batch × neurons) bound tensor. Each term lies in [0, τ] and
-the sum over the m ReLU layers is divided by τ·m. Layers come as the `ReluInput`s bound propagation records
+the sum over the m ReLU layers is divided by τ·m. Layers come as the `ReluInput`s bound propagation notes
 (or as plain (lower, upper) pairs).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ReluMoments(torch.autograd.Function):
 
 
 def as_relu_input(b) -> ReluInput:
-    """A recorded `ReluInput`, or a plain (lower, upper) pair."""
+    """A `ReluInput` from bound propagation, or a plain (lower, upper) pair."""
     if isinstance(b, ReluInput):
         return b
     lower, upper = b
