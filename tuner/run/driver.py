@@ -216,8 +216,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
             raise SearchError(f"--data-dir {record.data_dir}: not a directory; pass --data-dir or set CERTTUNE_DATA")
         check_fits(record.resources_per_trial, local_resources())
         check_data(space, record.data_dir)
-        check_fidelity_data(space, trial_fidelity, record.data_dir)
-        record.method_costs = estimate_method_costs(space, trial_fidelity, record.data_dir)
+        record.method_costs = check_fidelity_and_costs(space, trial_fidelity, record.data_dir)
     storage = normalize_storage(storage)
     check_study_inputs(record, space, storage, optuna_storage, warm_start, enqueue)
     record.location = experiment_path(storage, record.name)
@@ -290,31 +289,27 @@ def check_data(space: SearchSpace, data_dir: str) -> None:
             raise SearchError(f"{cfg.dataset} data, checked before starting Ray: {first_line(e)}") from None
 
 
-def check_fidelity_data(space: SearchSpace, fidelity: Fidelity, data_dir: str) -> None:
-    """A subset fidelity is smaller than the target's training split, checked on the data (the defaults point)."""
-    if fidelity.kind != "subset":
-        return
-    from trainers.data import DataError, train_split_size
-
-    target = space.to_train_config(space.default_point() or space.corner("low"))
-    try:
-        fidelity.trial_config(target, train_split_size(target.dataset, data_dir, target.data))
-    except DataError as e:
-        raise SearchError(f"{target.dataset} data, checked before starting Ray: {first_line(e)}") from None
-    except ConfigError as e:
-        raise SearchError(f"--fidelity {fidelity}: {first_line(e).removeprefix(f'fidelity {fidelity}: ')}") from None
-
-
-def estimate_method_costs(space: SearchSpace, fidelity: Fidelity, data_dir: str) -> dict[str, float]:
-    """Each method's trial cost relative to the first trial's, when the space searches `method` (tuner/space/costs.py)."""
-    if "method" not in space.params:
+def check_fidelity_and_costs(space: SearchSpace, fidelity: Fidelity, data_dir: str) -> dict[str, float]:
+    """A subset fidelity is smaller than the target's training split, and each method's trial cost relative to
+    the first trial's when the space searches `method` (tuner/space/costs.py): both from the split's size,
+    counted once on the data (the defaults point's dataset)."""
+    if fidelity.kind != "subset" and "method" not in space.params:
         return {}
-    from trainers.data import train_split_size
+    from trainers.data import DataError, train_split_size
     from tuner.space.costs import method_costs
 
     target = space.to_train_config(space.default_point() or space.corner("low"))
-    return {m: round(c, 3) for m, c in method_costs(space, fidelity, train_split_size(
-        target.dataset, data_dir, target.data)).items()}
+    try:
+        images = train_split_size(target.dataset, data_dir, target.data)
+    except DataError as e:
+        raise SearchError(f"{target.dataset} data, checked before starting Ray: {first_line(e)}") from None
+    try:
+        fidelity.trial_config(target, images)
+    except ConfigError as e:
+        raise SearchError(f"--fidelity {fidelity}: {first_line(e).removeprefix(f'fidelity {fidelity}: ')}") from None
+    if "method" not in space.params:
+        return {}
+    return {m: round(c, 3) for m, c in method_costs(space, fidelity, images).items()}
 
 
 def seed_value(seed: Any) -> int:
