@@ -160,3 +160,23 @@ def test_a_real_search_races_its_best_points_and_every_reader_agrees(data_dir, t
     assert rows[0].split(",")[-7:-2] == ["config_of", "seed_offset", "clean_err_mean", "clean_err_se", "seeds"]
     assert len(rows) == 1 + len(search.trials)
     assert json.loads(json.dumps(summary, default=str))  # the CLI prints it as JSON
+
+
+def test_a_budget_keeps_room_for_the_reevaluations(data_dir, tmp_path, ray_shut_down_after):
+    """With --max-trial-epochs, the search's own points stop while the re-evaluations still fit: 2-epoch trials,
+    a 14 trial-epoch budget and 2 reserved trials (the best point and the defaults, one more seed each), so the
+    search explores until its spent and running epochs and the reserve reach 14, then races, and ends inside
+    the budget with every re-evaluation finished (before, the budget ended the search before any)."""
+    import certtune
+    from tuner.results.experiment import load_search
+
+    storage = tmp_path / "st"
+    certtune.search("mnist_tiny", {"data.subset": 500, "data.val_size": 200}, name="fit", num_samples=40,
+                    max_concurrent=2, data_dir=str(data_dir), storage=str(storage), fidelity="epochs:2",
+                    scheduler="none", reeval_top=1, reeval_seeds=1, max_trial_epochs=14, objective="clean_err",
+                    echo=False)
+    search = load_search("fit", str(storage))
+    reruns = search.reruns()
+    assert reruns and all(t.status == "finished" and t.seed_offset == 1 for t in reruns)
+    assert {t.config_of for t in reruns} >= {min(search.points(), key=lambda t: (t.value("clean_err"), t.order)).trial_id}
+    assert search.trial_epochs() <= 14 and len(search.points()) >= 3  # it explored, then raced, within budget

@@ -65,6 +65,23 @@ class SearchBudget(Stopper):
         return ((self.max_trial_epochs is not None and self.spent >= self.max_trial_epochs)
                 or (self.max_trial_seconds is not None and self.spent_seconds >= self.max_trial_seconds))
 
+    def reserve_reached(self, reserved_trials: int, finished: list[str], running: list[str]) -> bool:
+        """Whether `reserved_trials` more trials still fit once the `running` ones end: each costing what the
+        `finished` ones cost on average (a re-evaluation trains its point in full, as they did). True (time to
+        stop exploring) once the spent budget, the running trials' rest and the reserve reach a limit."""
+        if not reserved_trials or not finished:
+            return False
+        counts = self._counts()
+        costs = [counts.get(t, (0, 0.0)) for t in finished]
+        mean_epochs = sum(e for e, _ in costs) / len(costs)
+        mean_seconds = sum(s for _, s in costs) / len(costs)
+        rest = [counts.get(t, (0, 0.0)) for t in running]
+        epochs = self.spent + sum(max(mean_epochs - e, 0) for e, _ in rest) + reserved_trials * mean_epochs
+        seconds = self.spent_seconds + self.seconds_weight * (
+            sum(max(mean_seconds - s, 0.0) for _, s in rest) + reserved_trials * mean_seconds)
+        return ((self.max_trial_epochs is not None and epochs >= self.max_trial_epochs)
+                or (self.max_trial_seconds is not None and seconds >= self.max_trial_seconds))
+
     def __getstate__(self):
         # Pickled with the experiment: the counts are re-read from storage on restore, not frozen here.
         return {**self.__dict__, "_spent": None}

@@ -391,6 +391,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     # sets on each trial; random sampling ignores them (export still honours them).
     points = [p for p in space.start_points() + list(record.enqueue) if p]
     sampler = make_sampler(record)
+    reeval = reeval_plan(record, space)
     searcher = HonestOptunaSearch(space=space.define_by_run,
                                   metric=record.objective[0] if single else list(record.objective),
                                   mode=record.modes[0] if single else list(record.modes),
@@ -398,7 +399,9 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
                                   sampler=sampler, seed=None if sampler else record.seed,
                                   storage=open_storage(record, storage), study_name=record.name,
                                   train_config=functools.partial(train_config_dict, space),
-                                  constraints=parse_constraints(record.constraints), reeval=reeval_plan(record, space))
+                                  constraints=parse_constraints(record.constraints), reeval=reeval,
+                                  # with a budget, the search's own points end while the re-evaluations fit in it
+                                  budget=make_budget(record, storage) if reeval else None)
     # The scheduler takes one metric: the first objective.
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0],
                                max_epochs_at_target(space, record.fidelity),

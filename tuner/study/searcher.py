@@ -50,12 +50,14 @@ class HonestOptunaSearch(OptunaSearch):
 
     _constraints: list[Constraint] = []  # class default: a searcher pickled before constraints existed restores
     _reeval: ReevalPlan | None = None  # likewise, for re-evaluation
+    _budget = None  # likewise: the search's budget, counted here too when re-evaluation must fit in it
 
     def __init__(self, *args, constraints: list[Constraint] | None = None, train_config=None,
-                 reeval: ReevalPlan | None = None, **kwargs):
+                 reeval: ReevalPlan | None = None, budget=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._constraints = list(constraints or [])
         self._reeval = reeval
+        self._budget = budget  # a tuner.run.budget.SearchBudget of its own (the stopper's twin), or None
         self._main_ids: list[str] = []  # Ray trials of the search's own points (not re-evaluations)
         self._finals: dict[str, tuple[float, bool]] = {}  # finished ones: (first objective, feasible)
         self._reruns: list[Rerun] | None = None  # the re-evaluations still to suggest, once planned
@@ -73,6 +75,8 @@ class HonestOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Replaces the stock method, which reports every result with step = training_iteration.
+        if self._budget is not None:
+            self._budget(trial_id, result)  # counts what was spent, as the stopper does; stopping is the stopper's
         if isinstance(self.metric, list) or trial_id in self._completed_trials:
             return  # Optuna has no multi-objective report; a finished Optuna trial takes no reports
         step = self._progress.update(trial_id, result)
@@ -138,7 +142,7 @@ class HonestOptunaSearch(OptunaSearch):
         if orphan:
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
         if self._reeval is not None and trial_id not in self._ot_trials:
-            if len(self._main_ids) >= self._reeval.main_trials:
+            if len(self._main_ids) >= self._reeval.main_trials or self._reserve_reached():
                 return self._suggest_rerun(trial_id)
             self._main_ids.append(trial_id)
         params = super().suggest(trial_id)
@@ -153,6 +157,14 @@ class HonestOptunaSearch(OptunaSearch):
             # by the trial-epoch budget) is found again by tuner.study.journal.settle_study.
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return params
+
+    def _reserve_reached(self) -> bool:
+        """With a budget, the search's own points end while the re-evaluations still fit in it (their trials
+        costing what a finished trial cost), so a budget never cuts the race off."""
+        if self._budget is None:
+            return False
+        running = [t for t in self._main_ids if t not in self._completed_trials]
+        return self._budget.reserve_reached(self._reeval.reserved, list(self._finals), running)
 
     def _suggest_rerun(self, trial_id: str):
         """A re-evaluation trial once every trial of the search's own has ended; None (ask again later) before."""
