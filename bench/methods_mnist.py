@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint
+from bench.runs import epoch_rows, fingerprint, kept_per_key
 
 SPACE = "search_spaces/mnist_methods.yaml"
 FULL_TEST = 10_000
@@ -185,31 +185,25 @@ def collect_run(method: str, run: Path, args) -> dict:
     stopped; redone if its last.pt or the sizes asked for changed."""
     from trainers.safe_yaml import read_yaml_file
     from tuner import api
-    from tuner.space.record import write_text
 
     checkpoint = run / "last.pt"
     key = {"test_n": args.test_n, "strong_n": args.strong_n, "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit,
            "checkpoint": fingerprint(checkpoint)}
-    cache = run / "collect.json"
-    try:
-        kept = json.loads(cache.read_text())
-        if kept.get("key") == key:
-            return kept
-    except (OSError, ValueError):  # none yet, or cut short
-        pass
-    metrics = last_metrics(run)
-    found = {"method": method, "epochs": metrics["epochs"], "train_seconds": round(metrics["train_seconds"], 1),
-             "val_ibp_err": metrics.get("ibp_err"), "config": read_yaml_file(run / "config.yaml"), "key": key}
-    # PGD runs with each so that no example a verifier proves is one it breaks (verify stops if so).
-    passes = (("test", "ibp,crown-ibp,pgd", args.test_n), ("strong", "crown,alpha-crown,pgd", args.strong_n),
-              ("bab", "alpha-crown,bab,pgd", args.bab_n))
-    for name, methods, n in passes:
-        start = time.perf_counter()
-        found[name] = api.verify(checkpoint, data_dir=args.data_dir, methods=methods,
-                                 bab_time_limit=args.bab_time_limit, **limit(n))
-        found[name + "_seconds"] = round(time.perf_counter() - start, 1)
-    write_text(str(cache), json.dumps(found))  # atomic: an interrupt leaves the old cache or none
-    return found
+
+    def compute() -> dict:
+        metrics = last_metrics(run)
+        found = {"method": method, "epochs": metrics["epochs"], "train_seconds": round(metrics["train_seconds"], 1),
+                 "val_ibp_err": metrics.get("ibp_err"), "config": read_yaml_file(run / "config.yaml")}
+        # PGD runs with each so that no example a verifier proves is one it breaks (verify stops if so).
+        passes = (("test", "ibp,crown-ibp,pgd", args.test_n), ("strong", "crown,alpha-crown,pgd", args.strong_n),
+                  ("bab", "alpha-crown,bab,pgd", args.bab_n))
+        for name, methods, n in passes:
+            start = time.perf_counter()
+            found[name] = api.verify(checkpoint, data_dir=args.data_dir, methods=methods,
+                                     bab_time_limit=args.bab_time_limit, **limit(n))
+            found[name + "_seconds"] = round(time.perf_counter() - start, 1)
+        return found
+    return kept_per_key(run / "collect.json", key, compute)
 
 
 def limit(n: int) -> dict:

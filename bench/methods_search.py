@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.methods_mnist import (FULL_TEST, base_overrides, check_runs_are_the_paper_points, last_metrics, limit,
                                  method_of, paper_points, single_runs, space_file, train_run)
 from bench.methods_mnist import main as methods_mnist_main
-from bench.runs import bench_parser, fingerprint
+from bench.runs import bench_parser, fingerprint, kept_per_key
 
 ARMS = ("best-single", "search")
 RETRAIN_SEEDS = (1000, 1001, 1002)
@@ -56,28 +56,13 @@ def paper_runs(args) -> dict[str, Path]:
     return runs
 
 
-def cached(path: Path, key: dict, compute) -> dict:
-    """compute() once per key, kept in `path` (atomically), so an interrupted step goes on where it stopped."""
-    from tuner.space.record import write_text
-
-    try:
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key:
-            return kept
-    except (OSError, ValueError):  # none yet, or cut short
-        pass
-    found = {**compute(), "key": key}
-    write_text(str(path), json.dumps(found))
-    return found
-
-
 def val_certificate(run: Path, args) -> dict:
     """α-CROWN on the run's validation split (its best.pt, the epoch of lowest validation IBP error)."""
     from tuner import api
 
     checkpoint = run / "best.pt"
     key = {"checkpoint": fingerprint(checkpoint), "verifier": SELECT_BY}
-    return cached(run / "val_select.json", key,
+    return kept_per_key(run / "val_select.json", key,
                   lambda: api.verify(checkpoint, data_dir=args.data_dir, split="val", methods=SELECT_BY))
 
 
@@ -175,7 +160,7 @@ def test_certificate(run: Path, args) -> dict:
         return {name: api.verify(checkpoint, data_dir=args.data_dir, methods=methods,
                                  bab_time_limit=args.bab_time_limit, **limit(n))
                 for name, (methods, n) in passes.items()}
-    return cached(run / "test_certificate.json", key, compute)
+    return kept_per_key(run / "test_certificate.json", key, compute)
 
 
 def entries(args) -> list[dict]:

@@ -1,4 +1,5 @@
-"""What a benchmark's training run (a `certtune train --out` directory, trainers/run_dir.py) says about itself."""
+"""What a benchmark's training run (a `certtune train --out` directory, trainers/run_dir.py) says about itself, and
+the helpers every benchmark shares (its command line, figures, per-run results kept across interruptions)."""
 from __future__ import annotations
 
 import json
@@ -41,3 +42,19 @@ def bench_parser(doc: str, default_work: str):
     common.add_argument("--work", type=Path, default=Path(default_work))
     common.add_argument("--data-dir", default=os.environ.get("CERTTUNE_DATA", "../shared/data"))
     return parser, parser.add_subparsers(dest="cmd", required=True), common
+
+
+def kept_per_key(path: Path, key: dict, compute) -> dict:
+    """compute() once per `key`, kept in `path` (written atomically), so an interrupted step goes on where it
+    stopped and a changed input (the key) is figured again."""
+    from tuner.space.record import write_text
+
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept
+    except (OSError, ValueError):  # none yet, or cut short
+        pass
+    found = {**compute(), "key": key}
+    write_text(str(path), json.dumps(found))
+    return found

@@ -438,11 +438,7 @@ class SearchSpace:
                 continue
             if name not in sampled:
                 raise self._error(f"param '{name}'", "active at this point but has no value")
-            try:
-                problem = p.problem(sampled[name], {**self.base_values, **kept})
-            except ExprError as e:
-                problem = str(e)
-            if problem:
+            if problem := value_problem(p, sampled[name], {**self.base_values, **kept}):
                 raise self._error(f"param '{name}'", problem)
             kept[name] = sampled[name]
         return kept
@@ -790,11 +786,7 @@ class _Builder:
                 continue
             if name not in defaults:
                 raise self.fail(f"defaults '{name}'", "missing; every param active at the defaults needs a value")
-            try:
-                problem = p.problem(defaults[name], {**space.base_values, **active})
-            except ExprError as e:
-                problem = str(e)
-            if problem:
+            if problem := value_problem(p, defaults[name], {**space.base_values, **active}):
                 raise self.fail(f"defaults '{name}'", problem)
             active[name] = defaults[name]
 
@@ -804,3 +796,12 @@ class _Builder:
         except SpaceError as e:  # name the checked point instead of the raw values
             raise self.fail(where, e.problem if e.where.startswith("point") else f"{e.where}: {e.problem}") \
                 from None
+
+
+def value_problem(param, value: Any, values: dict[str, Any]) -> str | None:
+    """What is wrong with `value` for `param` where the other params hold `values` (its bounds may be
+    expressions of them), or None."""
+    try:
+        return param.problem(value, values)
+    except ExprError as e:
+        return str(e)
