@@ -91,8 +91,11 @@ def test_a_search_over_two_methods_of_different_cost_meets_at_equal_seconds(data
     per_epoch = {}
     for t in search.trials:
         at_target = [r for r in t.history if r["at_target"]]
-        assert t.status == "finished" and len(at_target) == 2
-        seconds = [r["target_seconds"] for r in at_target]
-        assert 0.01 <= seconds[0] < seconds[1]  # both pass the first rung at their first epoch at target
-        per_epoch[t.params["method"]] = seconds[1] / 2
+        # Each reports its seconds at target from its first epoch there (where a rung in seconds can judge it);
+        # whether the costlier one is stopped at a rung it shares depends on this machine's timing.
+        assert at_target and 0.01 <= at_target[0]["target_seconds"]
+        assert all(a["target_seconds"] < b["target_seconds"] for a, b in zip(at_target, at_target[1:]))
+        per_epoch[t.params["method"]] = at_target[0]["target_seconds"]  # one epoch at target
+    first = min(search.trials, key=lambda t: t.order)
+    assert first.params["method"] == "fast" and first.status == "finished"  # alone at its rungs: never stopped
     assert per_epoch["staps"] > per_epoch["fast"]

@@ -379,7 +379,7 @@ def test_a_diverged_trial_fails_with_its_reason_and_is_not_retried(tmp_path, dat
 
 # ---- W&B settings without a search ------------------------------------------------------------------
 def test_wandb_is_offline_without_a_key_and_the_key_never_reaches_the_experiment(tmp_path, monkeypatch):
-    from tuner.tracking.trial_runs import trial_runs as tracking
+    from tuner.tracking import trial_runs as tracking
     from tuner.space.record import SearchRecord
 
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
