@@ -581,18 +581,22 @@ def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
     assert snapshot(tmp_path) == before and not out.exists()
 
 
-def test_resume_of_a_copied_experiment_is_refused_and_changes_neither(tmp_path):
-    """Ray's saved state points at where a search started: resuming a copy would train its new trials into
-    the original. Refused in one line before anything is written (not even the driver lock)."""
+def test_resume_of_a_copy_whose_study_is_in_a_database_is_refused_and_changes_neither(tmp_path):
+    """A copy resumes on itself (tests/test_relocate.py), except when its Optuna study lives in a database the
+    original shares (--optuna-storage URL): the copy would add its trials to the original's study. Refused
+    in one line before anything is written (not even the driver lock)."""
     import shutil
 
     original = fake_experiment(tmp_path / "results")
     (original / "tuner.pkl").write_bytes(b"")
+    record = json.loads((original / "certtune_search.json").read_text())
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    (original / "certtune_search.json").write_text(json.dumps({**record, "study_storage": url}, indent=2) + "\n")
     copy = tmp_path / "copy" / "exp"
     shutil.copytree(original, copy)
     before = snapshot(tmp_path)
     assert_refused(certtune("resume", "exp", "--storage", tmp_path / "copy"),
-                   f"was started in {original}", f"now read from {copy}", "resumes a search only where it started")
+                   f"was started in {original}", f"now read from {copy}", f"lives in the database {url}")
     assert snapshot(tmp_path) == before and not (copy / ".lock").exists()
 
 
@@ -881,7 +885,7 @@ def damaged_copy(finished_search: Path, to: Path, damage) -> tuple[Path, Path]:
 
     shutil.copytree(finished_search, to)
     experiment = to / "s"
-    # the copy stands for a search started there (a copy's resume is refused for its location first: part A)
+    # the copy stands for a search started there
     record = json.loads((experiment / "certtune_search.json").read_text())
     (experiment / "certtune_search.json").write_text(json.dumps({**record, "location": str(experiment)}, indent=2) + "\n")
     damage(experiment, sorted(experiment.glob("trial_*"))[0])
