@@ -939,6 +939,42 @@ def test_a_finished_trial_whose_result_json_lost_its_tail_is_not_demoted(tmp_pat
     assert "2 finished, 0 stopped" in proc.stdout.splitlines()[0], proc.stdout
 
 
+def test_a_finished_trial_whose_lost_tail_no_state_holds_is_named_damaged_not_stopped(tmp_path, finished_search):
+    """result.json lost its last line and Ray's state was saved before that result: the trial may have
+    finished, so report and export name it damaged (a failed trial whose reason names the file), never a
+    silent "stopped" that drops out of the ranking."""
+    damaged_trial = {}
+
+    def cut_tail_and_forget_it(experiment, trial):
+        text = (trial / "result.json").read_text()
+        kept = text[: text.rstrip("\n").rfind("\n") + 1]
+        (trial / "result.json").write_text(kept + text.rstrip("\n")[-300:-200])
+        state = next(experiment.glob("experiment_state-*.json"))
+        raw = json.loads(state.read_text())
+        for n, (info, runtime) in enumerate(raw["trial_data"]):
+            if json.loads(info)["trial_id"] == trial.name.removeprefix("trial_"):
+                older = json.loads(kept.splitlines()[-1])  # the state as saved one epoch earlier
+                raw["trial_data"][n][1] = json.dumps({**json.loads(runtime), "last_result": older})
+        state.write_text(json.dumps(raw))
+        damaged_trial["id"] = trial.name.removeprefix("trial_")
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", cut_tail_and_forget_it)
+    result_file = experiment / f"trial_{damaged_trial['id']}" / "result.json"
+    before = snapshot(experiment)
+    report = certtune("report", "s", "--storage", storage, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "1 finished, 0 stopped, 1 failed" in report.stdout.splitlines()[0], report.stdout
+    assert f"failed {damaged_trial['id']}: damaged: {result_file} lost its last line (torn)" in report.stdout
+    export = certtune("export", "s", "--storage", storage, "--out", tmp_path / "exported", timeout=60)
+    assert export.returncode == 0, export.stderr
+    import csv
+    with open(tmp_path / "exported" / "trials.csv") as f:
+        rows = {row["trial_id"]: row for row in csv.DictReader(f)}
+    assert rows[damaged_trial["id"]]["status"] == "failed"
+    assert rows[damaged_trial["id"]]["error"].startswith(f"damaged: {result_file}")
+    assert snapshot(experiment) == before  # reading names the damage; it repairs nothing
+
+
 def test_a_garbled_journal_is_named_before_ray_starts(tmp_path, finished_search, data_dir):
     def garble(experiment, _):
         lines = (experiment / "optuna_journal.log").read_text().splitlines(keepends=True)
