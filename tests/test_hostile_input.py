@@ -600,6 +600,30 @@ def test_resume_of_a_copy_whose_study_is_in_a_database_is_refused_and_changes_ne
     assert snapshot(tmp_path) == before and not (copy / ".lock").exists()
 
 
+@pytest.mark.parametrize("tamper", ["absolute_logdir", "dotdot_logdir", "trial_dir_link"])
+def test_resume_refuses_a_state_that_points_outside_the_experiment_before_ray_starts(tmp_path, tamper):
+    """A copy's state whose trial directory is the original's (an absolute path, `../`, a link) is refused in
+    one line before Ray starts: a resumed copy reads and writes only itself."""
+    exp = fake_experiment(tmp_path / "results")
+    (exp / "tuner.pkl").write_bytes(b"")  # Ray would see an experiment to restore; certtune refuses first
+    outside = tmp_path / "original" / "trial_c"
+    outside.mkdir(parents=True)
+    (outside / "params.json").write_text('{"lr": 0.003}')
+    named = STATE_FILE
+    if tamper == "absolute_logdir":
+        edit_state(exp, 2, info={"relative_logdir": str(outside)})
+    elif tamper == "dotdot_logdir":
+        edit_state(exp, 2, info={"relative_logdir": "../../original/trial_c"})
+    else:
+        (exp / "trial_d").symlink_to(outside)
+        named = "trial_d"
+    before = snapshot(tmp_path)
+    start = time.monotonic()
+    assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results", timeout=60), named,
+                   "outside the experiment")
+    assert time.monotonic() - start < 60 and snapshot(tmp_path) == before
+
+
 def test_report_and_export_of_a_copied_experiment_read_only_the_copy(tmp_path):
     import shutil
 

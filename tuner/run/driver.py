@@ -555,11 +555,14 @@ def relocate(tuner, record: SearchRecord, storage: str) -> None:
 
 
 def check_experiment_readable(record: SearchRecord, storage: str) -> None:
-    """Before Ray starts: the experiment's own files are regular files (Ray would block reading a FIFO named
-    tuner.pkl) and the search's journal parses (tuner/study/journal.py check_journal)."""
+    """Before Ray starts: every trial directory Ray's state names is inside the experiment (a copy whose state
+    points at the original is refused: tuner/results/experiment.py `inside`), the experiment's own files are
+    regular files (Ray would block reading a FIFO named tuner.pkl) and the search's journal parses
+    (tuner/study/journal.py check_journal)."""
     from trainers.input_files import regular_file_size
     from tuner.study.journal import check_journal, journal_path
 
+    load_search(record.name, storage)
     if is_uri(storage):
         return
     for path in sorted(Path(experiment_path(storage, record.name)).iterdir()):
