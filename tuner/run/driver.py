@@ -501,7 +501,7 @@ def resume_search(name: str, storage: str | None, address: str | None):
     their retries and were told to Optuna as FAIL) stay failed."""
     storage = normalize_storage(storage)
     record = read_record(storage, name)
-    check_location(record, storage)  # a copy or a moved experiment: nothing written, not even a lock
+    check_location(record, storage)  # a copy sharing the original's study database: nothing written, not even a lock
     path = experiment_path(storage, name)
     hold_driver_lock(storage, name)  # before anything is written
     try:
@@ -531,18 +531,36 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                restart_errored=False)
+    relocate(tuner, record, storage)
     results = tuner.fit()
     settle(record, storage)
     select_winner(record, storage)
     return results
 
 
+def relocate(tuner, record: SearchRecord, storage: str) -> None:
+    """The restored search works where the experiment is now, a copy or a moved one included (tuner/run/
+    relocate.py), and the record says so."""
+    from tuner.run.relocate import relocate_restored
+    from tuner.study.journal import open_storage
+
+    relocate_restored(tuner, storage, record.name, open_storage(record, storage), record.max_concurrent,
+                      make_budget(record, storage))
+    here = experiment_path(storage, record.name)
+    if record.location != here:
+        record.location = here
+        write_record(record, storage)
+
+
 def check_experiment_readable(record: SearchRecord, storage: str) -> None:
-    """Before Ray starts: the experiment's own files are regular files (Ray would block reading a FIFO named
-    tuner.pkl) and the search's journal parses (tuner/study/journal.py check_journal)."""
+    """Before Ray starts: every trial directory Ray's state names is inside the experiment (a copy whose state
+    points at the original is refused: tuner/results/experiment.py `inside`), the experiment's own files are
+    regular files (Ray would block reading a FIFO named tuner.pkl) and the search's journal parses
+    (tuner/study/journal.py check_journal)."""
     from trainers.input_files import regular_file_size
     from tuner.study.journal import check_journal, journal_path
 
+    load_search(record.name, storage)
     if is_uri(storage):
         return
     for path in sorted(Path(experiment_path(storage, record.name)).iterdir()):

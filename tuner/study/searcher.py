@@ -191,8 +191,24 @@ class HonestOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return {**config, CONFIG_OF: rerun.of, SEED_OFFSET: rerun.seed_offset}
 
+    def use_storage(self, storage) -> None:
+        """Work on the study in `storage` from now on: the search's Optuna storage where the experiment is now.
+        Ray's pickles (tuner.pkl, the searcher snapshot) hold the storage the search started with, an absolute
+        journal path, so a resumed copy would otherwise append to the original's journal. The study, and the
+        trials asked of it, are re-bound to `storage`; their state is read from it again."""
+        self._storage = storage
+        if storage is None or self._ot_study is None:
+            return
+        self._ot_study = optuna.load_study(study_name=self._ot_study.study_name, storage=storage,
+                                          sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
+        for ot_trial in self._ot_trials.values():
+            ot_trial.study, ot_trial.storage = self._ot_study, storage
+
     def restore(self, checkpoint_path: str) -> None:
+        here = self._storage  # where the driver re-opened the study (use_storage); the snapshot's is where it started
         super().restore(checkpoint_path)
+        if here is not None:
+            self.use_storage(here)
         self.__dict__.setdefault("_train_config", None)  # a snapshot from before these attributes
         self.__dict__.setdefault("_orphans", [])
         for name, empty in (("_main_ids", []), ("_finals", {}), ("_reruns", None)):
