@@ -77,7 +77,7 @@ PARAM_KEYS = {
 }
 FUNCTIONS = {"round": round, "int": int, "float": float, "min": min, "max": max, "abs": abs}
 HELPER = re.compile(r"_[A-Za-z0-9_]*[A-Za-z0-9]$")
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # the shipped spaces, beside tuner/
 
 
 class SpaceError(ConfigError):
