@@ -241,6 +241,56 @@ def next_trial_started(out: str, _) -> bool:
     return "completed after" in out and "started with configuration" in out[out.rindex("completed after"):]
 
 
+def each_point_complete_once(study) -> None:
+    """At most one COMPLETE Optuna trial per sampled point. A re-evaluation (user attrs `config_of`,
+    `seed_offset`) is its point on another seed, on purpose: a duplicate only with the same seed offset."""
+    from optuna.trial import TrialState
+
+    seen: dict[tuple, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        point = (json.dumps(t.params, sort_keys=True), t.user_attrs.get("seed_offset", 0))
+        assert point not in seen, f"Optuna trials {seen[point]} and {t.number} both trained {point}"
+        seen[point] = t.number
+
+
+def nth_trial_started(n: int):
+    """Just after the n-th trial started: after the last experiment snapshot (Ray's period is 10 s or more),
+    so the restored searcher does not know it."""
+    return lambda out, _: out.count("started with configuration") >= n
+
+
+def test_a_driver_killed_just_after_a_trial_started_trains_each_point_once(tmp_path, data_dir):
+    """Issue 21 §8. The killed driver had asked Optuna for a third point after its last snapshot; the restored
+    sampler's random state was the snapshot's, so the resumed search drew that point again for a new trial
+    (two COMPLETE Optuna trials with identical params). Now each point trains once, every trial directory's
+    epochs count once in the search's compute, and the study matches the Ray trials one to one."""
+    from optuna.trial import TrialState
+
+    from tuner.results.experiment import load_search, load_study
+
+    storage, name = tmp_path / "results", "once"
+    exp = storage / name
+    env = {**child_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    search = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *MOMENTS_TRIALS, "--name", name,
+              "--num-samples", str(MOMENTS_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
+              "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir)]
+    run_until(search, env, tmp_path, "search", nth_trial_started(3))  # the defaults, one sampled, one more
+    last = subprocess.run([sys.executable, "-m", "tuner.cli", "resume", name, "--storage", str(storage)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    (tmp_path / "resume.log").write_text(last.stdout + last.stderr)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+
+    found, study = load_search(name, str(storage)), load_study(exp)
+    assert found.counts()["finished"] == len(found.trials) >= MOMENTS_SAMPLES, found.counts()
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [t.state for t in study.trials]
+    each_point_complete_once(study)
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(t.trial_id for t in found.trials)
+    # Every trial directory the storage holds, set-aside ones included, counts its furthest epoch once.
+    results = trial_results(exp)
+    assert sorted(results) == sorted(t.trial_id for t in found.trials + found.superseded)
+    assert found.trial_epochs() == sum(max((r["epoch"] for r in rows), default=0) for rows in results.values())
+
+
 def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_dir):
     """With the shipped checkpoint period (30 s: these short trials checkpoint only at their last epoch) and
     experiment snapshots on Ray's period, the driver is killed at three different moments: while its first
@@ -280,6 +330,7 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     study = load_study(exp)
     assert all(t.state == TrialState.COMPLETE for t in study.trials), [t.state for t in study.trials]
     assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(results)  # one each, none twice
+    each_point_complete_once(study)
     by_id = {t.trial_id: t for t in found.trials}
     for t in study.trials:
         assert t.values == [by_id[t.user_attrs["ray_trial_id"]].value("ibp_err")]

@@ -185,6 +185,10 @@ class HonestOptunaSearch(OptunaSearch):
         self.__dict__.setdefault("_orphans", [])
         for name, empty in (("_main_ids", []), ("_finals", {}), ("_reruns", None)):
             self.__dict__.setdefault(name, empty)
+        if self._ot_study is not None:
+            # The sampler's random state is the snapshot's: the draws a killed driver made after it would come
+            # again, the same point under a new trial, trained twice. Optuna's own remedy for a copied sampler.
+            self._ot_study.sampler.reseed_rng()
         self._reconcile()
 
     def _reconcile(self) -> None:
