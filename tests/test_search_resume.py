@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def saved_trials(exp: Path) -> dict[str, dict]:
         manager = pickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))  # Ray pickles it as hex
         latest = manager.latest_checkpoint_result
         out[trial["trial_id"]] = {"status": trial["status"], "last_result": meta.get("last_result") or {},
-                                  "checkpoint_epoch": latest.metrics.get("epoch") if latest else None}
+                                  "checkpoint_epoch": latest.metrics.get("epoch") if latest else None,
+                                  "checkpoint_dir": Path(latest.checkpoint.path).name if latest else None}
     return out
 
 
@@ -186,6 +188,57 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
     # The search's own run: once from the killed driver (if it got that far: it did not) and once from resume.
     search_runs = [read_offline_run(d) for d in find_offline_runs(exp / "wandb")]
     assert [r.job_type for r in search_runs] == ["search"] and search_runs[-1].summary["trials/finished"] == NUM_SAMPLES
+
+
+def test_a_trial_whose_last_checkpoint_is_gone_trains_again_instead_of_failing_the_resume(tmp_path, data_dir):
+    """Issue 21 §8 (docs/search.md's former known limit). A driver killed after Ray deleted a trial's checkpoint
+    for a newer one and before the snapshot naming the newer one leaves a state pointing at a checkpoint that
+    is gone; Ray's restore refused it ("does not exist on storage anymore"), retried it and marked the trial
+    ERROR. Built here from a real killed search by deleting the checkpoint its saved state names: the resume
+    puts a stand-in there, the trial trains again from epoch 1, and every trial finishes, each point once."""
+    from optuna.trial import TrialState
+
+    from tuner.results.experiment import load_search, load_study
+
+    storage, name = tmp_path / "results", "lost"
+    exp = storage / name
+    env = {**child_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", name,
+            "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
+            "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir),
+            "--checkpoint-every", "0"]  # a checkpoint every epoch
+    log = open(tmp_path / "search.log", "w")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_finished_and_running(proc, exp)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    at_kill = saved_trials(exp)
+    lost = {t: s["checkpoint_dir"] for t, s in at_kill.items() if s["status"] == "RUNNING" and s["checkpoint_dir"]}
+    assert lost, at_kill
+    for trial_id, checkpoint in lost.items():  # what Ray's deletion left: the state names a checkpoint that is gone
+        shutil.rmtree(exp / f"trial_{trial_id}" / checkpoint)
+
+    resumed = subprocess.run([sys.executable, "-m", "tuner.cli", "resume", name, "--storage", str(storage)],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    (tmp_path / "resume.log").write_text(resumed.stdout + resumed.stderr)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"{len(lost)} trial(s) lost their last checkpoint" in resumed.stdout
+
+    final = saved_trials(exp)
+    assert len(final) == NUM_SAMPLES and all(s["status"] == "TERMINATED" for s in final.values()), final
+    for trial_id in lost:  # (Ray deletes the stand-in once the trial has saved two newer checkpoints)
+        rows = [json.loads(line) for line in result_lines(exp, trial_id)]
+        resumed_rows = [r for r in rows if r["pid"] == rows[-1]["pid"]]
+        assert [r["epoch"] for r in resumed_rows] == list(range(1, EPOCHS + 1))  # trained again from epoch 1
+    found, study = load_search(name, str(storage)), load_study(exp)
+    assert found.counts()["finished"] == NUM_SAMPLES, found.counts()
+    assert all(t.state == TrialState.COMPLETE for t in study.trials) and len(study.trials) == NUM_SAMPLES
+    each_point_complete_once(study)
 
 
 # ---- killed at any moment ----------------------------------------------------------------------------------

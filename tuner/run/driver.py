@@ -524,6 +524,7 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
                           f"(it stopped before its first trial); start it again with `certtune search`")
     check_experiment_readable(record, storage)  # before anything is written
     set_aside_superseded(record, storage)
+    stand_in_for_lost_checkpoints(record, storage)
     address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
@@ -592,6 +593,52 @@ def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
         print(f"certtune: {len(marked)} trial(s) started after the last snapshot will be trained again; their "
               f"directories are kept, marked {SUPERSEDED_FILE}", flush=True)
     return marked
+
+
+LOST_CHECKPOINT_FILE = "certtune_checkpoint_lost.json"  # the only file of a stand-in for a lost checkpoint
+
+
+def stand_in_for_lost_checkpoints(record: SearchRecord, storage: str) -> list[str]:
+    """Before a resume: an unfinished trial whose last checkpoint in Ray's saved state is gone (the driver was
+    killed after Ray deleted it for a newer one and before the snapshot naming the newer one) would fail Ray's
+    restore ("does not exist on storage anymore"), retried until ERROR, before the trial's own fallback runs.
+    A directory holding only a note stands in for it: Ray restores from it, `restore_run` (tuner/run/trial.py)
+    finds no last.pt there, and the trial trains again from epoch 1; its rerun epochs replace the earlier rows
+    (the reader keeps each epoch's latest). Not from a newer checkpoint: the results after the snapshot never
+    reached the storage, so the trial's history would miss epochs. Returns the stand-ins written."""
+    import pickle
+
+    from tuner.results.experiment import inside, newest_state_file, read_experiment_state
+
+    if is_uri(storage):
+        return []  # not checked on object stores (docs/search.md, Known limits)
+    root = Path(experiment_path(storage, record.name))
+    written = []
+    for info, runtime in read_experiment_state(root):
+        manager = (runtime.get("checkpoint_manager") or {}).get("value")
+        if info.get("status") in ("TERMINATED", "ERROR") or not manager or not info.get("relative_logdir"):
+            continue  # not restored, or nothing to restore from
+        try:  # Ray's own state, which Tuner.restore unpickles next anyway
+            latest = pickle.loads(bytes.fromhex(manager)).latest_checkpoint_result
+            name = Path(latest.checkpoint.path).name if latest is not None else ""
+        except Exception:  # noqa: BLE001 - a damaged state: Ray's restore says what is wrong with it
+            continue
+        if not name.startswith("checkpoint_"):
+            continue
+        # Where the checkpoint is in this experiment (the state keeps the path where the search ran); a log dir
+        # that leaves the experiment is refused, as the readers refuse it.
+        where = inside(root, str(info["relative_logdir"]), newest_state_file(root)) / name
+        if where.exists():
+            continue
+        note = json.dumps({"reason": "the trial's last checkpoint was deleted by Ray before the killed driver "
+                                     "snapshotted the newer one; the trial trains again from epoch 1",
+                           "at": time.time()}) + "\n"
+        write_text(str(where / LOST_CHECKPOINT_FILE), note)
+        written.append(str(where))
+    if written:
+        print(f"certtune: {len(written)} trial(s) lost their last checkpoint with the killed driver; they train "
+              f"again from epoch 1", flush=True)
+    return written
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------
