@@ -524,11 +524,11 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
                           f"(it stopped before its first trial); start it again with `certtune search`")
     check_experiment_readable(record, storage)  # before anything is written
     set_aside_superseded(record, storage)
-    stand_in_for_lost_checkpoints(record, storage)
     address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
     record.build_space()  # the space must still be valid with this version of certtune
+    stand_in_for_lost_checkpoints(record, storage)  # after the checks: a refused resume writes nothing more
     connect_ray(address)
     prepare_resume(record.wandb_project)
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
