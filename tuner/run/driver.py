@@ -605,16 +605,43 @@ def stand_in_for_lost_checkpoints(record: SearchRecord, storage: str) -> list[st
     A directory holding only a note stands in for it: Ray restores from it, `restore_run` (tuner/run/trial.py)
     finds no last.pt there, and the trial trains again from epoch 1; its rerun epochs replace the earlier rows
     (the reader keeps each epoch's latest). Not from a newer checkpoint: the results after the snapshot never
-    reached the storage, so the trial's history would miss epochs. Returns the stand-ins written."""
+    reached the storage, so the trial's history would miss epochs. Local or URI storage (s3://, file://, ...).
+    Returns the stand-ins written."""
+    import tempfile
+
+    from tuner.results.experiment import download_experiment
+
+    root = experiment_path(storage, record.name)
+    if not is_uri(storage):
+        missing = [rel for rel in checkpoints_named(Path(root)) if not (Path(root) / rel).exists()]
+    else:
+        import pyarrow.fs
+
+        fs, base = pyarrow.fs.FileSystem.from_uri(root)
+        with tempfile.TemporaryDirectory() as local:  # the state files, read as the readers read them
+            named = checkpoints_named(download_experiment(root, Path(local)))
+        missing = [rel for rel in named if fs.get_file_info(f"{base}/{rel}").type == pyarrow.fs.FileType.NotFound]
+    note = json.dumps({"reason": "the trial's last checkpoint was deleted by Ray before the killed driver "
+                                 "snapshotted the newer one; the trial trains again from epoch 1",
+                       "at": time.time()}) + "\n"
+    for rel in missing:
+        write_text(f"{root}/{rel}/{LOST_CHECKPOINT_FILE}", note)
+    if missing:
+        print(f"certtune: {len(missing)} trial(s) lost their last checkpoint with the killed driver; they train "
+              f"again from epoch 1", flush=True)
+    return [f"{root}/{rel}" for rel in missing]
+
+
+def checkpoints_named(experiment: Path) -> list[str]:
+    """The last checkpoint of each trial Ray's newest saved state (in local `experiment`) will restore, as a path
+    relative to the experiment (`trial_x/checkpoint_000003`); the state keeps the path where the search ran. A
+    log dir that leaves the experiment is refused, as the readers refuse it."""
     import pickle
 
     from tuner.results.experiment import inside, newest_state_file, read_experiment_state
 
-    if is_uri(storage):
-        return []  # not checked on object stores (docs/search.md, Known limits)
-    root = Path(experiment_path(storage, record.name))
-    written = []
-    for info, runtime in read_experiment_state(root):
+    named = []
+    for info, runtime in read_experiment_state(experiment):
         manager = (runtime.get("checkpoint_manager") or {}).get("value")
         if info.get("status") in ("TERMINATED", "ERROR") or not manager or not info.get("relative_logdir"):
             continue  # not restored, or nothing to restore from
@@ -623,22 +650,10 @@ def stand_in_for_lost_checkpoints(record: SearchRecord, storage: str) -> list[st
             name = Path(latest.checkpoint.path).name if latest is not None else ""
         except Exception:  # noqa: BLE001 - a damaged state: Ray's restore says what is wrong with it
             continue
-        if not name.startswith("checkpoint_"):
-            continue
-        # Where the checkpoint is in this experiment (the state keeps the path where the search ran); a log dir
-        # that leaves the experiment is refused, as the readers refuse it.
-        where = inside(root, str(info["relative_logdir"]), newest_state_file(root)) / name
-        if where.exists():
-            continue
-        note = json.dumps({"reason": "the trial's last checkpoint was deleted by Ray before the killed driver "
-                                     "snapshotted the newer one; the trial trains again from epoch 1",
-                           "at": time.time()}) + "\n"
-        write_text(str(where / LOST_CHECKPOINT_FILE), note)
-        written.append(str(where))
-    if written:
-        print(f"certtune: {len(written)} trial(s) lost their last checkpoint with the killed driver; they train "
-              f"again from epoch 1", flush=True)
-    return written
+        if name.startswith("checkpoint_"):
+            logdir = inside(experiment, str(info["relative_logdir"]), newest_state_file(experiment))
+            named.append(f"{logdir.relative_to(experiment).as_posix()}/{name}")
+    return named
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------
