@@ -546,7 +546,7 @@ def relocate(tuner, record: SearchRecord, storage: str) -> None:
     from tuner.study.journal import open_storage
 
     relocate_restored(tuner, storage, record.name, open_storage(record, storage), record.max_concurrent,
-                      make_budget(record, storage))
+                      make_budget(record, storage), make_budget(record, storage))
     here = experiment_path(storage, record.name)
     if record.location != here:
         record.location = here

@@ -8,7 +8,8 @@ it when it is gone):
   journal path; re-opened from the record where the experiment is now (`HonestOptunaSearch.use_storage`);
 - Ray's search generator (its snapshot `search_gen_state-*.json`, a pickle): the storage new trials are
   created in; `HereSearchGenerator` puts the current one back after Ray restores it;
-- the budget stopper (in `tuner.pkl`): the experiment whose spent budget it counts; the driver gives a fresh one.
+- the budget stopper (in `tuner.pkl`), and the searcher's twin of it when re-evaluation must fit in the budget:
+  the experiment whose spent budget each counts; the driver gives fresh ones.
 Nothing here unpickles anything: the objects are the ones Ray itself loads on restore.
 """
 from __future__ import annotations
@@ -51,10 +52,12 @@ def innermost_searcher(search_alg):
     return search_alg
 
 
-def relocate_restored(tuner, storage_path: str, name: str, study_storage, max_concurrent: int, stopper) -> None:
+def relocate_restored(tuner, storage_path: str, name: str, study_storage, max_concurrent: int, stopper,
+                      searcher_budget) -> None:
     """Before `fit`: the restored Tuner's searcher works on `study_storage` (the Optuna storage where the
     experiment is now, None for one kept in memory), its new trials are created in `storage_path/name`,
-    and `stopper` (None: no budget) counts that experiment's spent budget.
+    and `stopper` (None: no budget) and `searcher_budget` (the searcher's own count, when it keeps one) count
+    that experiment's spent budget.
 
     Ray keeps a restored Tuner's configs on its internal tuner, with no public setter (Ray 2.60)."""
     internal = tuner._local_tuner
@@ -64,6 +67,7 @@ def relocate_restored(tuner, storage_path: str, name: str, study_storage, max_co
     searcher = innermost_searcher(tune_config.search_alg)
     if study_storage is not None:
         searcher.use_storage(study_storage)
+    searcher.use_budget(searcher_budget)
     # Wrapped as Ray wraps a searcher itself (tune.run), so the saved state restores into the same chain.
     tune_config.search_alg = HereSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
                                                  storage_path, name)

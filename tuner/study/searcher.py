@@ -204,11 +204,20 @@ class HonestOptunaSearch(OptunaSearch):
         for ot_trial in self._ot_trials.values():
             ot_trial.study, ot_trial.storage = self._ot_study, storage
 
+    def use_budget(self, budget) -> None:
+        """Count the spent budget with `budget` (a SearchBudget of the experiment where it is now), for the same
+        reason as use_storage: the pickled one names the experiment where the search started."""
+        if self._budget is not None:
+            self._budget = budget
+
     def restore(self, checkpoint_path: str) -> None:
         here = self._storage  # where the driver re-opened the study (use_storage); the snapshot's is where it started
+        budget_here = self._budget  # likewise (use_budget)
         super().restore(checkpoint_path)
         if here is not None:
             self.use_storage(here)
+        if budget_here is not None:
+            self.use_budget(budget_here)
         self.__dict__.setdefault("_train_config", None)  # a snapshot from before these attributes
         self.__dict__.setdefault("_orphans", [])
         for name, empty in (("_main_ids", []), ("_finals", {}), ("_reruns", None)):
