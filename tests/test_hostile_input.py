@@ -581,19 +581,47 @@ def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
     assert snapshot(tmp_path) == before and not out.exists()
 
 
-def test_resume_of_a_copied_experiment_is_refused_and_changes_neither(tmp_path):
-    """Ray's saved state points at where a search started: resuming a copy would train its new trials into
-    the original. Refused in one line before anything is written (not even the driver lock)."""
+def test_resume_of_a_copy_whose_study_is_in_a_database_is_refused_and_changes_neither(tmp_path):
+    """A copy resumes on itself (tests/test_relocate.py), except when its Optuna study lives in a database the
+    original shares (--optuna-storage URL): the copy would add its trials to the original's study. Refused
+    in one line before anything is written (not even the driver lock)."""
     import shutil
 
     original = fake_experiment(tmp_path / "results")
     (original / "tuner.pkl").write_bytes(b"")
+    record = json.loads((original / "certtune_search.json").read_text())
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    (original / "certtune_search.json").write_text(json.dumps({**record, "study_storage": url}, indent=2) + "\n")
     copy = tmp_path / "copy" / "exp"
     shutil.copytree(original, copy)
     before = snapshot(tmp_path)
     assert_refused(certtune("resume", "exp", "--storage", tmp_path / "copy"),
-                   f"was started in {original}", f"now read from {copy}", "resumes a search only where it started")
+                   f"was started in {original}", f"now read from {copy}", f"lives in the database {url}")
     assert snapshot(tmp_path) == before and not (copy / ".lock").exists()
+
+
+@pytest.mark.parametrize("tamper", ["absolute_logdir", "dotdot_logdir", "trial_dir_link"])
+def test_resume_refuses_a_state_that_points_outside_the_experiment_before_ray_starts(tmp_path, tamper):
+    """A copy's state whose trial directory is the original's (an absolute path, `../`, a link) is refused in
+    one line before Ray starts: a resumed copy reads and writes only itself."""
+    exp = fake_experiment(tmp_path / "results")
+    (exp / "tuner.pkl").write_bytes(b"")  # Ray would see an experiment to restore; certtune refuses first
+    outside = tmp_path / "original" / "trial_c"
+    outside.mkdir(parents=True)
+    (outside / "params.json").write_text('{"lr": 0.003}')
+    named = STATE_FILE
+    if tamper == "absolute_logdir":
+        edit_state(exp, 2, info={"relative_logdir": str(outside)})
+    elif tamper == "dotdot_logdir":
+        edit_state(exp, 2, info={"relative_logdir": "../../original/trial_c"})
+    else:
+        (exp / "trial_d").symlink_to(outside)
+        named = "trial_d"
+    before = snapshot(tmp_path)
+    start = time.monotonic()
+    assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results", timeout=60), named,
+                   "outside the experiment")
+    assert time.monotonic() - start < 60 and snapshot(tmp_path) == before
 
 
 def test_report_and_export_of_a_copied_experiment_read_only_the_copy(tmp_path):
@@ -881,7 +909,7 @@ def damaged_copy(finished_search: Path, to: Path, damage) -> tuple[Path, Path]:
 
     shutil.copytree(finished_search, to)
     experiment = to / "s"
-    # the copy stands for a search started there (a copy's resume is refused for its location first: part A)
+    # the copy stands for a search started there
     record = json.loads((experiment / "certtune_search.json").read_text())
     (experiment / "certtune_search.json").write_text(json.dumps({**record, "location": str(experiment)}, indent=2) + "\n")
     damage(experiment, sorted(experiment.glob("trial_*"))[0])
@@ -933,6 +961,42 @@ def test_a_finished_trial_whose_result_json_lost_its_tail_is_not_demoted(tmp_pat
     proc = certtune("report", "s", "--storage", storage, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "2 finished, 0 stopped" in proc.stdout.splitlines()[0], proc.stdout
+
+
+def test_a_finished_trial_whose_lost_tail_no_state_holds_is_named_damaged_not_stopped(tmp_path, finished_search):
+    """result.json lost its last line and Ray's state was saved before that result: the trial may have
+    finished, so report and export name it damaged (a failed trial whose reason names the file), never a
+    silent "stopped" that drops out of the ranking."""
+    damaged_trial = {}
+
+    def cut_tail_and_forget_it(experiment, trial):
+        text = (trial / "result.json").read_text()
+        kept = text[: text.rstrip("\n").rfind("\n") + 1]
+        (trial / "result.json").write_text(kept + text.rstrip("\n")[-300:-200])
+        state = next(experiment.glob("experiment_state-*.json"))
+        raw = json.loads(state.read_text())
+        for n, (info, runtime) in enumerate(raw["trial_data"]):
+            if json.loads(info)["trial_id"] == trial.name.removeprefix("trial_"):
+                older = json.loads(kept.splitlines()[-1])  # the state as saved one epoch earlier
+                raw["trial_data"][n][1] = json.dumps({**json.loads(runtime), "last_result": older})
+        state.write_text(json.dumps(raw))
+        damaged_trial["id"] = trial.name.removeprefix("trial_")
+
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy", cut_tail_and_forget_it)
+    result_file = experiment / f"trial_{damaged_trial['id']}" / "result.json"
+    before = snapshot(experiment)
+    report = certtune("report", "s", "--storage", storage, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "1 finished, 0 stopped, 1 failed" in report.stdout.splitlines()[0], report.stdout
+    assert f"failed {damaged_trial['id']}: damaged: {result_file} lost its last line (torn)" in report.stdout
+    export = certtune("export", "s", "--storage", storage, "--out", tmp_path / "exported", timeout=60)
+    assert export.returncode == 0, export.stderr
+    import csv
+    with open(tmp_path / "exported" / "trials.csv") as f:
+        rows = {row["trial_id"]: row for row in csv.DictReader(f)}
+    assert rows[damaged_trial["id"]]["status"] == "failed"
+    assert rows[damaged_trial["id"]]["error"].startswith(f"damaged: {result_file}")
+    assert snapshot(experiment) == before  # reading names the damage; it repairs nothing
 
 
 def test_a_garbled_journal_is_named_before_ray_starts(tmp_path, finished_search, data_dir):

@@ -226,6 +226,57 @@ def test_restore_reconciles_a_snapshot_older_than_the_storage(tmp_path):
         (TrialState.COMPLETE, [0.5], "a"), (TrialState.COMPLETE, [0.4], "b"), (TrialState.COMPLETE, [0.3], "d")]
 
 
+def test_a_restored_searcher_does_not_draw_again_what_the_killed_driver_drew_after_its_snapshot(tmp_path):
+    """Issue 21 §8: the sampler's random state is the snapshot's. Trial `c`, asked and told after the last
+    snapshot, is finished in the storage; without reseeding, the restored searcher's next new trial drew c's
+    params again (the same point trained twice, two COMPLETE trials)."""
+    from tuner.study.searcher import HonestOptunaSearch
+    from tuner.space.search_space import SearchSpace
+    from tuner.study.journal import open_journal
+
+    space = SearchSpace.from_dict(SPACE, name="s")
+    before = HonestOptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min", seed=0,
+                                storage=open_journal(tmp_path / JOURNAL_FILE), study_name="s")
+    before.set_search_properties(None, None, {})
+    before.suggest("a")
+    before.save(str(tmp_path / "snapshot.pkl"))
+    c_params = before.suggest("c")
+    before.on_trial_complete("c", finished(0.5))
+    after = HonestOptunaSearch()
+    after.restore(str(tmp_path / "snapshot.pkl"))
+    assert after.suggest("d") != c_params
+
+
+def test_a_trial_rays_newer_state_resumes_keeps_its_optuna_trial_and_is_not_trained_again(tmp_path):
+    """Ray syncs its experiment state and the searcher's snapshot one after the other, so a kill can leave a
+    state that knows trial `c` beside a snapshot that does not. Ray resumes `c` itself; it keeps its Optuna
+    trial, and the next new trial `d` is a new point (before: `d` took over c's Optuna trial and trained its
+    params again, and c's result then had no Optuna trial)."""
+    from tuner.study.searcher import HonestOptunaSearch
+    from tuner.space.search_space import SearchSpace
+    from tuner.study.journal import open_journal
+
+    space = SearchSpace.from_dict(SPACE, name="s")
+    journal = tmp_path / JOURNAL_FILE
+    before = HonestOptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min", seed=0,
+                                storage=open_journal(journal), study_name="s")
+    before.set_search_properties(None, None, {})
+    before.suggest("a")
+    before.save(str(tmp_path / "searcher-state-x.pkl"))  # the searcher's snapshot: only a
+    c_params = before.suggest("c")
+    state = {"trial_data": [[json.dumps({"trial_id": t}), "{}"] for t in ("a", "c")]}  # Ray's newer state: a, c
+    (tmp_path / "experiment_state-x.json").write_text(json.dumps(state))
+    after = HonestOptunaSearch()
+    after.restore(str(tmp_path / "searcher-state-x.pkl"))
+    assert after.suggest("d") != c_params
+    for trial_id, value in (("a", 0.5), ("c", 0.4), ("d", 0.3)):
+        after.on_trial_complete(trial_id, finished(value))
+    study = optuna.load_study(study_name="s", storage=open_journal(journal))
+    assert [(t.state, t.values, t.user_attrs["ray_trial_id"]) for t in study.trials] == [
+        (TrialState.COMPLETE, [0.5], "a"), (TrialState.COMPLETE, [0.4], "c"), (TrialState.COMPLETE, [0.3], "d")]
+    assert study.trials[1].params == c_params
+
+
 def test_a_torn_last_journal_line_is_cut_before_the_next_append(tmp_path):
     from tuner.study.journal import open_journal
 

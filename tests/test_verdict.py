@@ -35,6 +35,20 @@ def test_trial_status(ray_status, last, expected):
     assert trial_status(ray_status, last, ["ibp_err"]) == expected
 
 
+@pytest.mark.parametrize("ray_status, last, expected", [
+    ("TERMINATED", EARLY, FAILED),  # may have finished: damaged, not stopped
+    ("TERMINATED", DONE, FINISHED),  # the final epoch is readable: what was torn does not matter
+    ("RUNNING", EARLY, RUNNING),  # still open: a resume trains on
+    (None, EARLY, RUNNING),
+    ("ERROR", EARLY, FAILED),
+])
+def test_a_lost_tail_never_demotes_an_ended_trial_to_stopped(ray_status, last, expected):
+    status, reason = trial_status(ray_status, last, ["ibp_err"], lost_tail="t/result.json")
+    assert status == expected
+    if ray_status == "TERMINATED" and status == FAILED:
+        assert reason.startswith("damaged: t/result.json lost its last line (torn)") and "epoch 2 of 4" in reason
+
+
 @pytest.mark.parametrize("result, raised, expected", [
     (DONE, False, (COMPLETE, [0.3], None)),
     (EARLY, False, (PRUNED, None, None)),

@@ -502,9 +502,9 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
         params = _read_json(logdir / "params.json", config)
     params = dict(params)
     config_of, seed_offset = params.pop(CONFIG_OF, None), params.pop(SEED_OFFSET, 0)
-    rows = read_results(logdir / "result.json") if logdir is not None else []
+    rows, torn = read_result_file(logdir / "result.json") if logdir is not None else ([], False)
     if state_last and (not rows or _later(state_last, rows[-1])):
-        rows = rows + [state_last]  # result.json lost its tail: Ray's state still knows the last result
+        rows, torn = rows + [state_last], False  # result.json lost its tail: Ray's state still knows the last result
     history = epoch_history(rows)
     trial = TrialResult(str(trial_id), PENDING, dict(params), history, order,
                         ended_at if ended_at is not None else (history[-1].get("timestamp") if history else None),
@@ -513,7 +513,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
                         superseded=logdir is not None and (logdir / SUPERSEDED_FILE).is_file(),
                         config_of=str(config_of or trial_id), seed_offset=seed_offset if is_number(seed_offset) else 0)
     trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
-    trial.status, reason = trial_status(ray_status, trial.last, objectives)
+    trial.status, reason = trial_status(ray_status, trial.last, objectives,
+                                        lost_tail=str(logdir / "result.json") if torn else None)
     if trial.last.get(FAIL_REASON) and not trial.diverged:
         trial.error = str(trial.last[FAIL_REASON])  # the trial's own reason (e.g. invalid config, no data)
     elif trial.status not in (FINISHED, STOPPED) and not trial.diverged:
@@ -530,6 +531,25 @@ def read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return parse_result_lines(read_text(path, MAX_STATE_BYTES, "result.json"), str(path))
+
+
+def read_result_file(path: Path) -> tuple[list[dict], bool]:
+    """(rows, whether its last line is torn) of a local trial's result.json (([], False) if there is none)."""
+    if not path.exists():
+        return [], False
+    text = read_text(path, MAX_STATE_BYTES, "result.json")
+    return parse_result_lines(text, str(path)), torn_tail(text)
+
+
+def torn_tail(text: str) -> bool:
+    """The last line of a result.json is not a whole JSON object: a crash cut it while Ray appended it."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return False
+    try:
+        return not isinstance(json.loads(lines[-1]), dict)
+    except (ValueError, RecursionError):
+        return True
 
 
 def parse_result_lines(text: str, source: str = "result.json") -> list[dict]:

@@ -501,7 +501,7 @@ def resume_search(name: str, storage: str | None, address: str | None):
     their retries and were told to Optuna as FAIL) stay failed."""
     storage = normalize_storage(storage)
     record = read_record(storage, name)
-    check_location(record, storage)  # a copy or a moved experiment: nothing written, not even a lock
+    check_location(record, storage)  # a copy sharing the original's study database: nothing written, not even a lock
     path = experiment_path(storage, name)
     hold_driver_lock(storage, name)  # before anything is written
     try:
@@ -526,23 +526,42 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
     record.build_space()  # the space must still be valid with this version of certtune
+    stand_in_for_lost_checkpoints(record, storage)  # after the checks: a refused resume writes nothing more
     connect_ray(address)
     prepare_resume(record.wandb_project)
     trainable = tune.with_resources(make_trainable(record), dict(record.resources_per_trial))
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                restart_errored=False)
+    relocate(tuner, record, storage)
     results = tuner.fit()
     settle(record, storage)
     select_winner(record, storage)
     return results
 
 
+def relocate(tuner, record: SearchRecord, storage: str) -> None:
+    """The restored search works where the experiment is now, a copy or a moved one included (tuner/run/
+    relocate.py), and the record says so."""
+    from tuner.run.relocate import relocate_restored
+    from tuner.study.journal import open_storage
+
+    relocate_restored(tuner, storage, record.name, open_storage(record, storage), record.max_concurrent,
+                      make_budget(record, storage), make_budget(record, storage))
+    here = experiment_path(storage, record.name)
+    if record.location != here:
+        record.location = here
+        write_record(record, storage)
+
+
 def check_experiment_readable(record: SearchRecord, storage: str) -> None:
-    """Before Ray starts: the experiment's own files are regular files (Ray would block reading a FIFO named
-    tuner.pkl) and the search's journal parses (tuner/study/journal.py check_journal)."""
+    """Before Ray starts: every trial directory Ray's state names is inside the experiment (a copy whose state
+    points at the original is refused: tuner/results/experiment.py `inside`), the experiment's own files are
+    regular files (Ray would block reading a FIFO named tuner.pkl) and the search's journal parses
+    (tuner/study/journal.py check_journal)."""
     from trainers.input_files import regular_file_size
     from tuner.study.journal import check_journal, journal_path
 
+    load_search(record.name, storage)
     if is_uri(storage):
         return
     for path in sorted(Path(experiment_path(storage, record.name)).iterdir()):
@@ -590,6 +609,67 @@ def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
         print(f"certtune: {len(marked)} trial(s) started after the last snapshot will be trained again; their "
               f"directories are kept, marked {SUPERSEDED_FILE}", flush=True)
     return marked
+
+
+LOST_CHECKPOINT_FILE = "certtune_checkpoint_lost.json"  # the only file of a stand-in for a lost checkpoint
+
+
+def stand_in_for_lost_checkpoints(record: SearchRecord, storage: str) -> list[str]:
+    """Before a resume: an unfinished trial whose last checkpoint in Ray's saved state is gone (the driver was
+    killed after Ray deleted it for a newer one and before the snapshot naming the newer one) would fail Ray's
+    restore ("does not exist on storage anymore"), retried until ERROR, before the trial's own fallback runs.
+    A directory holding only a note stands in for it: Ray restores from it, `restore_run` (tuner/run/trial.py)
+    finds no last.pt there, and the trial trains again from epoch 1; its rerun epochs replace the earlier rows
+    (the reader keeps each epoch's latest). Not from a newer checkpoint: the results after the snapshot never
+    reached the storage, so the trial's history would miss epochs. Local or URI storage (s3://, file://, ...).
+    Returns the stand-ins written."""
+    import tempfile
+
+    from tuner.results.experiment import download_experiment
+
+    root = experiment_path(storage, record.name)
+    if not is_uri(storage):
+        missing = [rel for rel in checkpoints_named(Path(root)) if not (Path(root) / rel).exists()]
+    else:
+        import pyarrow.fs
+
+        fs, base = pyarrow.fs.FileSystem.from_uri(root)
+        with tempfile.TemporaryDirectory() as local:  # the state files, read as the readers read them
+            named = checkpoints_named(download_experiment(root, Path(local)))
+        missing = [rel for rel in named if fs.get_file_info(f"{base}/{rel}").type == pyarrow.fs.FileType.NotFound]
+    note = json.dumps({"reason": "the trial's last checkpoint was deleted by Ray before the killed driver "
+                                 "snapshotted the newer one; the trial trains again from epoch 1",
+                       "at": time.time()}) + "\n"
+    for rel in missing:
+        write_text(f"{root}/{rel}/{LOST_CHECKPOINT_FILE}", note)
+    if missing:
+        print(f"certtune: {len(missing)} trial(s) lost their last checkpoint with the killed driver; they train "
+              f"again from epoch 1", flush=True)
+    return [f"{root}/{rel}" for rel in missing]
+
+
+def checkpoints_named(experiment: Path) -> list[str]:
+    """The last checkpoint of each trial Ray's newest saved state (in local `experiment`) will restore, as a path
+    relative to the experiment (`trial_x/checkpoint_000003`); the state keeps the path where the search ran. A
+    log dir that leaves the experiment is refused, as the readers refuse it."""
+    import pickle
+
+    from tuner.results.experiment import inside, newest_state_file, read_experiment_state
+
+    named = []
+    for info, runtime in read_experiment_state(experiment):
+        manager = (runtime.get("checkpoint_manager") or {}).get("value")
+        if info.get("status") in ("TERMINATED", "ERROR") or not manager or not info.get("relative_logdir"):
+            continue  # not restored, or nothing to restore from
+        try:  # Ray's own state, which Tuner.restore unpickles next anyway
+            latest = pickle.loads(bytes.fromhex(manager)).latest_checkpoint_result
+            name = Path(latest.checkpoint.path).name if latest is not None else ""
+        except Exception:  # noqa: BLE001 - a damaged state: Ray's restore says what is wrong with it
+            continue
+        if name.startswith("checkpoint_"):
+            logdir = inside(experiment, str(info["relative_logdir"]), newest_state_file(experiment))
+            named.append(f"{logdir.relative_to(experiment).as_posix()}/{name}")
+    return named
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------

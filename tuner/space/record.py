@@ -81,8 +81,8 @@ class SearchRecord:
     # A space that searches `method`: each method's trial cost relative to the first, estimated before the search
     # from measured step costs (tuner/space/costs.py); {} otherwise, or when the data is not on this machine.
     method_costs: dict[str, float] = field(default_factory=dict)
-    # Where the experiment was started (experiment_path). Ray's state and searcher snapshot keep absolute paths
-    # to it, so `resume` runs it only there (check_location); report and export read a copy anywhere.
+    # Where the experiment last ran (experiment_path). A resume elsewhere (a copy, a move) rebases Ray's and the
+    # searcher's saved paths onto where it is now (tuner/run/relocate.py) and records the new place here.
     location: str | None = None
 
     def seconds_weight(self) -> tuple[str, float]:
@@ -329,13 +329,16 @@ def release_driver_lock(storage: str, name: str) -> None:
 
 
 def check_location(record: SearchRecord, storage: str) -> None:
-    """`resume` of a copied or moved experiment is refused: Ray's pickled state would send new trials and the
-    study's writes to where it was started (the original, or a path that is gone) rather than to the copy."""
+    """`resume` of a copied or moved experiment works on the copy (tuner/run/relocate.py), except where the
+    study is not in the experiment: an RDB --optuna-storage (a database URL) is shared by the original and
+    every copy, so a resumed copy would add its trials to the original's study. Refused in one line."""
     here = experiment_path(storage, record.name)
-    if record.location is not None and record.location != here:
-        raise SearchError(f"search {record.name!r} was started in {record.location} and is now read from {here}; "
-                          f"Ray's saved state points at the first, so certtune resumes a search only where it "
-                          f"started (move it back to resume it; report and export read it anywhere)")
+    if record.location is None or record.location == here or record.study_storage in ("", "memory", "journal"):
+        return
+    raise SearchError(f"search {record.name!r} was started in {record.location} and is now read from {here}, but "
+                      f"its Optuna study lives in the database {record.study_storage}, which the original shares: "
+                      f"a resumed copy would add its trials to the original's study; resume the original, or "
+                      f"start a new search with --warm-start")
 
 
 def read_record(storage: str, name: str) -> SearchRecord:

@@ -191,18 +191,49 @@ class HonestOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return {**config, CONFIG_OF: rerun.of, SEED_OFFSET: rerun.seed_offset}
 
+    def use_storage(self, storage) -> None:
+        """Work on the study in `storage` from now on: the search's Optuna storage where the experiment is now.
+        Ray's pickles (tuner.pkl, the searcher snapshot) hold the storage the search started with, an absolute
+        journal path, so a resumed copy would otherwise append to the original's journal. The study, and the
+        trials asked of it, are re-bound to `storage`; their state is read from it again."""
+        self._storage = storage
+        if storage is None or self._ot_study is None:
+            return
+        self._ot_study = optuna.load_study(study_name=self._ot_study.study_name, storage=storage,
+                                          sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
+        for ot_trial in self._ot_trials.values():
+            ot_trial.study, ot_trial.storage = self._ot_study, storage
+
+    def use_budget(self, budget) -> None:
+        """Count the spent budget with `budget` (a SearchBudget of the experiment where it is now), for the same
+        reason as use_storage: the pickled one names the experiment where the search started."""
+        if self._budget is not None:
+            self._budget = budget
+
     def restore(self, checkpoint_path: str) -> None:
+        here = self._storage  # where the driver re-opened the study (use_storage); the snapshot's is where it started
+        budget_here = self._budget  # likewise (use_budget)
         super().restore(checkpoint_path)
+        if here is not None:
+            self.use_storage(here)
+        if budget_here is not None:
+            self.use_budget(budget_here)
         self.__dict__.setdefault("_train_config", None)  # a snapshot from before these attributes
         self.__dict__.setdefault("_orphans", [])
         for name, empty in (("_main_ids", []), ("_finals", {}), ("_reruns", None)):
             self.__dict__.setdefault(name, empty)
-        self._reconcile()
+        if self._ot_study is not None:
+            # The sampler's random state is the snapshot's: the draws a killed driver made after it would come
+            # again, the same point under a new trial, trained twice. Optuna's own remedy for a copied sampler.
+            self._ot_study.sampler.reseed_rng()
+        self._reconcile(restored_ray_trials(checkpoint_path))
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, restored: set[str] = frozenset()) -> None:
         """After a restore from a snapshot older than the storage: a trial told after the snapshot is
         finished in the storage (not told again; Ray may rerun its last epoch, reports are ignored), and a
-        trial asked after it is an orphan for `suggest`. An in-memory study is the snapshot: nothing to do."""
+        trial asked after it is an orphan for `suggest`, unless Ray's restored experiment (`restored`: its Ray
+        trial ids) resumes that Ray trial itself, whose Optuna trial it then stays (its point trains once).
+        An in-memory study is the snapshot: nothing to do."""
         if self._storage is None or self._ot_study is None:
             return
         storage = self._ot_study._storage
@@ -210,5 +241,29 @@ class HonestOptunaSearch(OptunaSearch):
             if trial_id not in self._completed_trials and storage.get_trial(ot_trial._trial_id).state.is_finished():
                 self._completed_trials.add(trial_id)
         known = {t._trial_id for t in self._ot_trials.values()}
-        self._orphans = [t._trial_id for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                         if t._trial_id not in known]
+        self._orphans = []
+        for ot in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            ray_id = ot.user_attrs.get(RAY_TRIAL_ID)
+            if ot._trial_id in known:
+                continue
+            if ray_id in restored and ray_id not in self._ot_trials:
+                self._ot_trials[ray_id] = optuna.trial.Trial(self._ot_study, ot._trial_id)
+                if self._reeval is not None and not ot.user_attrs.get(SEED_OFFSET):
+                    self._main_ids.append(ray_id)
+            else:
+                self._orphans.append(ot._trial_id)
+
+
+def restored_ray_trials(checkpoint_path: str) -> set[str]:
+    """The Ray trial ids of the experiment state Ray is restoring, which it downloads beside the searcher's
+    snapshot (its driver staging directory) before restoring the searcher. The two files are synced to the
+    storage one after the other, so after a kill the state can know a trial the snapshot does not. Only the ids
+    are read here (the report's reader is tuner/results/experiment.py); empty when there is nothing to read."""
+    import json
+    from pathlib import Path
+
+    states = sorted(Path(checkpoint_path).parent.glob("experiment_state-*.json"))  # names sort by time
+    try:
+        return {json.loads(info)["trial_id"] for info, _ in json.loads(states[-1].read_text())["trial_data"]}
+    except (IndexError, OSError, ValueError, KeyError, TypeError, RecursionError):
+        return set()

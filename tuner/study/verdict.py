@@ -27,8 +27,13 @@ COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 
 
 # ---- the status a reader shows --------------------------------------------------------------------
-def trial_status(ray_status: str | None, last: dict, objectives: list[str]) -> tuple[str, str | None]:
-    """(status, why it failed) per the contract: finished | stopped | failed | running | pending."""
+def trial_status(ray_status: str | None, last: dict, objectives: list[str],
+                 lost_tail: str | None = None) -> tuple[str, str | None]:
+    """(status, why it failed) per the contract: finished | stopped | failed | running | pending.
+
+    `lost_tail` names a result file whose last line a crash tore, a result no other record holds: an ended
+    trial whose last readable result is short of its final epoch may have finished, so it is not called
+    stopped (which would drop it from the ranking unseen); it is failed as damaged, the file named."""
     if last.get(DIVERGED):
         return FAILED, diverged_reason(last[DIVERGED])
     if last.get(FAIL_REASON):
@@ -45,6 +50,8 @@ def trial_status(ray_status: str | None, last: dict, objectives: list[str]) -> t
         bad = [o for o in objectives if not is_finite(last.get(o))]
         if bad:
             return FAILED, f"{', '.join(bad)} missing or not finite at epoch {last['epoch']}"
+        if not done and lost_tail:
+            return FAILED, damaged_reason(lost_tail, last["epoch"], last["epochs"])
         return (FINISHED if done else STOPPED), None
     if last or ray_status in ("RUNNING", "PAUSED"):
         return RUNNING, None
@@ -57,6 +64,11 @@ def after_spent_budget(status: str, error: str | None, reported: bool) -> tuple[
     if status == FAILED and not reported and error == NO_RESULT:
         return STOPPED, None
     return status, error
+
+
+def damaged_reason(result_file: str, epoch: Any, epochs: Any) -> str:
+    return (f"damaged: {result_file} lost its last line (torn) and Ray's state does not hold it; the last "
+            f"readable result is epoch {epoch} of {epochs}, so whether the trial finished is unknown")
 
 
 def diverged_reason(reason: Any) -> str:
