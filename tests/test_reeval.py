@@ -126,7 +126,7 @@ def test_a_real_search_races_its_best_points_and_every_reader_agrees(data_dir, t
     from tuner.study.journal import load_search_study
 
     storage = tmp_path / "st"
-    certtune.search("mnist_tiny", {"data.subset": 1000, "data.val_size": 300}, name="race", num_samples=6,
+    certtune.search("mnist_tiny", {"data.subset": 500, "data.val_size": 200}, name="race", num_samples=6,
                     max_concurrent=2, data_dir=str(data_dir), storage=str(storage), fidelity="epochs:4",
                     reeval_top=1, reeval_seeds=2, objective="clean_err", echo=False)
     search = load_search("race", str(storage))

@@ -6,7 +6,6 @@ checksum of every file before and after.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -18,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from test_search_resume import child_env, optuna_study, saved_trials
+from test_search_resume import checksums, child_env, optuna_study, saved_trials, wait_until_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 3
 SEARCH = ["eps=0.02", "data.subset=512", "data.val_size=100", "epochs=4", "--name", "r",
           "--num-samples", str(SAMPLES), "--max-concurrent", "1", "--scheduler", "none", "--checkpoint-every", "0"]
-
-
-def checksums(root: Path) -> dict[str, str]:
-    """Every file under root (the driver lock included) with a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def certtune(*args, env, timeout=300) -> subprocess.CompletedProcess:
@@ -71,18 +64,6 @@ def killed_search(tmp_path_factory, data_dir):
     return tmp / "original", env
 
 
-def wait_until_quiet(storage: Path, quiet_s: float = 5.0, limit_s: float = 60.0) -> None:
-    """The killed driver's trial worker may finish the epoch it was in and upload its checkpoint after the
-    kill; the original is compared only once nothing has changed in it for `quiet_s`."""
-    deadline, last, since = time.monotonic() + limit_s, None, time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        assert time.monotonic() < deadline, "the killed search's storage kept changing"
-        now = checksums(storage)
-        if now != last:
-            last, since = now, time.monotonic()
-        time.sleep(0.5)
-
-
 def report_rows(stdout: str) -> list[tuple[str, str, str]]:
     """(trial_id, status, rank) of each ranked row of `certtune report`."""
     rows = [line.split() for line in stdout.splitlines() if line[:1].isdigit()]
@@ -121,17 +102,24 @@ def test_a_copied_experiment_resumes_on_the_copy_and_the_original_stays_byte_ide
 
 
 def test_a_moved_experiment_resumes_where_it_is_now(tmp_path, killed_search):
-    """The killed search itself moved to another storage (it runs after the copy test, which needs it in place):
-    its saved state names a place that is gone; the resume finishes where the experiment is now."""
+    """The killed search itself moved to another storage: its saved state names a place that is gone; the resume
+    finishes where the experiment is now. The shared killed search is put back afterwards, byte for byte, from
+    a copy, so the tests may run in any order."""
     original, env = killed_search
+    kept = tmp_path / "kept"
+    shutil.copytree(original, kept, symlinks=True)
     moved = tmp_path / "moved"
     shutil.move(original, moved)
-    start = time.monotonic()
-    proc = certtune("resume", "r", "--storage", moved, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert time.monotonic() - start < 300
-    assert not original.exists()  # nothing recreated where it was
-    finished_in(moved, env)
+    try:
+        start = time.monotonic()
+        proc = certtune("resume", "r", "--storage", moved, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert time.monotonic() - start < 300
+        assert not original.exists()  # nothing recreated where it was
+        finished_in(moved, env)
+    finally:
+        shutil.rmtree(original, ignore_errors=True)
+        shutil.move(kept, original)
 
 
 BUDGET = 10  # trial-epochs: two 4-epoch trials and 2 epochs of the third

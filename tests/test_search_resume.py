@@ -9,6 +9,7 @@ W&B (offline) ends with each trial's whole history in its newest run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -96,30 +97,71 @@ def wait_for_finished_and_running(proc, exp: Path, timeout: float = 240) -> dict
     raise AssertionError("no saved state with a finished and a running trial")
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
-    from optuna.trial import TrialState
+def checksums(root: Path) -> dict[str, str]:
+    """Every file under root (the driver lock included) with a hash of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
-    from tuner.results.experiment import load_study
 
-    storage, name = tmp_path / "results", "interrupted"
-    exp = storage / name
-    env = child_env(tmp_path)
-    args = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", name,
+def wait_until_quiet(storage: Path, quiet_s: float = 5.0, limit_s: float = 60.0) -> None:
+    """The killed driver's trial worker may finish the epoch it was in and upload its checkpoint after the
+    kill; the storage is read (or copied) only once nothing has changed in it for `quiet_s`."""
+    deadline, last, since = time.monotonic() + limit_s, None, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, "the killed search's storage kept changing"
+        now = checksums(storage)
+        if now != last:
+            last, since = now, time.monotonic()
+        time.sleep(0.5)
+
+
+def kill_mid_search(tmp: Path, where: str, exp: Path, data_dir, *extra) -> None:
+    """Run a search of TRIALS (a checkpoint every epoch) and SIGKILL its whole process group once the saved
+    state holds a finished trial and a running one with a checkpoint, then wait until its storage is quiet."""
+    args = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", exp.name,
             "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
-            "--scheduler", "none", "--storage", str(storage), "--data-dir", str(data_dir),
-            "--wandb-project", "certtune-resume", "--checkpoint-every", "0"]  # a checkpoint every epoch
-    log = open(tmp_path / "search.log", "w")
+            "--scheduler", "none", "--storage", where, "--data-dir", str(data_dir),
+            "--checkpoint-every", "0", *extra]  # a checkpoint every epoch
+    env = {**child_env(tmp), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp / "search.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        at_kill = wait_for_finished_and_running(proc, exp)
+        wait_for_finished_and_running(proc, exp)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group, at once
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    # The saved state the resume starts from (the driver can no longer change it).
-    at_kill = saved_trials(exp) or at_kill
+    wait_until_quiet(exp)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, data_dir) -> Path:
+    """One search killed mid-run (W&B offline on), on local storage; each test resumes its own copy of it
+    (shutil.copytree), so none changes it and they may run in any order. Returns its storage."""
+    tmp = tmp_path_factory.mktemp("killed")
+    kill_mid_search(tmp, str(tmp / "results"), tmp / "results" / "interrupted", data_dir,
+                    "--wandb-project", "certtune-resume")
+    return tmp / "results"
+
+
+def copy_of(killed: Path, tmp: Path) -> Path:
+    """The killed search copied into this test's own storage; returns that storage."""
+    storage = tmp / "results"
+    shutil.copytree(killed, storage, symlinks=True)
+    return storage
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, killed):
+    from optuna.trial import TrialState
+
+    from tuner.results.experiment import load_study
+
+    storage, name = copy_of(killed, tmp_path), "interrupted"
+    exp = storage / name
+    env = child_env(tmp_path)
+    at_kill = saved_trials(exp)  # the saved state the resume starts from (the driver can no longer change it)
     finished = {t for t, s in at_kill.items() if s["status"] == "TERMINATED"}
     # A trial whose last epoch was reported but not yet marked TERMINATED resumes and ends at once.
     done = finished | {t for t, s in at_kill.items() if s["last_result"].get("epoch") == EPOCHS}
@@ -193,34 +235,27 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, data_
 
 
 @pytest.mark.parametrize("uri", [False, True], ids=["local", "file-uri"])  # file:// is a URI to Ray as s3:// is
-def test_a_trial_whose_last_checkpoint_is_gone_trains_again_instead_of_failing_the_resume(tmp_path, data_dir, uri):
+def test_a_trial_whose_last_checkpoint_is_gone_trains_again_instead_of_failing_the_resume(tmp_path, data_dir, uri,
+                                                                                         killed):
     """Issue 21 §8 (docs/search.md's former known limit). A driver killed after Ray deleted a trial's checkpoint
     for a newer one and before the snapshot naming the newer one leaves a state pointing at a checkpoint that
     is gone; Ray's restore refused it ("does not exist on storage anymore"), retried it and marked the trial
     ERROR. Built here from a real killed search by deleting the checkpoint its saved state names: the resume
-    puts a stand-in there, the trial trains again from epoch 1, and every trial finishes, each point once."""
+    puts a stand-in there, the trial trains again from epoch 1, and every trial finishes, each point once.
+    Local storage: a copy of the module's killed search; a URI storage: its own search, killed there."""
     from optuna.trial import TrialState
 
     from tuner.results.experiment import load_search, load_study
 
-    storage, name = tmp_path / "results", "lost"
+    if uri:
+        storage, name = tmp_path / "results", "lost"
+        where = f"file://{storage}"
+        kill_mid_search(tmp_path, where, storage / name, data_dir)
+    else:
+        storage, name = copy_of(killed, tmp_path), "interrupted"
+        where = str(storage)
     exp = storage / name
-    where = f"file://{storage}" if uri else str(storage)
     env = {**child_env(tmp_path), "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "tuner.cli", "search", "mnist_tiny", *TRIALS, "--name", name,
-            "--num-samples", str(NUM_SAMPLES), "--max-concurrent", "2", "--resources-per-trial", "cpu=1",
-            "--scheduler", "none", "--storage", where, "--data-dir", str(data_dir),
-            "--checkpoint-every", "0"]  # a checkpoint every epoch
-    log = open(tmp_path / "search.log", "w")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_finished_and_running(proc, exp)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
     at_kill = saved_trials(exp)
     lost = {t: s["checkpoint_dir"] for t, s in at_kill.items() if s["status"] == "RUNNING" and s["checkpoint_dir"]}
     assert lost, at_kill
