@@ -544,6 +544,20 @@ def test_export_out_that_is_a_file_is_one_line(tmp_path, victim):
 SECRET = "SECRET-TOKEN-do-not-copy"
 
 
+def point_outside(exp: Path, tamper: str, outside: Path, dotdot: str) -> str:
+    """Make trial 2 of the experiment's state, or a planted trial directory, lead to `outside`: by an absolute
+    log dir, a `../` one (`dotdot`), or a link (`trial_dir_link`); other tampers are the caller's. Returns the
+    file a refusal must name."""
+    if tamper == "absolute_logdir":
+        edit_state(exp, 2, info={"relative_logdir": str(outside)})
+    elif tamper == "dotdot_logdir":
+        edit_state(exp, 2, info={"relative_logdir": dotdot})
+    elif tamper == "trial_dir_link":  # a trial directory Ray's state does not know, which is a link to elsewhere
+        (exp / "trial_d").symlink_to(outside)
+        return "trial_d"
+    return STATE_FILE
+
+
 @pytest.mark.parametrize("tamper", ["absolute_logdir", "dotdot_logdir", "dotdot_error_file", "error_file_link",
                                     "result_link", "trial_dir_link"])
 def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
@@ -553,12 +567,8 @@ def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
     (outside / "error.txt").write_text(f"{SECRET}\n")
     (outside / "result.json").write_text('{"epoch": 2, "epochs": 2, "ibp_err": 0.01, "note": "%s"}\n' % SECRET)
     (outside / "params.json").write_text('{"lr": 0.001}')
-    named = STATE_FILE
-    if tamper == "absolute_logdir":
-        edit_state(exp, 2, info={"relative_logdir": str(outside)})
-    elif tamper == "dotdot_logdir":
-        edit_state(exp, 2, info={"relative_logdir": "../../outside"})
-    elif tamper == "dotdot_error_file":
+    named = point_outside(exp, tamper, outside, "../../outside")
+    if tamper == "dotdot_error_file":
         edit_state(exp, 2, runtime={"error_filename": "../../../outside/error.txt"})
     elif tamper == "error_file_link":
         (exp / "trial_c" / "error.txt").unlink()
@@ -568,9 +578,6 @@ def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
         (exp / "trial_a" / "result.json").unlink()
         (exp / "trial_a" / "result.json").symlink_to(outside / "result.json")
         named = "trial_a/result.json"
-    else:  # a trial directory Ray's state does not know, which is a link to elsewhere
-        (exp / "trial_d").symlink_to(outside)
-        named = "trial_d"
     before = snapshot(tmp_path)
     out = tmp_path / "export"
     for command in (("export", "exp", "--storage", tmp_path / "results", "--out", out),
@@ -609,14 +616,7 @@ def test_resume_refuses_a_state_that_points_outside_the_experiment_before_ray_st
     outside = tmp_path / "original" / "trial_c"
     outside.mkdir(parents=True)
     (outside / "params.json").write_text('{"lr": 0.003}')
-    named = STATE_FILE
-    if tamper == "absolute_logdir":
-        edit_state(exp, 2, info={"relative_logdir": str(outside)})
-    elif tamper == "dotdot_logdir":
-        edit_state(exp, 2, info={"relative_logdir": "../../original/trial_c"})
-    else:
-        (exp / "trial_d").symlink_to(outside)
-        named = "trial_d"
+    named = point_outside(exp, tamper, outside, "../../original/trial_c")
     before = snapshot(tmp_path)
     start = time.monotonic()
     assert_refused(certtune("resume", "exp", "--storage", tmp_path / "results", timeout=60), named,
