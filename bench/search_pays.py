@@ -2,7 +2,7 @@
 paper's recipe and random search at equal compute (issue 19 §1, §4).
 
     python -m bench.search_pays fidelity --eps 0.3 --worker 0 --workers 2   # and --worker 1: the runs, resumable
-    python -m bench.search_pays fidelity-collect --eps 0.3                  # Spearman per fidelity -> JSON
+    python -m bench.search_pays fidelity-collect --eps 0.3                  # Spearman, pick and regret per fidelity -> JSON
     python -m bench.search_pays search --arm certtune --eps 0.3 --search-seed 0   # and --arm random; seeds 0, 1
     python -m bench.search_pays retrain --arm certtune --eps 0.3 --search-seed 0  # its recipe, 3 fresh seeds
     python -m bench.search_pays collect                                      # test figures, JSON, anytime plot
@@ -32,7 +32,9 @@ again; `--worker K --workers N` trains the points whose index is K mod N, so N p
 
 `fidelity-collect` reads every point whose runs have all finished, takes each run's final-epoch validation
 IBP-verified error (what a search ranks by), and writes, per fidelity, the Spearman rank correlation with the
-target runs, the points used and the cost of one run in full-data epochs, to bench/results/search_pays_fidelity.json.
+target runs, the point it ranks first with that pick's regret (its target-run error above the best target
+run's: what choosing by this fidelity costs), the points used and the cost of one run in full-data epochs, to
+bench/results/search_pays_fidelity.json.
 The test split is not read.
 """
 from __future__ import annotations
@@ -133,6 +135,13 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return cov / var if var else None  # a constant ranking: no correlation to speak of
 
 
+def first_pick(fidelity: list[float], target: list[float]) -> tuple[int, float]:
+    """The point a fidelity ranks first (its index) and its regret: how much higher that point's target-run
+    error is than the best target run's (0 when the fidelity picks the best point)."""
+    first = min(range(len(fidelity)), key=lambda i: (fidelity[i], i))
+    return first, target[first] - min(target)
+
+
 def cmd_collect(args) -> None:
     from trainers.data import train_split_size
 
@@ -156,11 +165,20 @@ def cmd_collect(args) -> None:
     result = {"eps": args.eps, "space": args.space, "points": used,
               "point_params": {i: all_points[i] for i in used}, "val_ibp_err": table,
               "target_cost_full_data_epochs": round(cost.get("target", 0.0), 2),
-              "fidelities": {name: {"spearman": spearman([table[i][name] for i in used], target)
-                                    if len(used) > 2 else None,
-                                    "cost_full_data_epochs": round(cost.get(name, 0.0), 2)} for name in names}}
+              "fidelities": {name: fidelity_quality([table[i][name] for i in used], target, used, cost.get(name, 0.0))
+                             for name in names}}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["fidelities"], indent=1))
+
+
+def fidelity_quality(errors: list[float], target: list[float], used: list[int], cost: float) -> dict:
+    """How well a fidelity's final errors stand in for the target runs': Spearman's rank correlation (with 3
+    points or more), the point it ranks first and that pick's regret on the target run, and its cost."""
+    if not used:
+        return {"spearman": None, "picks_point": None, "regret": None, "cost_full_data_epochs": round(cost, 2)}
+    pick, regret = first_pick(errors, target)
+    return {"spearman": spearman(errors, target) if len(used) > 2 else None, "picks_point": used[pick],
+            "regret": round(regret, 4), "cost_full_data_epochs": round(cost, 2)}
 
 
 # ---- part 2: the search arms at equal compute ------------------------------------------------------------

@@ -34,8 +34,12 @@ def test_fidelity_study_at_a_tiny_size(tmp_path, data_dir):
     for name in ("today:300", "subset:300", "epochs:3"):
         cfg = (run_dir(tmp_path, 0.1, 0, name) / "config.yaml").read_text()
         assert ("batch_size: 43" in cfg) == (name == "subset:300")  # 128 x 300/900, steps kept
-        rho = result["fidelities"][name]["spearman"]
-        assert rho is None or -1 <= rho <= 1
+        quality = result["fidelities"][name]
+        assert quality["spearman"] is None or -1 <= quality["spearman"] <= 1
+        errors = {int(i): v for i, v in result["val_ibp_err"].items()}
+        pick = min(errors, key=lambda i: (errors[i][name], i))  # the point this fidelity ranks first
+        assert quality["picks_point"] == pick
+        assert quality["regret"] == round(errors[pick]["target"] - min(e["target"] for e in errors.values()), 4)
 
 
 def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_shut_down_after):
