@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from bench.methods_mnist import (FULL_TEST, base_overrides, check_runs_are_the_paper_points, last_metrics, limit,
@@ -110,14 +111,8 @@ def search_summary(args) -> dict:
     budget = search.record.max_trial_seconds
     return {"trials": len(search.trials), "counts": search.counts(), "device_seconds": round(search.device_seconds(), 1),
             "budget_device_seconds": budget, "largest_trial_share": round(max(per_trial, default=0.0) / budget, 3),
-            "selection": search.selection, "trials_per_method": methods_tried(search)}
-
-
-def methods_tried(search) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in search.trials:
-        counts[method_of(t.params)] = counts.get(method_of(t.params), 0) + 1
-    return dict(sorted(counts.items()))
+            "selection": search.selection,
+            "trials_per_method": dict(sorted(Counter(method_of(t.params) for t in search.trials).items()))}
 
 
 def arm_config(arm: str, args) -> dict:

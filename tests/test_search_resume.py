@@ -500,3 +500,23 @@ def test_a_driver_killed_at_any_moment_resumes_with_nothing_lost(tmp_path, data_
     assert [t.trial_id for t in after.trials] == [t.trial_id for t in found.trials]
     assert after.trial_epochs() == spent  # its epochs still count as compute spent
     assert set_aside_superseded(record, str(storage)) == []  # marked once
+
+
+def test_the_checkpoint_a_saved_state_names_is_read_without_unpickling(tmp_path):
+    """Ray's pickled checkpoint manager is scanned opcode by opcode: a state that would run code when unpickled
+    runs nothing, and the newest checkpoint it names (the highest number) is found."""
+    import pickle
+
+    from tuner.run.driver import latest_checkpoint_name
+
+    ran = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (Path.touch, (ran,))
+
+    state = pickle.dumps({"hook": RunsCode(), "kept": ["/elsewhere/trial_a/checkpoint_000002",
+                                                       "/elsewhere/trial_a/checkpoint_000010/", "checkpoint_note"]})
+    assert latest_checkpoint_name(state.hex()) == "checkpoint_000010" and not ran.exists()
+    assert latest_checkpoint_name(pickle.dumps({"kept": []}).hex()) == ""
+    assert latest_checkpoint_name("not hex") == "" and latest_checkpoint_name(state.hex()[:40]) == ""

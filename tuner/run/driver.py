@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -520,8 +521,8 @@ def _resume(record: SearchRecord, storage: str, path: str, address: str | None):
     if not tune.Tuner.can_restore(path):
         raise SearchError(f"search {name!r} in {storage} has no Ray experiment state to resume "
                           f"(it stopped before its first trial); start it again with `certtune search`")
-    check_experiment_readable(record, storage)  # before anything is written
-    set_aside_superseded(record, storage)
+    search = check_experiment_readable(record, storage)  # before anything is written
+    set_aside_superseded(record, storage, search)
     address = resume_flag(address, record.address)  # --address, else RAY_ADDRESS, else the search's own
     if check_address(address) is None:
         check_fits(record.resources_per_trial, local_resources())
@@ -553,17 +554,17 @@ def relocate(tuner, record: SearchRecord, storage: str) -> None:
         write_record(record, storage)
 
 
-def check_experiment_readable(record: SearchRecord, storage: str) -> None:
+def check_experiment_readable(record: SearchRecord, storage: str) -> Search:
     """Before Ray starts: every trial directory Ray's state names is inside the experiment (a copy whose state
     points at the original is refused: tuner/results/experiment.py `inside`), the experiment's own files are
     regular files (Ray would block reading a FIFO named tuner.pkl) and the search's journal parses
-    (tuner/study/journal.py check_journal)."""
+    (tuner/study/journal.py check_journal). Returns the search as read."""
     from trainers.input_files import regular_file_size
     from tuner.study.journal import check_journal, journal_path
 
-    load_search(record.name, storage)
+    search = load_search(record.name, storage)
     if is_uri(storage):
-        return
+        return search
     for path in sorted(Path(experiment_path(storage, record.name)).iterdir()):
         if not path.is_dir():
             try:
@@ -574,20 +575,22 @@ def check_experiment_readable(record: SearchRecord, storage: str) -> None:
         path = journal_path(storage, record.name)
         if path.exists():
             check_journal(path)
+    return search
 
 
-def set_aside_superseded(record: SearchRecord, storage: str) -> list[str]:
+def set_aside_superseded(record: SearchRecord, storage: str, search: Search | None = None) -> list[str]:
     """Before a resume: a trial the killed driver started after its last experiment snapshot is unknown to the
     restored experiment, and its Optuna trial is still RUNNING; the resumed searcher hands that Optuna trial
     (its params) to a new Ray trial (HonestOptunaSearch.suggest), which trains it again. Its directory gets a
     SUPERSEDED_FILE (kept, not moved: object stores cannot rename a directory), so report and export list
     each trial once; its epochs still count as compute spent. A trial that finished after the snapshot is
-    told to Optuna already and stays a trial. Returns the directories marked."""
+    told to Optuna already and stays a trial. `search`: the experiment as just read (else read here).
+    Returns the directories marked."""
     from optuna.trial import TrialState
 
     from tuner.study.journal import existing_study, open_storage
 
-    stray = [t for t in load_search(record.name, storage).trials if not t.in_state and t.dirname]
+    stray = [t for t in (search or load_search(record.name, storage)).trials if not t.in_state and t.dirname]
     optuna_storage = open_storage(record, storage) if stray else None  # None: no storage, or nothing stray
     study = existing_study(record.name, optuna_storage) if optuna_storage is not None else None
     if study is None:
@@ -652,8 +655,6 @@ def checkpoints_named(experiment: Path) -> list[str]:
     """The last checkpoint of each trial Ray's newest saved state (in local `experiment`) will restore, as a path
     relative to the experiment (`trial_x/checkpoint_000003`); the state keeps the path where the search ran. A
     log dir that leaves the experiment is refused, as the readers refuse it."""
-    import pickle
-
     from tuner.results.experiment import inside, newest_state_file, read_experiment_state
 
     named = []
@@ -661,15 +662,30 @@ def checkpoints_named(experiment: Path) -> list[str]:
         manager = (runtime.get("checkpoint_manager") or {}).get("value")
         if info.get("status") in ("TERMINATED", "ERROR") or not manager or not info.get("relative_logdir"):
             continue  # not restored, or nothing to restore from
-        try:  # Ray's own state, which Tuner.restore unpickles next anyway
-            latest = pickle.loads(bytes.fromhex(manager)).latest_checkpoint_result
-            name = Path(latest.checkpoint.path).name if latest is not None else ""
-        except Exception:  # noqa: BLE001 - a damaged state: Ray's restore says what is wrong with it
-            continue
-        if name.startswith("checkpoint_"):
+        name = latest_checkpoint_name(manager)
+        if name:
             logdir = inside(experiment, str(info["relative_logdir"]), newest_state_file(experiment))
             named.append(f"{logdir.relative_to(experiment).as_posix()}/{name}")
     return named
+
+
+CHECKPOINT_DIR = re.compile(r"(?:^|/)(checkpoint_(\d{1,12}))/?$")
+
+
+def latest_checkpoint_name(manager_hex: str) -> str:
+    """The newest checkpoint directory (`checkpoint_000003`) Ray's pickled checkpoint manager names, "" if none.
+    Read opcode by opcode (pickletools.genops), never unpickled: the state is a file handed to us, and Ray
+    numbers a trial's checkpoints in order, so the newest it keeps is the highest number among the paths."""
+    import pickletools
+
+    found = {}
+    try:
+        for _, arg, _ in pickletools.genops(bytes.fromhex(manager_hex)):
+            if isinstance(arg, str) and (match := CHECKPOINT_DIR.search(arg)):
+                found[int(match.group(2))] = match.group(1)
+    except ValueError:  # not hex, or a damaged pickle: Ray's restore says what is wrong with it
+        return ""
+    return found[max(found)] if found else ""
 
 
 # ---- the summary printed when a search or resume ends --------------------------------------------
