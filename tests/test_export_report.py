@@ -337,6 +337,9 @@ def test_cli_report_and_export(experiment, tmp_path, capsys):
     assert main(["report", NAME, "--storage", str(experiment["storage"])]) == 0
     assert f"search {NAME}: {len(ROLES)} trials of {len(ROLES)} planned" in capsys.readouterr().out
     assert main(["export", NAME, "--storage", str(experiment["storage"]), "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out  # strict JSON: a one-seed standard error is null, not NaN
+    summary = json.loads(printed, parse_constant=lambda c: pytest.fail(f"{c} in the printed summary"))
+    assert summary["best"] and "NaN" not in printed
     assert TrainConfig.from_yaml(tmp_path / "cli" / "best.yaml").to_dict() == \
         TrainConfig.from_yaml(experiment["single"]["best_yaml"]).to_dict()
     assert main(["export", "nope", "--storage", str(experiment["storage"])]) == 2

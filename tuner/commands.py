@@ -6,6 +6,7 @@ Ray, Optuna and W&B are imported only when a command runs. Bad input raises Sear
 from __future__ import annotations
 
 import json
+import math
 
 from trainers.config import parse_overrides
 from trainers.verifiers import KNOBS, names
@@ -146,8 +147,20 @@ def cmd_export(args) -> int:
     summary = api.export(args.name, storage=args.storage, out=args.out, top_k=args.top_k, epochs=args.epochs,
                          verify=args.verify, verify_n=args.verify_n, data_dir=args.data_dir, device=args.device,
                          **{k: getattr(args, k) for k in KNOBS})
-    print(json.dumps(summary, indent=2, default=str), flush=True)
+    print(json.dumps(finite_or_null(summary), indent=2, default=str, allow_nan=False), flush=True)
     return 0
+
+
+def finite_or_null(value):
+    """The summary as strict JSON (what jq and other languages parse): NaN and ±inf, e.g. the standard error of
+    a point on one seed, become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def cmd_report(args) -> int:
