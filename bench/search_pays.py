@@ -30,6 +30,10 @@ again; `--worker K --workers N` trains the points whose index is K mod N, so N p
 - `subset:20000`: 20,000 images, the batch scaled so each epoch keeps its steps (tuner/space/fidelity.py);
 - `epochs:9`: the full data for 9 epochs, every phase compressed.
 
+The results file is the study's durable record: run directories are scratch that a session may lose, so
+`fidelity` skips the points the file already holds (for the same ε, space, fidelities and point parameters) and
+`fidelity-collect` keeps them beside the points whose runs it reads now.
+
 `fidelity-collect` reads every point whose runs have all finished, takes each run's final-epoch validation
 IBP-verified error (what a search ranks by), and writes, per fidelity, the Spearman rank correlation with the
 target runs, the point it ranks first with that pick's regret (its target-run error above the best target
@@ -95,14 +99,34 @@ def finished(run: Path) -> list[dict] | None:
     return rows if rows and rows[-1]["epoch"] == rows[-1]["epochs"] else None
 
 
+def recorded_errors(args, all_points: list[dict]) -> dict[int, dict[str, float]]:
+    """The per-point errors the results file already holds for this study: same ε, space and fidelities, and
+    only points whose recorded parameters are the ones `points` draws now (a changed space invalidates them)."""
+    if not args.out.is_file():
+        return {}
+    old = json.loads(args.out.read_text())
+    names = {*fidelities(args), "target"}
+    if old.get("eps") != args.eps or old.get("space") != args.space:
+        return {}
+    kept = {}
+    for key, errors in old.get("val_ibp_err", {}).items():
+        index = int(key)
+        same_point = index < len(all_points) and old["point_params"].get(key) == json.loads(json.dumps(all_points[index]))
+        if same_point and set(errors) == names:
+            kept[index] = errors
+    return kept
+
+
 def cmd_fidelity(args) -> None:
     import torch
 
     from tuner import api
 
     torch.set_num_threads(args.threads)
-    for index, point in enumerate(points(args.space, args.configs)):
-        if index % args.workers != args.worker:
+    all_points = points(args.space, args.configs)
+    recorded = recorded_errors(args, all_points)
+    for index, point in enumerate(all_points):
+        if index % args.workers != args.worker or index in recorded:
             continue
         configs = run_configs(args, point)
         for name in (*fidelities(args), "target"):  # the cheap runs first: they are the ones a search makes
@@ -149,13 +173,16 @@ def cmd_collect(args) -> None:
     table: dict[int, dict[str, float]] = {}
     cost: dict[str, float] = {}
     all_points = points(args.space, args.configs)
+    recorded = recorded_errors(args, all_points)
     for index, point in enumerate(all_points):
         configs = run_configs(args, point)
         runs = {name: finished(run_dir(args.work, args.eps, index, name)) for name in (*names, "target")}
-        if any(rows is None for rows in runs.values()):
+        if all(rows is not None for rows in runs.values()):
+            table[index] = {name: rows[-1]["ibp_err"] for name, rows in runs.items()}
+        elif index in recorded:
+            table[index] = recorded[index]
+        else:
             print(f"point {index}: not every run has finished, left out", flush=True)
-            continue
-        table[index] = {name: rows[-1]["ibp_err"] for name, rows in runs.items()}
         target = configs["target"]
         full = train_split_size(target.dataset, args.data_dir, target.data)
         for name, cfg in configs.items():  # images trained, in epochs over the full training split
@@ -333,7 +360,8 @@ def main(argv=None) -> None:
     f.add_argument("--workers", type=int, default=1)
     f.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     c = sub.add_parser("fidelity-collect", parents=[common])
-    c.add_argument("--out", type=Path, default=RESULTS)
+    for p in (f, c):
+        p.add_argument("--out", type=Path, default=RESULTS, help="the study's results file (points it holds are kept)")
     arms = bench_parser(__doc__, "bench_runs/search_pays")[2]
     arms.add_argument("--space", default=SPACE)
     arms.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="after the fixed ones (tests shrink runs)")

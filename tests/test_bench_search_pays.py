@@ -41,6 +41,20 @@ def test_fidelity_study_at_a_tiny_size(tmp_path, data_dir):
         assert quality["picks_point"] == pick
         assert quality["regret"] == round(errors[pick]["target"] - min(e["target"] for e in errors.values()), 4)
 
+    # The results file outlives the runs (a later session's checkout has no bench_runs): a point it holds is
+    # neither trained again nor dropped; one whose recorded parameters no longer match is left out.
+    import shutil
+    for run in tmp_path.glob("fidelity_eps0.1/p00_*"):
+        shutil.rmtree(run)
+    main(["fidelity", *common, "--out", str(out)])
+    assert not run_dir(tmp_path, 0.1, 0, "target").exists()
+    main(["fidelity-collect", *common, "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    tampered = {**result, "point_params": {**result["point_params"], "0": {"lr": 123.0}}}
+    out.write_text(json.dumps(tampered))
+    main(["fidelity-collect", *common, "--out", str(out)])
+    assert json.loads(out.read_text())["points"] == [1, 2]
+
 
 def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_shut_down_after):
     """Both arms search at the same budget in full-data epochs (the trial count follows from it: 3 trials here,
