@@ -8,11 +8,14 @@ monitor, agents) and their descendants (the node's worker processes, which Ray r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
@@ -83,3 +86,23 @@ def kill_node(temp_dir: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes of the Ray node in {temp_dir} survived SIGKILL: {pids}")
         time.sleep(0.2)
+
+
+def start_node(env: dict, node_dir: Path, make_flags: Callable[[], list[str]], attempts: int = 3,
+               cwd: Path | None = None) -> list[str]:
+    """`ray start *make_flags() --temp-dir=node_dir`, tried again on failure; returns the flags that worked.
+
+    `ray start` waits a fixed 30 s for its raylet to register with the GCS (ray/_private/node.py), which a
+    loaded 2-core CI machine can exceed, and a port picked free may be taken before Ray binds it. A failed
+    try's processes are killed and its directory removed; make_flags is called again, so ports are fresh."""
+    failures = []
+    for _ in range(attempts):
+        flags = make_flags()
+        proc = subprocess.run([*RAY, "start", *flags, f"--temp-dir={node_dir}"], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=cwd)
+        if proc.returncode == 0:
+            return flags
+        failures.append(proc.stderr[-1500:])
+        kill_node(str(node_dir))
+        shutil.rmtree(node_dir, ignore_errors=True)
+    raise AssertionError(f"ray start failed {attempts} times:\n" + "\n---\n".join(failures))

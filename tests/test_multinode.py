@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from raycluster import RAY, free_port, kill_node, pids_of_node
+from raycluster import RAY, free_port, kill_node, pids_of_node, start_node
 
 from wandb_offline import find_offline_runs, read_offline_run
 
@@ -40,23 +40,25 @@ def cluster(tmp_path):
                # Notice a dead node within seconds rather than half a minute.
                RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
                RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000")
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    head = {}
 
     def ray(*args, check=True):
         return subprocess.run([*RAY, *args], env=env, capture_output=True, text=True, timeout=120, check=check)
 
     def start_worker(name: str) -> str:
-        node_dir = str(temp / name)
-        ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-            f"--temp-dir={node_dir}", "--disable-usage-stats")
-        return node_dir
+        node_dir = temp / name
+        start_node(env, node_dir, lambda: [f"--address={head['address']}", "--node-ip-address=127.0.0.1",
+                                           "--num-cpus=2", "--disable-usage-stats"])
+        return str(node_dir)
+
+    def head_flags():
+        head["address"] = f"127.0.0.1:{free_port()}"
+        return ["--head", "--node-ip-address=127.0.0.1", f"--port={head['address'].split(':')[1]}", "--num-cpus=1",
+                '--resources={"head": 1}', "--include-dashboard=false", "--disable-usage-stats"]
 
     try:
-        ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-            '--resources={"head": 1}', f"--temp-dir={temp / 'head'}", "--include-dashboard=false",
-            "--disable-usage-stats")
-        yield {"address": address, "env": env, "start_worker": start_worker, "ray": ray}
+        start_node(env, temp / "head", head_flags)
+        yield {"address": head["address"], "env": env, "start_worker": start_worker, "ray": ray}
     finally:
         kill_node(str(temp))  # this cluster's processes only; `ray stop` would stop every Ray on the machine
         shutil.rmtree(temp, ignore_errors=True)

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from raycluster import RAY, free_ports, kill_node, node_port_flags
+from raycluster import RAY, free_ports, kill_node, node_port_flags, start_node
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "jobs"
@@ -38,21 +38,25 @@ def cluster(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "WANDB_", "CERTTUNE_")) and k != "PYTHONPATH"}
     env.update(HOME=str(tmp_path / "home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    gcs, dashboard, client = free_ports(3)
+    ports = {}
 
     def ray(*args):
         proc = subprocess.run([*RAY, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
         assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
         return proc
 
+    def head_flags():
+        ports.update(zip(("gcs", "dashboard", "client"), free_ports(3)))
+        return ["--head", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}", "--num-cpus=1",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                f"--ray-client-server-port={ports['client']}", *node_port_flags(), "--disable-usage-stats"]
+
     try:
-        ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
-            f"--temp-dir={temp / 'head'}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", *node_port_flags(),
-            "--disable-usage-stats")
-        ray("start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            f"--temp-dir={temp / 'worker'}", *node_port_flags(), "--disable-usage-stats")
-        yield {"jobs": f"http://127.0.0.1:{dashboard}", "temp": temp, "env": env, "ray": ray}
+        start_node(env, temp / "head", head_flags, cwd=REPO)
+        start_node(env, temp / "worker", lambda: [f"--address=127.0.0.1:{ports['gcs']}", "--node-ip-address=127.0.0.1",
+                                                  "--num-cpus=1", *node_port_flags(), "--disable-usage-stats"],
+                   cwd=REPO)
+        yield {"jobs": f"http://127.0.0.1:{ports['dashboard']}", "temp": temp, "env": env, "ray": ray}
     finally:
         kill_node(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
