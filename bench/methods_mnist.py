@@ -126,17 +126,20 @@ def cmd_search(args) -> None:
                       "ibp_err": final.get("ibp_err")}), flush=True)
 
 
+def recipe_of(config: dict) -> dict:
+    """A training config resolved, its seed aside: what two runs must share to be the same recipe."""
+    from trainers.config import TrainConfig
+
+    return {k: v for k, v in TrainConfig.from_dict(config).resolve().to_dict().items() if k != "seed"}
+
+
 def check_runs_are_the_paper_points(runs: dict[str, Path], points: dict[str, dict]) -> None:
     """The search starts from the paper points and gets the seconds the runs trained: both must be the same
     configs (seed aside), i.e. `train` and `search` got the same --defaults and KEY=VALUE overrides."""
-    from trainers.config import TrainConfig
     from trainers.safe_yaml import read_yaml_file
 
-    def settings(config: dict) -> dict:
-        return {k: v for k, v in TrainConfig.from_dict(config).resolve().to_dict().items() if k != "seed"}
-
     for method, run in runs.items():
-        ran, point = settings(read_yaml_file(run / "config.yaml")), settings(points.get(method, {}))
+        ran, point = recipe_of(read_yaml_file(run / "config.yaml")), recipe_of(points.get(method, {}))
         differ = sorted(k for k in ran.keys() | point.keys() if ran.get(k) != point.get(k))
         if differ:
             raise SystemExit(f"{run}: trained with other {', '.join(differ)} than this search's paper point for "

@@ -14,30 +14,35 @@ Two arms, each choosing a recipe on validation only, then judged on test:
   default for a space that searches `method`), given the same training seconds (`--max-trial-seconds`), one
   trial at a time on one thread as the single runs trained; at its end the top 3 points are certified on
   validation by α-CROWN and the winner is picked by it (`--select-by alpha-crown`); export follows it.
-Both winners are trained again on seeds 1000-1002 at the same config (`retrain`) and `collect` certifies each
-on the test split: clean, IBP and PGD on the first --test-n, α-CROWN on the first --strong-n, BaB (with the
-cheaper verifiers' proofs) on the first --bab-n. Writes bench/results/methods_search.json: a list of entries
+Both winners are trained again on seeds 1000-1002 at the same config and each is certified on the test split
+as soon as it is trained (`retrain`): clean, IBP and PGD on the first --test-n, α-CROWN on the first
+--strong-n, BaB (with the cheaper verifiers' proofs) on the first --bab-n. `collect` gathers the entries. Writes bench/results/methods_search.json: a list of entries
 {"arm", "eps", "method", "seed", "device_seconds", "test": {"clean_err", "ibp_err", "alpha_crown_err",
 "bab_err", "pgd_err", "verified_err"}} (device_seconds: the compute the arm spent choosing its recipe), and
 prints the table with the largest share of the search's budget one trial took.
-Every step is resumable: runs and certificates are kept per directory and reused while their inputs match.
+Every step is resumable, and each finished step (a baseline run with its training seconds and validation
+certificate, the search's choice and spend, a retrained seed with its test certificate) is kept in
+bench/results/methods_search_steps.json (`--steps`), which is committed: run directories do not outlive a
+session, so the benchmark goes on from its recorded steps in the next one. A step is reused while its inputs
+(the recipe, the budget, the certificate sizes) are the same.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections import Counter
 from pathlib import Path
 
-from bench.methods_mnist import (FULL_TEST, base_overrides, check_runs_are_the_paper_points, last_metrics, limit,
-                                 method_of, paper_points, single_runs, space_file, train_run)
-from bench.methods_mnist import main as methods_mnist_main
-from bench.runs import bench_parser, fingerprint, kept_per_key
+from bench.methods_mnist import (FULL_TEST, base_overrides, limit, method_of, paper_points, recipe_of, space_file,
+                                 train_run)
+from bench.runs import bench_parser, kept_step, recorded_step
 
 ARMS = ("best-single", "search")
 RETRAIN_SEEDS = (1000, 1001, 1002)
 SELECT_BY = "alpha-crown"
 SELECT_TOP = 3
+STEPS = Path("bench/results/methods_search_steps.json")
 
 
 def search_name(eps: float) -> str:
@@ -48,57 +53,92 @@ def storage_of(args) -> str:
     return str((args.work / "searches").resolve())
 
 
-def paper_runs(args) -> dict[str, Path]:
-    """The nine single runs (seed 0) at this radius, checked to be the space's paper points."""
-    runs = {m: r for m, r in single_runs(args.work, args.eps).items() if m != "search-best"}
-    if not runs:
-        raise SystemExit("run `baseline` first: the search gets the seconds the single-method runs trained")
-    check_runs_are_the_paper_points(runs, paper_points(base_overrides(args), space_file(args)))
-    return runs
+def paper_configs(args) -> dict[str, dict]:
+    return paper_points(base_overrides(args), space_file(args))
 
 
-def val_certificate(run: Path, args) -> dict:
-    """α-CROWN on the run's validation split (its best.pt, the epoch of lowest validation IBP error)."""
+# ---- the baseline: every method once at its paper point ------------------------------------------------
+def baseline_step_name(args, method: str) -> str:
+    return f"eps{args.eps} baseline {method}"
+
+
+def train_baseline(args, method: str, config: dict) -> dict:
+    """One paper point trained (seed 0, one thread) and certified by α-CROWN on validation (its best.pt, the epoch
+    of lowest validation IBP error, as the search certifies its candidates)."""
+    from trainers.safe_yaml import read_yaml_file
     from tuner import api
 
-    checkpoint = run / "best.pt"
-    key = {"checkpoint": fingerprint(checkpoint), "verifier": SELECT_BY}
-    return kept_per_key(run / "val_select.json", key,
-                  lambda: api.verify(checkpoint, data_dir=args.data_dir, split="val", methods=SELECT_BY))
+    run = args.work / f"eps{args.eps}" / method
+    final = train_run(config, run, args.data_dir, 0)
+    return {"config": read_yaml_file(run / "config.yaml"), "train_seconds": final["train_seconds"],
+            "val_ibp_err": final.get("ibp_err"),
+            "val_select": api.verify(run / "best.pt", data_dir=args.data_dir, split="val", methods=SELECT_BY)}
+
+
+def cmd_baseline(args) -> None:
+    configs = paper_configs(args)
+    methods = args.methods.split(",") if args.methods else list(configs)
+    unknown = [m for m in methods if m not in configs]
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} not in the space's seed points ({', '.join(configs)})")
+    for method in methods:
+        step = kept_step(args.steps, baseline_step_name(args, method), {"recipe": recipe_of(configs[method])},
+                         lambda: train_baseline(args, method, configs[method]))
+        print(json.dumps({"method": method, "train_seconds": step["train_seconds"],
+                          "val_alpha_crown_err": step["val_select"]["alpha_crown_err"]}), flush=True)
+
+
+def baseline(args) -> dict[str, dict]:
+    """method -> its recorded baseline step, for the paper points recorded with this setting."""
+    found = {m: recorded_step(args.steps, baseline_step_name(args, m), {"recipe": recipe_of(c)})
+             for m, c in paper_configs(args).items()}
+    found = {m: step for m, step in found.items() if step is not None}
+    if not found:
+        raise SystemExit("run `baseline` first (with the same --defaults and KEY=VALUE overrides): the search gets "
+                         "the seconds the single-method runs trained")
+    return found
+
+
+def baseline_seconds(args) -> float:
+    return sum(step["train_seconds"] for step in baseline(args).values())
 
 
 def best_single(args) -> tuple[str, dict]:
     """The baseline arm's choice: the paper point whose run α-CROWN certifies best on validation."""
-    runs = paper_runs(args)
-    figures = {m: val_certificate(r, args) for m, r in runs.items()}
-    method = min(figures, key=lambda m: (figures[m]["alpha_crown_err"], m))
-    return method, figures
+    figures = {m: step["val_select"] for m, step in baseline(args).items()}
+    return min(figures, key=lambda m: (figures[m]["alpha_crown_err"], m)), figures
 
 
-def cmd_baseline(args) -> None:
-    methods_mnist_main(["train", "--eps", str(args.eps), "--work", str(args.work), "--data-dir", args.data_dir,
-                        "--seed", "0", *[f for d in args.defaults for f in ("--defaults", d)],
-                        *(["--methods", args.methods] if args.methods else []), *args.overrides])
+# ---- the search arm ----------------------------------------------------------------------------------------
+def search_inputs(args) -> dict:
+    return {"budget_seconds": baseline_seconds(args), "search_seed": args.search_seed,
+            "space": paper_configs(args), "select_by": SELECT_BY, "select_top": SELECT_TOP}
 
 
-def baseline_seconds(args) -> float:
-    return sum(last_metrics(r)["train_seconds"] for r in paper_runs(args).values())
+def run_search(args) -> dict:
+    """The search at the baseline's seconds, exported; its chosen recipe and what it spent."""
+    from trainers.safe_yaml import read_yaml_file
+    from tuner import api
+
+    api.search(space_file(args), base_overrides(args), name=search_name(args.eps), num_samples=1000,
+               max_concurrent=1, resources_per_trial="cpu=1", scheduler="asha", rungs="seconds",
+               storage=storage_of(args), data_dir=args.data_dir, seed=args.search_seed,
+               max_trial_seconds=baseline_seconds(args), select_by=SELECT_BY, select_top=SELECT_TOP)
+    out = args.work / f"methods_search_export_eps{args.eps}"
+    api.export(search_name(args.eps), storage=storage_of(args), out=out)
+    return {"config": read_yaml_file(out / "best.yaml"), "summary": search_summary(args)}
 
 
 def cmd_search(args) -> None:
-    from tuner import api
-
-    seconds = baseline_seconds(args)
-    api.search(space_file(args), base_overrides(args), name=search_name(args.eps), num_samples=1000,
-               max_concurrent=1, resources_per_trial="cpu=1", scheduler="asha", rungs="seconds",
-               storage=storage_of(args), data_dir=args.data_dir, seed=args.search_seed, max_trial_seconds=seconds,
-               select_by=SELECT_BY, select_top=SELECT_TOP)
-    api.export(search_name(args.eps), storage=storage_of(args), out=export_dir(args))
-    print(json.dumps({"search": search_name(args.eps), **search_summary(args)}), flush=True)
+    step = kept_step(args.steps, f"eps{args.eps} search", search_inputs(args), lambda: run_search(args))
+    print(json.dumps({"search": search_name(args.eps), **step["summary"]}), flush=True)
 
 
-def export_dir(args) -> Path:
-    return args.work / f"methods_search_export_eps{args.eps}"
+def search_step(args) -> dict:
+    step = recorded_step(args.steps, f"eps{args.eps} search", search_inputs(args))
+    if step is None:
+        raise SystemExit(f"run `search` first (eps {args.eps}, search seed {args.search_seed}, this baseline)")
+    return step
 
 
 def search_summary(args) -> dict:
@@ -115,73 +155,66 @@ def search_summary(args) -> dict:
             "trials_per_method": dict(sorted(Counter(method_of(t.params) for t in search.trials).items()))}
 
 
+# ---- both winners on fresh seeds, certified on test -------------------------------------------------------
 def arm_config(arm: str, args) -> dict:
     """The recipe each arm chose, as a training config (the seed set by the retrain)."""
-    from trainers.safe_yaml import read_yaml_file
-
     if arm == "best-single":
         method, _ = best_single(args)
-        return read_yaml_file(paper_runs(args)[method] / "config.yaml")
-    best = export_dir(args) / "best.yaml"
-    if not best.is_file():
-        raise SystemExit(f"{best}: run `search` first")
-    return read_yaml_file(best)
+        return baseline(args)[method]["config"]
+    return search_step(args)["config"]
 
 
-def retrain_dir(args, arm: str, seed: int) -> Path:
-    return args.work / f"eps{args.eps}" / "retrain" / arm / f"seed{seed}"
+def retrain_inputs(args, arm: str) -> dict:
+    return {"recipe": recipe_of(arm_config(arm, args)), "test_n": args.test_n, "strong_n": args.strong_n,
+            "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit}
+
+
+def retrain_step_name(args, arm: str, seed: int) -> str:
+    return f"eps{args.eps} retrain {arm} seed{seed}"
+
+
+def retrain_and_test(args, config: dict, seed: int, run: Path) -> dict:
+    """Train the recipe on a fresh seed, then certify its last.pt on the test split: each verifier beside PGD,
+    so nothing proved is also broken."""
+    from tuner import api
+
+    train_run(config, run, args.data_dir, seed)
+    checkpoint = run / "last.pt"
+    passes = {"test": ("ibp,crown-ibp,pgd", args.test_n), "strong": ("alpha-crown,pgd", args.strong_n),
+              "bab": ("alpha-crown,bab,pgd", args.bab_n)}
+    cert = {name: api.verify(checkpoint, data_dir=args.data_dir, methods=methods, bab_time_limit=args.bab_time_limit,
+                             **limit(n))
+            for name, (methods, n) in passes.items()}
+    t, s, b = cert["test"], cert["strong"], cert["bab"]
+    return {"method": config["method"],
+            "test": {"clean_err": t["clean_err"], "ibp_err": t["ibp_err"], "pgd_err": t["pgd_err"],
+                     "alpha_crown_err": s["alpha_crown_err"], "bab_err": b["bab_err"],
+                     "verified_err": b["verified_err"]},
+            "n": {"test": t["n"], "alpha_crown": s["n"], "bab": b["n"]},
+            "alpha_crown_err_on_bab_images": b["alpha_crown_err"]}
 
 
 def cmd_retrain(args) -> None:
     for arm in args.arms.split(","):
         config = arm_config(arm, args)
         for seed in RETRAIN_SEEDS:
-            final = train_run(config, retrain_dir(args, arm, seed), args.data_dir, seed)
-            print(json.dumps({"arm": arm, "method": config["method"], "seed": seed,
-                              "val_ibp_err": final.get("ibp_err")}), flush=True)
-
-
-def test_certificate(run: Path, args) -> dict:
-    """The run's last.pt on the test split: each verifier beside PGD, so nothing proved is also broken."""
-    from tuner import api
-
-    checkpoint = run / "last.pt"
-    key = {"checkpoint": fingerprint(checkpoint), "test_n": args.test_n, "strong_n": args.strong_n,
-           "bab_n": args.bab_n, "bab_time_limit": args.bab_time_limit}
-
-    def compute() -> dict:
-        passes = {"test": ("ibp,crown-ibp,pgd", args.test_n), "strong": ("alpha-crown,pgd", args.strong_n),
-                  "bab": ("alpha-crown,bab,pgd", args.bab_n)}
-        return {name: api.verify(checkpoint, data_dir=args.data_dir, methods=methods,
-                                 bab_time_limit=args.bab_time_limit, **limit(n))
-                for name, (methods, n) in passes.items()}
-    return kept_per_key(run / "test_certificate.json", key, compute)
+            run = args.work / f"eps{args.eps}" / "retrain" / arm / f"seed{seed}"
+            step = kept_step(args.steps, retrain_step_name(args, arm, seed), retrain_inputs(args, arm),
+                             lambda: retrain_and_test(args, config, seed, run))
+            print(json.dumps({"arm": arm, "method": step["method"], "seed": seed, **step["test"]}), flush=True)
 
 
 def entries(args) -> list[dict]:
-    spent = {"best-single": round(baseline_seconds(args), 1), "search": search_summary(args)["device_seconds"]}
+    spent = {"best-single": round(baseline_seconds(args), 1), "search": search_step(args)["summary"]["device_seconds"]}
     found = []
     for arm in ARMS:
+        inputs = retrain_inputs(args, arm)
         for seed in RETRAIN_SEEDS:
-            run = retrain_dir(args, arm, seed)
-            if not (run / "last.pt").is_file():
-                continue
-            cert = test_certificate(run, args)
-            t, s, b = cert["test"], cert["strong"], cert["bab"]
-            found.append({"arm": arm, "eps": args.eps, "method": last_config_method(run), "seed": seed,
-                          "device_seconds": spent[arm],
-                          "test": {"clean_err": t["clean_err"], "ibp_err": t["ibp_err"], "pgd_err": t["pgd_err"],
-                                   "alpha_crown_err": s["alpha_crown_err"], "bab_err": b["bab_err"],
-                                   "verified_err": b["verified_err"]},
-                          "n": {"test": t["n"], "alpha_crown": s["n"], "bab": b["n"]},
-                          "alpha_crown_err_on_bab_images": b["alpha_crown_err"]})
+            step = recorded_step(args.steps, retrain_step_name(args, arm, seed), inputs)
+            if step is not None:
+                found.append({"arm": arm, "eps": args.eps, "method": step["method"], "seed": seed,
+                              "device_seconds": spent[arm], **{k: v for k, v in step.items() if k != "method"}})
     return found
-
-
-def last_config_method(run: Path) -> str:
-    from trainers.safe_yaml import read_yaml_file
-
-    return read_yaml_file(run / "config.yaml")["method"]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -219,7 +252,7 @@ def cmd_collect(args) -> None:
     method, figures = best_single(args)
     print(json.dumps({"eps": args.eps, "best_single_by_val_alpha_crown": method,
                       "val_alpha_crown_err": {m: f["alpha_crown_err"] for m, f in figures.items()},
-                      "search": search_summary(args)}, indent=1))
+                      "search": search_step(args)["summary"]}, indent=1))
     print(table(kept + found))
 
 
@@ -228,18 +261,20 @@ def main(argv=None) -> None:
     common.add_argument("--eps", type=float, required=True)
     common.add_argument("--defaults", action="append", default=[], metavar="K=V",
                         help="change the space's defaults point (bench.methods_mnist); give each step the same")
+    common.add_argument("--search-seed", type=int, default=0)
+    common.add_argument("--steps", type=Path, default=STEPS, help="the finished steps, kept across sessions")
     common.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b = sub.add_parser("baseline", parents=[common])
     b.add_argument("--methods", default=None, help="comma list (default: every method with a paper point)")
-    s = sub.add_parser("search", parents=[common])
-    s.add_argument("--search-seed", type=int, default=0)
-    r = sub.add_parser("retrain", parents=[common])
+    sub.add_parser("search", parents=[common])
+    certify = argparse.ArgumentParser(add_help=False)  # retrain certifies; collect finds those certificates
+    certify.add_argument("--test-n", type=int, default=FULL_TEST)
+    certify.add_argument("--strong-n", type=int, default=2000, help="images for α-CROWN (the first ones)")
+    certify.add_argument("--bab-n", type=int, default=200)
+    certify.add_argument("--bab-time-limit", type=float, default=2.0)
+    r = sub.add_parser("retrain", parents=[common, certify])
     r.add_argument("--arms", default=",".join(ARMS))
-    c = sub.add_parser("collect", parents=[common])
-    c.add_argument("--test-n", type=int, default=FULL_TEST)
-    c.add_argument("--strong-n", type=int, default=2000, help="images for α-CROWN (the first ones)")
-    c.add_argument("--bab-n", type=int, default=200)
-    c.add_argument("--bab-time-limit", type=float, default=2.0)
+    c = sub.add_parser("collect", parents=[common, certify])
     c.add_argument("--out", type=Path, default=None, help="default: bench/results/methods_search.json")
     args = parser.parse_args(argv)
     {"baseline": cmd_baseline, "search": cmd_search, "retrain": cmd_retrain, "collect": cmd_collect}[args.cmd](args)

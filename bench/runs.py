@@ -1,7 +1,9 @@
 """What a benchmark's training run (a `certtune train --out` directory, trainers/run_dir.py) says about itself, and
-the helpers every benchmark shares (its command line, figures, per-run results kept across interruptions)."""
+the helpers every benchmark shares (its command line, figures, per-run results kept across interruptions, and
+finished steps kept across sessions)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -58,3 +60,50 @@ def kept_per_key(path: Path, key: dict, compute) -> dict:
     found = {**compute(), "key": key}
     write_text(str(path), json.dumps(found))
     return found
+
+
+def kept_step(path: Path, name: str, inputs: dict, compute) -> dict:
+    """A long benchmark's finished step: compute() kept under `name` in `path`, a JSON file in bench/results that
+    is committed. Run directories are scratch that a later session does not have (a session's files end with
+    it), so a benchmark longer than a session goes on from the steps it recorded; a step is reused while its
+    inputs are the same, computed again otherwise. Several workers may share one file (an flock serialises
+    the read-modify-write)."""
+    inputs = json.loads(json.dumps(inputs))  # as it will read back (tuples as lists, keys as strings)
+    kept = recorded_step(path, name, inputs)
+    if kept is not None:
+        return kept
+    output = compute()
+    with _steps_lock(path):
+        steps = _read_steps(path)
+        steps[name] = {"inputs": inputs, "output": output}
+        _write_steps(path, steps)
+    return output
+
+
+def recorded_step(path: Path, name: str, inputs: dict) -> dict | None:
+    """The output of a step recorded with these inputs, or None."""
+    step = _read_steps(path).get(name)
+    return step["output"] if step is not None and step.get("inputs") == json.loads(json.dumps(inputs)) else None
+
+
+def _read_steps(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _write_steps(path: Path, steps: dict) -> None:
+    from tuner.space.record import write_text
+
+    write_text(str(path), json.dumps(steps, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _steps_lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield

@@ -2,6 +2,7 @@
 the baseline's seconds and selects by α-CROWN on validation, both winners are retrained on fresh seeds, and the
 JSON has the issue's entries with sound, nested certificates."""
 import json
+import shutil
 
 from bench.methods_search import RETRAIN_SEEDS, main
 
@@ -9,8 +10,8 @@ TINY = ["epochs=5", "data.subset=256", "data.val_size=60"]
 
 
 def test_baseline_search_retrain_collect_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shut_down_after):
-    common = ["--eps", "0.02", "--work", str(tmp_path), "--data-dir", str(data_dir), "--defaults", "batch_size=64",
-              *TINY]
+    common = ["--eps", "0.02", "--work", str(tmp_path / "runs"), "--data-dir", str(data_dir), "--defaults",
+              "batch_size=64", "--steps", str(tmp_path / "steps.json"), *TINY]
     # three methods: the search's budget (their seconds) holds its first trial (`fast`) on a loaded machine too
     main(["baseline", *common, "--methods", "fast,vanilla,crown-ibp"])
     main(["search", *common])
@@ -18,9 +19,9 @@ def test_baseline_search_retrain_collect_at_a_tiny_size(tmp_path, data_dir, caps
     assert summary["budget_device_seconds"] > 0 and summary["trials"] >= 1
     assert 0 < summary["largest_trial_share"] <= 1.5  # one thread, one trial at a time: a trial may pass the end
     assert summary["selection"]["verifier"] == "alpha-crown"  # the winner was picked by α-CROWN on validation
-    main(["retrain", *common])
-    out = tmp_path / "methods_search.json"
     sizes = ["--test-n", "60", "--strong-n", "60", "--bab-n", "6", "--bab-time-limit", "0.5"]
+    main(["retrain", *common, *sizes])
+    out = tmp_path / "methods_search.json"
     main(["collect", *common, *sizes, "--out", str(out)])
     found = json.loads(out.read_text())
     assert sorted((e["arm"], e["seed"]) for e in found) == sorted(
@@ -37,6 +38,16 @@ def test_baseline_search_retrain_collect_at_a_tiny_size(tmp_path, data_dir, caps
         assert min(t["ibp_err"], t["alpha_crown_err"]) >= t["pgd_err"] >= t["clean_err"]
     printed = capsys.readouterr().out
     assert "| 0.02 | best-single |" in printed and "| 0.02 | search |" in printed
+    # The steps file outlives the run directories (a later session has none): every step is found there, and
+    # nothing is trained, searched or certified again.
+    shutil.rmtree(tmp_path / "runs")
+    main(["baseline", *common, "--methods", "fast,vanilla,crown-ibp"])
+    main(["search", *common])
+    main(["retrain", *common, *sizes])
+    assert not (tmp_path / "runs" / "eps0.02").exists() and not (tmp_path / "runs" / "searches").exists()
     again = tmp_path / "again.json"
-    main(["collect", *common, *sizes, "--out", str(again)])  # certificates kept per run: the same figures
+    main(["collect", *common, *sizes, "--out", str(again)])
     assert json.loads(again.read_text()) == found
+    # Another certificate size is another step: collect finds no entry for it rather than mislabelled figures.
+    main(["collect", *common, "--test-n", "50", "--strong-n", "60", "--bab-n", "6", "--out", str(again)])
+    assert json.loads(again.read_text()) == []
