@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint, kept_per_key
+from bench.runs import epoch_rows, fingerprint, kept_per_key, recipe_of
 
 SPACE = "search_spaces/mnist_methods.yaml"
 FULL_TEST = 10_000
@@ -124,13 +124,6 @@ def cmd_search(args) -> None:
     final = train_run(best, args.work / f"eps{args.eps}" / "search-best", args.data_dir, args.seed)
     print(json.dumps({"search": name, "budget_cpu_seconds": round(seconds, 1), "best_method": best["method"],
                       "ibp_err": final.get("ibp_err")}), flush=True)
-
-
-def recipe_of(config: dict) -> dict:
-    """A training config resolved, its seed aside: what two runs must share to be the same recipe."""
-    from trainers.config import TrainConfig
-
-    return {k: v for k, v in TrainConfig.from_dict(config).resolve().to_dict().items() if k != "seed"}
 
 
 def check_runs_are_the_paper_points(runs: dict[str, Path], points: dict[str, dict]) -> None:

@@ -34,9 +34,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from bench.methods_mnist import (FULL_TEST, base_overrides, limit, method_of, paper_points, recipe_of, space_file,
-                                 train_run)
-from bench.runs import bench_parser, kept_step, recorded_step
+from bench.methods_mnist import FULL_TEST, base_overrides, limit, method_of, paper_points, space_file, train_run
+from bench.runs import bench_parser, kept_step, recipe_of, recorded_step
 
 ARMS = ("best-single", "search")
 RETRAIN_SEEDS = (1000, 1001, 1002)

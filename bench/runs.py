@@ -74,19 +74,22 @@ def kept_step(path: Path, name: str, inputs: dict, compute) -> dict:
         return kept
     output = compute()
     with _steps_lock(path):
-        steps = _read_steps(path)
+        steps = read_steps(path)
         steps[name] = {"inputs": inputs, "output": output}
         _write_steps(path, steps)
     return output
 
 
-def recorded_step(path: Path, name: str, inputs: dict) -> dict | None:
-    """The output of a step recorded with these inputs, or None."""
-    step = _read_steps(path).get(name)
-    return step["output"] if step is not None and step.get("inputs") == json.loads(json.dumps(inputs)) else None
+def recorded_step(path: Path, name: str, inputs: dict | None) -> dict | None:
+    """The output of a step recorded with these inputs (None: whichever it was recorded with), or None."""
+    step = read_steps(path).get(name)
+    if step is None or (inputs is not None and step.get("inputs") != json.loads(json.dumps(inputs))):
+        return None
+    return step["output"]
 
 
-def _read_steps(path: Path) -> dict:
+def read_steps(path: Path) -> dict:
+    """{step name: {"inputs", "output"}} of a steps file ({} before its first step)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -107,3 +110,10 @@ def _steps_lock(path: Path):
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
+
+
+def recipe_of(config: dict) -> dict:
+    """A training config resolved, its seed aside: what two runs must share to be the same recipe."""
+    from trainers.config import TrainConfig
+
+    return {k: v for k, v in TrainConfig.from_dict(config).resolve().to_dict().items() if k != "seed"}

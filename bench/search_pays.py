@@ -12,11 +12,14 @@ Part 2 (`search`, `retrain`, `collect`): each search arm gets the same budget, `
 ASHA, `random` uniform random sampling with the same scheduler; both at the space's fidelity (or `--fidelity`),
 both ending with `--reeval-top 2 --reeval-seeds 2`. The budget is kept by the number of trials: a trial costs at
 most its fidelity's share of a target run, so `--num-samples` = budget // that cost (early-stopped trials cost
-less; what they leave unspent is reported, not reused). `retrain` exports the search's best point (the
-target run) and trains it from scratch with seeds 1000, 1001, 1002; `collect` certifies every retrained run on
-the 10,000 test images (clean, IBP, CROWN-IBP, PGD) - the only place the test split is read - and writes
-bench/results/search_pays.json with the paper arms from bench/results/shorter_warmup*.json (their provenance),
-and bench/results/search_pays.png: best validation score so far against full-data epochs spent, per search.
+less; what they leave unspent is reported, not reused). `search` records the exported best point (the target
+run), the search's anytime curve and its cost; `retrain` trains that point from scratch with seeds 1000, 1001,
+1002 and certifies each run on the 10,000 test images as it ends (clean, IBP, CROWN-IBP, PGD) - the only place
+the test split is read; `collect` writes bench/results/search_pays.json with the paper arms from
+bench/results/shorter_warmup*.json (their provenance), and bench/results/search_pays.png: best validation score
+so far against full-data epochs spent, per search. Each finished search and retrained seed is kept in
+bench/results/search_pays_steps.json (`--steps`, committed), so the part continues across sessions whose run
+directories are gone (bench/runs.kept_step).
 
 Setting (`--space`, default): search_spaces/mnist_short_warmup.yaml (the paper's `fast` method on cnn_small; the target run is 35 epochs
 on the full MNIST training split less 5,000 validation images). `--configs` points (default 12): the space's
@@ -46,7 +49,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.runs import epoch_rows, fingerprint, bench_parser, save_figure
+from bench.runs import bench_parser, epoch_rows, kept_step, read_steps, recipe_of, recorded_step, save_figure
 
 SPACE = "search_spaces/mnist_short_warmup.yaml"
 FIDELITIES = "today:20000,subset:20000,epochs:9"
@@ -212,6 +215,7 @@ def fidelity_quality(errors: list[float], target: list[float], used: list[int], 
 ARMS = ("certtune", "random")
 RETRAIN_SEEDS = (1000, 1001, 1002)
 RESULTS_ARMS = Path("bench/results/search_pays.json")
+STEPS = Path("bench/results/search_pays_steps.json")
 PLOT = Path("bench/results/search_pays.png")
 PAPER_RESULTS = {"paper-70": Path("bench/results/shorter_warmup.json"),
                  "paper-halved": Path("bench/results/shorter_warmup_halved.json")}
@@ -238,35 +242,70 @@ def trial_cost(args) -> float:
     return cfg.epochs * (cfg.data.subset or full) / full
 
 
-def cmd_search(args) -> None:
-    from trainers.config import parse_overrides
-    from tuner import api
+def search_step_name(arm: str, eps: float, search_seed: int) -> str:
+    return f"{search_name(arm, eps, search_seed)} search"
 
+
+def run_search(args, trials: int) -> dict:
+    """One arm's search, exported: its best point (the target run's config), its anytime curve and its cost."""
+    from trainers.config import parse_overrides
+    from trainers.safe_yaml import read_yaml_file
+    from tuner import api
+    from tuner.results.experiment import load_search
+
+    name, storage = search_name(args.arm, args.eps, args.search_seed), str((args.work / "searches").resolve())
+    api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)}, name=name, num_samples=trials,
+               max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
+               sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed, storage=storage,
+               data_dir=args.data_dir, fidelity=args.fidelity, reeval_top=args.reeval_top,
+               reeval_seeds=args.reeval_seeds)
+    out = args.work / "exports" / name
+    api.export(name, storage=storage, out=out)
+    search = load_search(name, storage)
+    curve, spent = search_curve(search)
+    return {"config": read_yaml_file(out / "best.yaml"), "best_point": search.best().trial_id if search.best() else None,
+            "trials": len(search.trials), "curve": curve, "cost_full_data_epochs": round(spent, 2)}
+
+
+def cmd_search(args) -> None:
     trials = int(args.budget // trial_cost(args))
+    inputs = {"space": args.space, "overrides": args.overrides, "budget": args.budget, "trials": trials,
+              "fidelity": args.fidelity, "reeval_top": args.reeval_top, "reeval_seeds": args.reeval_seeds}
     print(json.dumps({"arm": args.arm, "eps": args.eps, "search_seed": args.search_seed, "trials": trials,
                       "trial_cost_full_data_epochs": round(trial_cost(args), 3)}), flush=True)
-    api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)},
-               name=search_name(args.arm, args.eps, args.search_seed), num_samples=trials,
-               max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
-               sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed,
-               storage=str((args.work / "searches").resolve()), data_dir=args.data_dir, fidelity=args.fidelity,
-               reeval_top=args.reeval_top, reeval_seeds=args.reeval_seeds)
+    step = kept_step(args.steps, search_step_name(args.arm, args.eps, args.search_seed), inputs,
+                     lambda: run_search(args, trials))
+    print(json.dumps({k: step[k] for k in ("best_point", "trials", "cost_full_data_epochs")}), flush=True)
 
 
 def retrain_dir(work: Path, arm: str, eps: float, search_seed: int, seed: int) -> Path:
     return work / "retrain" / f"{search_name(arm, eps, search_seed)}_seed{seed}"
 
 
-def cmd_retrain(args) -> None:
-    from trainers.config import parse_overrides
+def retrain_and_test(args, config: dict, seed: int) -> dict:
+    """The search's recipe trained from scratch on a fresh seed, then certified on the 10,000 test images: the
+    only place the test split is read."""
     from tuner import api
 
-    name = search_name(args.arm, args.eps, args.search_seed)
-    out = args.work / "exports" / name
-    api.export(name, storage=str((args.work / "searches").resolve()), out=out)
+    out = retrain_dir(args.work, args.arm, args.eps, args.search_seed, seed)
+    api.train(config, {"seed": seed}, data_dir=args.data_dir, out=out)
+    test = api.verify(out / "last.pt", data_dir=args.data_dir, methods="ibp,crown-ibp,pgd")
+    return {"epochs": finished(out)[-1]["epochs"],
+            "test": {k: test[k] for k in ("clean_err", "ibp_err", "crown_ibp_err", "pgd_err")}}
+
+
+def cmd_retrain(args) -> None:
+    from trainers.config import TrainConfig, parse_overrides
+
+    search = recorded_step(args.steps, search_step_name(args.arm, args.eps, args.search_seed), None)
+    if search is None:
+        raise SystemExit(f"{search_name(args.arm, args.eps, args.search_seed)}: run `search` first")
+    config = recipe_of(TrainConfig.from_dict(search["config"]).with_overrides(parse_overrides(args.overrides)).to_dict())
+    inputs = {"chosen": recipe_of(search["config"]), "overrides": args.overrides}
     for seed in args.seeds:
-        api.train(out / "best.yaml", {"seed": seed, **parse_overrides(args.overrides)}, data_dir=args.data_dir,
-                  out=retrain_dir(args.work, args.arm, args.eps, args.search_seed, seed))
+        step = kept_step(args.steps, f"{search_name(args.arm, args.eps, args.search_seed)} retrain seed{seed}",
+                         inputs, lambda: retrain_and_test(args, config, seed))
+        print(json.dumps({"seed": seed, **step["test"]}), flush=True)
 
 
 def search_curve(search) -> tuple[list[list[float]], float]:
@@ -287,11 +326,6 @@ def search_curve(search) -> tuple[list[list[float]], float]:
 
 
 def cmd_collect_arms(args) -> None:
-    from tuner import api
-    from tuner.results.experiment import load_search
-
-    old = {(e["arm"], e["eps"], e["search_seed"], e["seed"]): e for e in json.loads(args.out.read_text())
-           if e["search_seed"] is not None} if args.out.exists() else {}
     entries, curves = [], {}
     for arm, path in PAPER_RESULTS.items():  # measured by bench/shorter_warmup.py: reused with their provenance
         for e in json.loads(path.read_text()) if path.exists() else []:
@@ -300,26 +334,24 @@ def cmd_collect_arms(args) -> None:
                                 "epochs": e["epochs"], "search_cost_epochs": None,
                                 "test": {k: e["test"][k] for k in ("clean_err", "ibp_err", "crown_ibp_err", "pgd_err")},
                                 "source": str(path)})
-    for run in sorted((args.work / "retrain").glob("*_seed*")) if (args.work / "retrain").is_dir() else []:
-        name, seed = run.name.rsplit("_seed", 1)
+    steps = read_steps(args.steps)
+    for step_name, step in sorted(steps.items()):
+        name, _, kind = step_name.partition(" ")
+        if kind != "search":
+            continue
+        search = step["output"]
+        curves[name] = search["curve"]
         arm, rest = name.split("_eps")
         eps, search_seed = float(rest.split("_s")[0]), int(rest.split("_s")[1])
-        rows = finished(run)
-        if rows is None:
-            print(f"{run}: not finished, left out", flush=True)
-            continue
-        search = load_search(name, str((args.work / "searches").resolve()))
-        curve, spent = search_curve(search)
-        curves[name] = curve
-        kept = old.get((arm, eps, search_seed, int(seed)))
-        checkpoint = fingerprint(run / "last.pt")
-        test = kept["test"] if kept is not None and kept.get("checkpoint") == checkpoint else {
-            k: v for k, v in api.verify(run / "last.pt", data_dir=args.data_dir, methods="ibp,crown-ibp,pgd").items()
-            if k in ("clean_err", "ibp_err", "crown_ibp_err", "pgd_err")}
-        entries.append({"arm": arm, "eps": eps, "search_seed": search_seed, "seed": int(seed),
-                        "epochs": rows[-1]["epochs"], "search_cost_epochs": round(spent, 2), "test": test,
-                        "checkpoint": checkpoint, "best_point": search.best().trial_id if search.best() else None})
-        print(json.dumps(entries[-1]), flush=True)
+        recipe = recipe_of(search["config"])
+        for retrain_name, retrain in sorted(steps.items()):
+            if not retrain_name.startswith(f"{name} retrain seed") or retrain["inputs"]["chosen"] != recipe:
+                continue  # another search's, or a recipe this search no longer chose
+            entries.append({"arm": arm, "eps": eps, "search_seed": search_seed,
+                            "seed": int(retrain_name.rsplit("seed", 1)[1]), "epochs": retrain["output"]["epochs"],
+                            "search_cost_epochs": search["cost_full_data_epochs"], "test": retrain["output"]["test"],
+                            "best_point": search["best_point"]})
+            print(json.dumps(entries[-1]), flush=True)
     args.out.write_text(json.dumps(entries, indent=1) + "\n")
     plot_curves(curves, entries, args.plot)
 
@@ -365,6 +397,7 @@ def main(argv=None) -> None:
     arms = bench_parser(__doc__, "bench_runs/search_pays")[2]
     arms.add_argument("--space", default=SPACE)
     arms.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="after the fixed ones (tests shrink runs)")
+    arms.add_argument("--steps", type=Path, default=STEPS, help="the finished steps, kept across sessions")
     for name in ("search", "retrain"):
         p = sub.add_parser(name, parents=[arms])
         p.add_argument("--arm", choices=ARMS, required=True)

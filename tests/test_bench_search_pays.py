@@ -2,6 +2,7 @@
 point trains at the target run and each fidelity (resuming skips what finished), and collect writes the rank
 correlations and the costs, computed from the runs' configs."""
 import json
+import shutil
 
 import pytest
 
@@ -43,7 +44,6 @@ def test_fidelity_study_at_a_tiny_size(tmp_path, data_dir):
 
     # The results file outlives the runs (a later session's checkout has no bench_runs): a point it holds is
     # neither trained again nor dropped; one whose recorded parameters no longer match is left out.
-    import shutil
     for run in tmp_path.glob("fidelity_eps0.1/p00_*"):
         shutil.rmtree(run)
     main(["fidelity", *common, "--out", str(out)])
@@ -59,16 +59,16 @@ def test_fidelity_study_at_a_tiny_size(tmp_path, data_dir):
 def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_shut_down_after):
     """Both arms search at the same budget in full-data epochs (the trial count follows from it: 3 trials here,
     enough for TPE's and random's paths and the re-evaluation of the best), the best point retrains at the target run, collect certifies it on test and writes the issue's entries and the plot."""
-    common = ["--work", str(tmp_path), "--data-dir", str(data_dir), "--space", "mnist_tiny", "data.subset=600",
-              "data.val_size=300"]
+    common = ["--work", str(tmp_path / "runs"), "--data-dir", str(data_dir), "--space", "mnist_tiny",
+              "--steps", str(tmp_path / "steps.json"), "data.subset=600", "data.val_size=300"]
     for arm in ("certtune", "random"):
         main(["search", "--arm", arm, "--eps", "0.1", "--budget", "0.1", "--fidelity", "epochs:3",
               "--reeval-top", "1", "--reeval-seeds", "1", "--concurrent", "2", *common])
     from tuner.results.experiment import load_search
 
-    search = load_search("certtune_eps0.1_s0", str(tmp_path / "searches"))
+    search = load_search("certtune_eps0.1_s0", str(tmp_path / "runs" / "searches"))
     assert search.record.num_samples == int(0.1 // (3 * 600 / 59_700)) == 3  # a trial: 0.03 full-data epochs
-    assert search.record.sampler == "tpe" and load_search("random_eps0.1_s0", str(tmp_path / "searches")).record.sampler == "random"
+    assert search.record.sampler == "tpe" and load_search("random_eps0.1_s0", str(tmp_path / "runs" / "searches")).record.sampler == "random"
     main(["retrain", "--arm", "certtune", "--eps", "0.1", "--seeds", "1000", *common, "data.test_subset=200"])
     out, plot = tmp_path / "pays.json", tmp_path / "pays.png"
     main(["collect", *common, "--out", str(out), "--plot", str(plot)])
@@ -78,3 +78,14 @@ def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_
     assert 0 < entries[0]["search_cost_epochs"] <= 0.1 + 1e-9 and plot.stat().st_size > 0
     paper = [e for e in json.loads(out.read_text()) if e["arm"] in ("paper-70", "paper-halved")]
     assert {e["arm"] for e in paper} == {"paper-70", "paper-halved"} and all(e["search_seed"] is None for e in paper)
+
+    # The steps file outlives the run directories (a later session has none): nothing is searched, trained or
+    # certified again, and collect writes the same entries.
+    shutil.rmtree(tmp_path / "runs")
+    main(["search", "--arm", "certtune", "--eps", "0.1", "--budget", "0.1", "--fidelity", "epochs:3",
+          "--reeval-top", "1", "--reeval-seeds", "1", "--concurrent", "2", *common])
+    main(["retrain", "--arm", "certtune", "--eps", "0.1", "--seeds", "1000", *common, "data.test_subset=200"])
+    assert not (tmp_path / "runs" / "searches").exists() and not (tmp_path / "runs" / "retrain").exists()
+    again = tmp_path / "again.json"
+    main(["collect", *common, "--out", str(again), "--plot", str(plot)])
+    assert json.loads(again.read_text()) == json.loads(out.read_text())
