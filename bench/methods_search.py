@@ -64,13 +64,11 @@ def baseline_step_name(args, method: str) -> str:
 def train_baseline(args, method: str, config: dict) -> dict:
     """One paper point trained (seed 0, one thread) and certified by α-CROWN on validation (its best.pt, the epoch
     of lowest validation IBP error, as the search certifies its candidates)."""
-    from trainers.safe_yaml import read_yaml_file
     from tuner import api
 
     run = args.work / f"eps{args.eps}" / method
     final = train_run(config, run, args.data_dir, 0)
-    return {"config": read_yaml_file(run / "config.yaml"), "train_seconds": final["train_seconds"],
-            "val_ibp_err": final.get("ibp_err"),
+    return {"train_seconds": final["train_seconds"], "val_ibp_err": final.get("ibp_err"),
             "val_select": api.verify(run / "best.pt", data_dir=args.data_dir, split="val", methods=SELECT_BY)}
 
 
@@ -110,8 +108,9 @@ def best_single(args) -> tuple[str, dict]:
 
 # ---- the search arm ----------------------------------------------------------------------------------------
 def search_inputs(args) -> dict:
-    return {"budget_seconds": baseline_seconds(args), "search_seed": args.search_seed,
-            "space": paper_configs(args), "select_by": SELECT_BY, "select_top": SELECT_TOP}
+    # the space's paper points are in the budget already: it is the seconds of their recorded baseline steps
+    return {"budget_seconds": baseline_seconds(args), "search_seed": args.search_seed, "select_by": SELECT_BY,
+            "select_top": SELECT_TOP}
 
 
 def run_search(args) -> dict:
@@ -159,7 +158,7 @@ def arm_config(arm: str, args) -> dict:
     """The recipe each arm chose, as a training config (the seed set by the retrain)."""
     if arm == "best-single":
         method, _ = best_single(args)
-        return baseline(args)[method]["config"]
+        return paper_configs(args)[method]  # the recipe its baseline step was recorded with
     return search_step(args)["config"]
 
 

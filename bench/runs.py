@@ -68,7 +68,6 @@ def kept_step(path: Path, name: str, inputs: dict, compute) -> dict:
     it), so a benchmark longer than a session goes on from the steps it recorded; a step is reused while its
     inputs are the same, computed again otherwise. Several workers may share one file (an flock serialises
     the read-modify-write)."""
-    inputs = json.loads(json.dumps(inputs))  # as it will read back (tuples as lists, keys as strings)
     kept = recorded_step(path, name, inputs)
     if kept is not None:
         return kept
@@ -83,6 +82,7 @@ def kept_step(path: Path, name: str, inputs: dict, compute) -> dict:
 def recorded_step(path: Path, name: str, inputs: dict | None) -> dict | None:
     """The output of a step recorded with these inputs (None: whichever it was recorded with), or None."""
     step = read_steps(path).get(name)
+    # compared as the inputs read back from JSON (tuples as lists, keys as strings)
     if step is None or (inputs is not None and step.get("inputs") != json.loads(json.dumps(inputs))):
         return None
     return step["output"]
