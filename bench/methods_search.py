@@ -11,7 +11,8 @@ Two arms, each choosing a recipe on validation only, then judged on test:
   one with the lowest α-CROWN-verified error on the validation split (each run's best.pt, as the search
   certifies its candidates). Its compute is the nine runs' training seconds.
 - `search`: TPE over the whole space with warmup-aware ASHA whose rungs are seconds at the target ε (the
-  default for a space that searches `method`), given the same training seconds (`--max-trial-seconds`), one
+  default for a space that searches `method`), given the same training seconds (`--max-trial-seconds`), no
+  trial taking more than a third of them, ramp included (`--max-trial-share`, the service's default), one
   trial at a time on one thread as the single runs trained; at its end the top 3 points are certified on
   validation by α-CROWN and the winner is picked by it (`--select-by alpha-crown`); export follows it.
 Both winners are trained again on seeds 1000-1002 at the same config and each is certified on the test split
@@ -36,11 +37,13 @@ from pathlib import Path
 
 from bench.methods_mnist import FULL_TEST, base_overrides, limit, method_of, paper_points, space_file, train_run
 from bench.runs import bench_parser, kept_step, recipe_of, recorded_step
+from tuner.run.trial_share import DEFAULT_TRIAL_SHARE
 
 ARMS = ("best-single", "search")
 RETRAIN_SEEDS = (1000, 1001, 1002)
 SELECT_BY = "alpha-crown"
 SELECT_TOP = 3
+TRIAL_SHARE = DEFAULT_TRIAL_SHARE  # the service's default cap on one trial's share of the budget, named in the inputs
 STEPS = Path("bench/results/methods_search_steps.json")
 
 
@@ -110,7 +113,7 @@ def best_single(args) -> tuple[str, dict]:
 def search_inputs(args) -> dict:
     # the space's paper points are in the budget already: it is the seconds of their recorded baseline steps
     return {"budget_seconds": baseline_seconds(args), "search_seed": args.search_seed, "select_by": SELECT_BY,
-            "select_top": SELECT_TOP}
+            "select_top": SELECT_TOP, "max_trial_share": round(TRIAL_SHARE, 6)}
 
 
 def run_search(args) -> dict:
@@ -121,7 +124,8 @@ def run_search(args) -> dict:
     api.search(space_file(args), base_overrides(args), name=search_name(args.eps), num_samples=1000,
                max_concurrent=1, resources_per_trial="cpu=1", scheduler="asha", rungs="seconds",
                storage=storage_of(args), data_dir=args.data_dir, seed=args.search_seed,
-               max_trial_seconds=baseline_seconds(args), select_by=SELECT_BY, select_top=SELECT_TOP)
+               max_trial_seconds=baseline_seconds(args), select_by=SELECT_BY, select_top=SELECT_TOP,
+               max_trial_share=TRIAL_SHARE)
     out = args.work / f"methods_search_export_eps{args.eps}"
     api.export(search_name(args.eps), storage=storage_of(args), out=out)
     return {"config": read_yaml_file(out / "best.yaml"), "summary": search_summary(args)}
@@ -144,11 +148,9 @@ def search_summary(args) -> dict:
     from tuner.results.experiment import load_search
 
     search = load_search(search_name(args.eps), storage_of(args))
-    _, weight = search.record.seconds_weight()
-    per_trial = [weight * t.seconds_run for t in search.trials]
-    budget = search.record.max_trial_seconds
     return {"trials": len(search.trials), "counts": search.counts(), "device_seconds": round(search.device_seconds(), 1),
-            "budget_device_seconds": budget, "largest_trial_share": round(max(per_trial, default=0.0) / budget, 3),
+            "budget_device_seconds": search.record.max_trial_seconds,
+            "largest_trial_share": round(search.largest_trial_share(), 3),
             "selection": search.selection,
             "trials_per_method": dict(sorted(Counter(method_of(t.params) for t in search.trials).items()))}
 

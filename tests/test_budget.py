@@ -104,7 +104,7 @@ def test_seconds_budget_weights_each_trials_seconds_by_its_cpus(local_ray, tmp_p
     search = load_search("seconds", storage)
     assert search.device_seconds() == pytest.approx(2.5) and search.trial_epochs() == 5
     assert search.is_complete() and search.counts()["finished"] == 1 and search.counts()["stopped"] == 1
-    assert search.budget_text() == "5 trial-epochs, 2.5 of 2.4 CPU-seconds"
+    assert search.budget_text() == "5 trial-epochs, 2.5 of 2.4 CPU-seconds (largest trial 62% of it, no cap)"
 
 
 def test_gpu_trials_count_gpu_seconds():

@@ -165,6 +165,7 @@ class Trainer:
             metrics = {"epoch": self.epoch, "epochs": self.cfg.epochs, "eps": train["eps"],
                        "eps_target": self.cfg.eps, "at_target": at_target, "lr": self.lr_at(self.step),
                        "batches_per_epoch": self.plan.batches_per_epoch,
+                       "first_target_epoch": self.plan.first_target_epoch,
                        "reg_on": self.cfg.uses_reg and first_step < self.plan.reg_end,
                        "train_seconds": self.train_seconds, "target_seconds": self.target_seconds} | train | val
             self._check_finite(metrics)

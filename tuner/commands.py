@@ -70,6 +70,10 @@ def add_search_commands(sub) -> None:
     p.add_argument("--max-trial-seconds", default=None,
                    help="compute budget: stop the search once its trials have trained this many device-seconds in "
                         "total (each trial's training seconds times its GPUs, or its CPUs if it holds no GPU)")
+    p.add_argument("--max-trial-share", default=None, metavar="F",
+                   help="with --max-trial-seconds and --scheduler asha: the most of that budget one trial may take, "
+                        "ramp included; a trial that cannot reach its next rung or its end within it is stopped "
+                        "(default 1/3)")
     p.add_argument("--constraint", action="append", default=None, metavar="METRIC<=X",
                    help="a trial is feasible only if its final METRIC<=X (or >=X), e.g. clean_err<=0.35; "
                         "repeatable; TPE prefers feasible trials and export picks the best feasible one")
@@ -131,7 +135,7 @@ def cmd_search(args) -> int:
         warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts,
         checkpoint_every=args.checkpoint_every, fidelity=args.fidelity, reeval_top=args.reeval_top,
         reeval_seeds=args.reeval_seeds, rungs=args.rungs, grace_seconds=args.grace_seconds, select_by=args.select_by,
-        select_top=args.select_top, select_n=args.select_n))
+        select_top=args.select_top, select_n=args.select_n, max_trial_share=args.max_trial_share))
 
 
 def cmd_resume(args) -> int:

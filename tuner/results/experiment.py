@@ -202,17 +202,31 @@ class Search:
         return device_seconds((t.seconds_run for t in self.trials + self.superseded),
                               self.record.seconds_weight()[1])
 
+    def largest_trial_share(self) -> float | None:
+        """The most of the device-seconds budget one trial took (None without that budget)."""
+        budget = self.record.max_trial_seconds
+        if budget is None:
+            return None
+        weight = self.record.seconds_weight()[1]
+        return max((weight * t.seconds_run for t in self.trials), default=0.0) / budget
+
     def budget_spent(self) -> bool:
         """The trial-epoch or the device-seconds budget is spent."""
         return budget_spent(self.record, self.trial_epochs(), self.device_seconds())
 
     def budget_text(self) -> str:
-        """`12 of 20 trial-epochs, 31.5 of 60 CPU-seconds`: each budget spent, of its limit where there is one."""
+        """`12 of 20 trial-epochs, 31.5 of 60 CPU-seconds (largest trial 25% of it, cap 33%)`: each budget spent,
+        of its limit where there is one, and with a seconds budget the largest trial's share and the cap."""
         record = self.record
         epochs = f"{self.trial_epochs()}" + ("" if record.max_trial_epochs is None else f" of {record.max_trial_epochs}")
         seconds = f"{self.device_seconds():.4g}" + ("" if record.max_trial_seconds is None
                                                    else f" of {record.max_trial_seconds:g}")
-        return f"{epochs} trial-epochs, {seconds} {record.seconds_weight()[0].upper()}-seconds"
+        text = f"{epochs} trial-epochs, {seconds} {record.seconds_weight()[0].upper()}-seconds"
+        share = self.largest_trial_share()
+        if share is not None:
+            cap = "no cap" if record.max_trial_share is None else f"cap {record.max_trial_share:.0%}"
+            text += f" (largest trial {share:.0%} of it, {cap})"
+        return text
 
     def is_complete(self) -> bool:
         """Every planned trial has ended, or a budget is spent (an interrupted search has open trials and

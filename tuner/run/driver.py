@@ -118,6 +118,27 @@ def positive_seconds(value: Any, flag: str = "--max-trial-seconds", unit: str = 
     return seconds
 
 
+def trial_share(value: Any, seconds_budget: float | None, scheduler: str) -> float | None:
+    """--max-trial-share: a fraction in (0, 1] of the seconds budget; by default DEFAULT_TRIAL_SHARE wherever a
+    seconds budget meets the warmup-aware ASHA (the cap is its rule), else none."""
+    from tuner.run.trial_share import DEFAULT_TRIAL_SHARE
+
+    if value in (None, ""):
+        return DEFAULT_TRIAL_SHARE if seconds_budget is not None and scheduler == "asha" else None
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = math.nan
+    if not (math.isfinite(share) and 0 < share <= 1):
+        raise SearchError(f"--max-trial-share: must be a fraction in (0, 1] of --max-trial-seconds, "
+                          f"got {str(value)[:40]!r}")
+    if seconds_budget is None:
+        raise SearchError("--max-trial-share: goes with --max-trial-seconds (it is a share of that budget)")
+    if scheduler != "asha":
+        raise SearchError("--max-trial-share: only the warmup-aware scheduler (--scheduler asha) caps a trial's share")
+    return share
+
+
 def checkpoint_seconds(value: Any) -> float:
     try:
         seconds = float(value)
@@ -164,7 +185,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    wandb_artifacts: bool = False, checkpoint_every: Any = None, fidelity: str | None = None,
                    reeval_top: Any = 0, reeval_seeds: Any = 0, rungs: str | None = None,
                    grace_seconds: Any = None, select_by: str | None = None, select_top: Any = 3,
-                   select_n: Any = None) -> tuple[SearchRecord, str]:
+                   select_n: Any = None, max_trial_share: Any = None) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
@@ -186,8 +207,11 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
     from tuner.run.schedulers import default_rungs, make_scheduler
     rungs = rungs or default_rungs(space.searched_names())
     grace_seconds = None if grace_seconds in (None, "") else positive_seconds(grace_seconds, "--grace-seconds", "seconds")
+    seconds_budget = None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds)
+    share = trial_share(max_trial_share, seconds_budget, scheduler)
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)),
-                   rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds)  # validates
+                   rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds,
+                   trial_seconds_cap=None if share is None else share * seconds_budget)  # validates
     samples = positive_int("--num-samples", num_samples)
     top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.start_points()), bool(space.defaults))
     select_by, select_top, select_n = check_selection(select_by, select_top, select_n)
@@ -209,7 +233,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         address=recorded_address(address), sampler=sampler,
         max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
                                                                                     max_trial_epochs),
-        max_trial_seconds=None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds),
+        max_trial_seconds=seconds_budget, max_trial_share=share,
         seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints,
         **({} if checkpoint_every in (None, "") else {"checkpoint_every_s": checkpoint_seconds(checkpoint_every)}))
     if check_address(address) is None:  # a fresh local instance (tuner/run/cluster.py: --address, RAY_ADDRESS)
@@ -407,7 +431,7 @@ def build_tuner(record: SearchRecord, storage: str, trainable=None):
     scheduler = make_scheduler(record.scheduler, record.objective[0], record.modes[0],
                                max_epochs_at_target(space, record.fidelity),
                                rungs=record.rungs if record.scheduler == "asha" else "epochs",
-                               grace_seconds=record.grace_seconds)
+                               grace_seconds=record.grace_seconds, trial_seconds_cap=record.trial_seconds_cap())
     callbacks = [TrialOutcomeLog(record.objective)] + [c for c in [wandb_callback(record)] if c]
     return tune.Tuner(
         tune.with_resources(trainable or make_trainable(record), dict(record.resources_per_trial)),

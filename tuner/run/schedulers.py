@@ -9,9 +9,12 @@ The rule and a worked example: docs/early_stopping.md.
 """
 from __future__ import annotations
 
+import math
+
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from trainers.config import ConfigError
+from tuner.run.trial_share import TrialShare
 from tuner.study.keys import CONFIG_OF
 from tuner.study.verdict import TargetEpochCounter, is_finite_float
 
@@ -42,13 +45,18 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
     the first epoch at target any trial reports sets it (its seconds), which places the first rung at one
     epoch at target of the first trial (the space's defaults point, run first), and the rungs reach
     SECONDS_SPAN times that trial's whole time at target (`max_epochs_at_target` epochs of it).
+
+    With `trial_seconds_cap` (the search's `--max-trial-share` of its seconds budget, in a trial's own training
+    seconds), a trial that cannot reach its next rung or its end within the cap is stopped now
+    (tuner/run/trial_share.py): its ramp, which the rungs never judge, is bounded too.
     """
 
     def __init__(self, metric: str | None = None, mode: str | None = None, max_epochs_at_target: int = 100,
                  grace_period: int = 1, reduction_factor: float = 3, stop_last_trials: bool = False,
-                 rungs: str = "epochs", grace_seconds: float | None = None):
+                 rungs: str = "epochs", grace_seconds: float | None = None, trial_seconds_cap: float | None = None):
         check_asha_args(mode, max_epochs_at_target, grace_period, reduction_factor)
         check_rungs(rungs, grace_seconds)
+        self.share = None if trial_seconds_cap is None else TrialShare(trial_seconds_cap, self.epochs_to_next_rung)
         seconds = rungs == "seconds"
         super().__init__(time_attr=SECONDS_AT_TARGET if seconds else EPOCHS_AT_TARGET, metric=metric, mode=mode,
                          max_t=max_epochs_at_target, grace_period=grace_period, reduction_factor=reduction_factor,
@@ -80,12 +88,34 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         if EPOCHS_AT_TARGET in judged and not is_finite_float(judged.get(self._metric, 0.0)):
             self._num_stopped += 1
             return TrialScheduler.STOP
-        return super().on_trial_result(tune_controller, trial, judged)
+        decision = super().on_trial_result(tune_controller, trial, judged)
+        if decision == TrialScheduler.CONTINUE and self.share is not None and self.share.exceeded(trial.trial_id, result):
+            self._num_stopped += 1
+            return TrialScheduler.STOP
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         if not is_rerun(trial):
             super().on_trial_complete(tune_controller, trial, self._with_progress(trial.trial_id, result))
         self._progress.forget(trial.trial_id)
+        if self.share is not None:
+            self.share.forget(trial.trial_id)
+
+    def epochs_to_next_rung(self, result: dict, epoch_seconds: float) -> int | None:
+        """Epochs from this result to the trial's next rung, its remaining ramp included (None: no rung ahead).
+        Rungs in seconds not yet placed: the first epoch at target places them, so that epoch is the next judgment."""
+        epoch, first = int(result["epoch"]), int(result["first_target_epoch"])
+        ramp_left = max(0, first - 1 - epoch)
+        if not self._rungs_set:
+            return ramp_left + 1
+        done = (max(0, epoch - first + 1) if self._time_attr == EPOCHS_AT_TARGET
+                else float(result.get("target_seconds") or 0.0))
+        ahead = [rung for rung in self.rungs if rung > done]
+        if not ahead:
+            return None
+        if self._time_attr == EPOCHS_AT_TARGET:
+            return ramp_left + int(ahead[0] - done)
+        return ramp_left + max(1, math.ceil((ahead[0] - done) / epoch_seconds))
 
     def _with_progress(self, trial_id: str, result: dict) -> dict:
         """A copy of `result` carrying our own `epochs_at_target` (absent during the ramp, so ASHA skips it).
@@ -111,15 +141,18 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
 
 def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int, grace_period: int = 1,
                    reduction_factor: float = 3, stop_last_trials: bool = False, rungs: str = "epochs",
-                   grace_seconds: float | None = None) -> TrialScheduler | None:
+                   grace_seconds: float | None = None, trial_seconds_cap: float | None = None) -> TrialScheduler | None:
     """The early-stopping scheduler for a search.
 
     kind: "asha" (warmup-aware, the default choice), "plain-asha" (Ray's stock ASHA over
     training_iteration, for comparison benchmarks: rungs at the same numbers but counted in epochs since
-    the start, ramp included) or "none" (every trial runs its full budget).
+    the start, ramp included) or "none" (every trial runs its full budget). `trial_seconds_cap`: the most
+    training seconds one trial may take (warmup-aware ASHA only; tuner/run/trial_share.py).
     """
     if kind not in SCHEDULER_KINDS:
         raise ConfigError(f"scheduler: {kind!r} is not one of {', '.join(SCHEDULER_KINDS)}")
+    if trial_seconds_cap is not None and kind != "asha":
+        raise ConfigError("--max-trial-share: only the warmup-aware scheduler (--scheduler asha) caps a trial's share")
     if kind == "none":
         return None
     if not isinstance(metric, str) or not metric:
@@ -128,7 +161,8 @@ def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int,
     if kind == "asha":
         return WarmupAwareASHA(metric=metric, mode=mode, max_epochs_at_target=max_epochs_at_target,
                                grace_period=grace_period, reduction_factor=reduction_factor,
-                               stop_last_trials=stop_last_trials, rungs=rungs, grace_seconds=grace_seconds)
+                               stop_last_trials=stop_last_trials, rungs=rungs, grace_seconds=grace_seconds,
+                               trial_seconds_cap=trial_seconds_cap)
     if rungs != "epochs":
         raise ConfigError("--rungs seconds: only the warmup-aware scheduler (--scheduler asha) has rungs in seconds")
     return AsyncHyperBandScheduler(time_attr="training_iteration", metric=metric, mode=mode,

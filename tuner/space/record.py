@@ -49,6 +49,8 @@ class SearchRecord:
     sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
     max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/run/budget.py); None: num_samples only
     max_trial_seconds: float | None = None  # compute budget in device-seconds (tuner/run/budget.py); None: no limit
+    # The most of max_trial_seconds one trial may take (tuner/run/trial_share.py); None: no cap (records from before).
+    max_trial_share: float | None = None
     seconds_device: str | None = None  # what a trial's train_seconds are weighted by: "gpu" or "cpu" (device_weight)
     constraints: list[str] = field(default_factory=list)  # e.g. ["clean_err<=0.35"] (tuner/space/constraints.py)
 
@@ -89,6 +91,12 @@ class SearchRecord:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
         device = self.seconds_device or device_weight(self.resources_per_trial)[0]
         return device, float(self.resources_per_trial.get(device, 0) or 0)
+
+    def trial_seconds_cap(self) -> float | None:
+        """The most training seconds one trial may take: its share of the device-seconds budget, unweighted."""
+        if self.max_trial_share is None or self.max_trial_seconds is None:
+            return None
+        return self.max_trial_share * self.max_trial_seconds / (self.seconds_weight()[1] or 1.0)
 
     def build_space(self) -> SearchSpace:
         return space_with_overrides(self.space, self.overrides, self.space_path)
