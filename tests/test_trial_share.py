@@ -201,3 +201,17 @@ def test_the_default_share_and_its_weighting(tmp_path, data_dir):
     assert record(max_trial_seconds=60, scheduler="none").max_trial_share is None
     # 60 CPU-seconds on cpu=2 trials: a third is 20 CPU-seconds, 10 s of a trial's own training
     assert record(max_trial_seconds=60, resources="cpu=2").trial_seconds_cap() == pytest.approx(10.0)
+
+
+def test_a_scheduler_pickled_before_the_cap_restores_without_one():
+    import pickle
+
+    sched = scheduler(cap=1.0)
+    state = sched.__dict__.copy()
+    del state["share"]  # as Ray pickled WarmupAwareASHA before trial shares
+    old = WarmupAwareASHA.__new__(WarmupAwareASHA)
+    old.__dict__.update(state)
+    restored = pickle.loads(pickle.dumps(old))
+    trial = added(restored)
+    assert restored.share is None
+    assert restored.on_trial_result(None, trial, result(1, 30.0, first_target=9)) == CONTINUE

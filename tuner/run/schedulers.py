@@ -51,6 +51,8 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
     (tuner/run/trial_share.py): its ramp, which the rungs never judge, is bounded too.
     """
 
+    share: TrialShare | None = None  # what a scheduler pickled with an experiment before the cap restores as
+
     def __init__(self, metric: str | None = None, mode: str | None = None, max_epochs_at_target: int = 100,
                  grace_period: int = 1, reduction_factor: float = 3, stop_last_trials: bool = False,
                  rungs: str = "epochs", grace_seconds: float | None = None, trial_seconds_cap: float | None = None):
