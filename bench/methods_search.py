@@ -39,16 +39,20 @@ from bench.methods_mnist import FULL_TEST, base_overrides, limit, method_of, pap
 from bench.runs import bench_parser, kept_step, recipe_of, recorded_step
 from tuner.run.trial_share import DEFAULT_TRIAL_SHARE
 
-ARMS = ("best-single", "search")
+# The search arms and what their rungs rank trials by during the run (the winner is picked by α-CROWN on validation
+# either way): IBP, the certificate the trainers report by default, or CROWN-IBP, the cheap bound closest to
+# α-CROWN (methods built for tighter verifiers, SABR, TAPS, STAPS, have loose IBP bounds by design).
+SEARCH_ARMS = {"search": "ibp_err", "search-crown-ibp": "crown_ibp_err"}
+EVAL_METRICS = {"ibp_err": ["clean", "ibp"], "crown_ibp_err": ["clean", "ibp", "crown-ibp"]}
+ARMS = ("best-single", *SEARCH_ARMS)
 RETRAIN_SEEDS = (1000, 1001, 1002)
 SELECT_BY = "alpha-crown"
 SELECT_TOP = 3
-TRIAL_SHARE = DEFAULT_TRIAL_SHARE  # the service's default cap on one trial's share of the budget, named in the inputs
 STEPS = Path("bench/results/methods_search_steps.json")
 
 
-def search_name(eps: float) -> str:
-    return f"methods_search_eps{eps}"
+def search_name(eps: float, arm: str = "search") -> str:
+    return f"methods_{arm.replace('-', '_')}_eps{eps}"
 
 
 def storage_of(args) -> str:
@@ -109,45 +113,54 @@ def best_single(args) -> tuple[str, dict]:
     return min(figures, key=lambda m: (figures[m]["alpha_crown_err"], m)), figures
 
 
-# ---- the search arm ----------------------------------------------------------------------------------------
-def search_inputs(args) -> dict:
+# ---- the search arms ---------------------------------------------------------------------------------------
+def search_inputs(args, arm: str) -> dict:
     # the space's paper points are in the budget already: it is the seconds of their recorded baseline steps
     return {"budget_seconds": baseline_seconds(args), "search_seed": args.search_seed, "select_by": SELECT_BY,
-            "select_top": SELECT_TOP, "max_trial_share": round(TRIAL_SHARE, 6)}
+            "select_top": SELECT_TOP, "max_trial_share": round(args.max_trial_share, 6), "objective": SEARCH_ARMS[arm]}
 
 
-def run_search(args) -> dict:
-    """The search at the baseline's seconds, exported; its chosen recipe and what it spent."""
+def run_search(args, arm: str) -> dict:
+    """The search at the baseline's seconds, its rungs ranking by the arm's metric, exported; its chosen recipe and
+    what it spent."""
     from trainers.safe_yaml import read_yaml_file
     from tuner import api
 
-    api.search(space_file(args), base_overrides(args), name=search_name(args.eps), num_samples=1000,
-               max_concurrent=1, resources_per_trial="cpu=1", scheduler="asha", rungs="seconds",
-               storage=storage_of(args), data_dir=args.data_dir, seed=args.search_seed,
+    objective, name = SEARCH_ARMS[arm], search_name(args.eps, arm)
+    api.search(space_file(args), {**base_overrides(args), "eval.metrics": EVAL_METRICS[objective]}, name=name,
+               num_samples=1000, max_concurrent=1, resources_per_trial="cpu=1", scheduler="asha", rungs="seconds",
+               objective=objective, storage=storage_of(args), data_dir=args.data_dir, seed=args.search_seed,
                max_trial_seconds=baseline_seconds(args), select_by=SELECT_BY, select_top=SELECT_TOP,
-               max_trial_share=TRIAL_SHARE)
-    out = args.work / f"methods_search_export_eps{args.eps}"
-    api.export(search_name(args.eps), storage=storage_of(args), out=out)
-    return {"config": read_yaml_file(out / "best.yaml"), "summary": search_summary(args)}
+               max_trial_share=args.max_trial_share)
+    out = args.work / f"{name}_export"
+    api.export(name, storage=storage_of(args), out=out)
+    return {"config": read_yaml_file(out / "best.yaml"), "summary": search_summary(args, arm)}
 
 
 def cmd_search(args) -> None:
-    step = kept_step(args.steps, f"eps{args.eps} search", search_inputs(args), lambda: run_search(args))
-    print(json.dumps({"search": search_name(args.eps), **step["summary"]}), flush=True)
+    step = kept_step(args.steps, f"eps{args.eps} {args.arm}", search_inputs(args, args.arm),
+                     lambda: run_search(args, args.arm))
+    print(json.dumps({"search": search_name(args.eps, args.arm), **step["summary"]}), flush=True)
 
 
-def search_step(args) -> dict:
-    step = recorded_step(args.steps, f"eps{args.eps} search", search_inputs(args))
-    if step is None:
-        raise SystemExit(f"run `search` first (eps {args.eps}, search seed {args.search_seed}, this baseline)")
+def search_step(args, arm: str, required: bool = True) -> dict | None:
+    step = recorded_step(args.steps, f"eps{args.eps} {arm}", search_inputs(args, arm))
+    if step is None and required:
+        raise SystemExit(f"run `search --arm {arm}` first (eps {args.eps}, search seed {args.search_seed}, this "
+                         f"baseline)")
     return step
 
 
-def search_summary(args) -> dict:
+def searched_arms(args) -> list[str]:
+    """The arms with a recorded choice: best-single always, each search arm once its search is recorded."""
+    return ["best-single"] + [arm for arm in SEARCH_ARMS if search_step(args, arm, required=False) is not None]
+
+
+def search_summary(args, arm: str) -> dict:
     """What the search spent and chose: its device-seconds against the budget and the largest trial's share."""
     from tuner.results.experiment import load_search
 
-    search = load_search(search_name(args.eps), storage_of(args))
+    search = load_search(search_name(args.eps, arm), storage_of(args))
     return {"trials": len(search.trials), "counts": search.counts(), "device_seconds": round(search.device_seconds(), 1),
             "budget_device_seconds": search.record.max_trial_seconds,
             "largest_trial_share": round(search.largest_trial_share(), 3),
@@ -161,7 +174,7 @@ def arm_config(arm: str, args) -> dict:
     if arm == "best-single":
         method, _ = best_single(args)
         return paper_configs(args)[method]  # the recipe its baseline step was recorded with
-    return search_step(args)["config"]
+    return search_step(args, arm)["config"]
 
 
 def retrain_inputs(args, arm: str) -> dict:
@@ -195,7 +208,7 @@ def retrain_and_test(args, config: dict, seed: int, run: Path) -> dict:
 
 
 def cmd_retrain(args) -> None:
-    for arm in args.arms.split(","):
+    for arm in args.arms.split(",") if args.arms else searched_arms(args):
         config = arm_config(arm, args)
         for seed in RETRAIN_SEEDS:
             run = args.work / f"eps{args.eps}" / "retrain" / arm / f"seed{seed}"
@@ -205,9 +218,11 @@ def cmd_retrain(args) -> None:
 
 
 def entries(args) -> list[dict]:
-    spent = {"best-single": round(baseline_seconds(args), 1), "search": search_step(args)["summary"]["device_seconds"]}
+    arms = searched_arms(args)
+    spent = {arm: search_step(args, arm)["summary"]["device_seconds"] for arm in arms if arm in SEARCH_ARMS}
+    spent["best-single"] = round(baseline_seconds(args), 1)
     found = []
-    for arm in ARMS:
+    for arm in arms:
         inputs = retrain_inputs(args, arm)
         for seed in RETRAIN_SEEDS:
             step = recorded_step(args.steps, retrain_step_name(args, arm, seed), inputs)
@@ -252,7 +267,8 @@ def cmd_collect(args) -> None:
     method, figures = best_single(args)
     print(json.dumps({"eps": args.eps, "best_single_by_val_alpha_crown": method,
                       "val_alpha_crown_err": {m: f["alpha_crown_err"] for m, f in figures.items()},
-                      "search": search_step(args)["summary"]}, indent=1))
+                      **{arm: search_step(args, arm)["summary"] for arm in searched_arms(args) if arm in SEARCH_ARMS}},
+                     indent=1))
     print(table(kept + found))
 
 
@@ -262,18 +278,20 @@ def main(argv=None) -> None:
     common.add_argument("--defaults", action="append", default=[], metavar="K=V",
                         help="change the space's defaults point (bench.methods_mnist); give each step the same")
     common.add_argument("--search-seed", type=int, default=0)
+    common.add_argument("--max-trial-share", type=float, default=DEFAULT_TRIAL_SHARE,
+                        help="the most of the budget one search trial may take (default: the service's, 1/3)")
     common.add_argument("--steps", type=Path, default=STEPS, help="the finished steps, kept across sessions")
     common.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b = sub.add_parser("baseline", parents=[common])
     b.add_argument("--methods", default=None, help="comma list (default: every method with a paper point)")
-    sub.add_parser("search", parents=[common])
+    sub.add_parser("search", parents=[common]).add_argument("--arm", choices=list(SEARCH_ARMS), default="search")
     certify = argparse.ArgumentParser(add_help=False)  # retrain certifies; collect finds those certificates
     certify.add_argument("--test-n", type=int, default=FULL_TEST)
     certify.add_argument("--strong-n", type=int, default=2000, help="images for α-CROWN (the first ones)")
     certify.add_argument("--bab-n", type=int, default=200)
     certify.add_argument("--bab-time-limit", type=float, default=2.0)
     r = sub.add_parser("retrain", parents=[common, certify])
-    r.add_argument("--arms", default=",".join(ARMS))
+    r.add_argument("--arms", default=None, help="comma list (default: best-single and every recorded search arm)")
     c = sub.add_parser("collect", parents=[common, certify])
     c.add_argument("--out", type=Path, default=None, help="default: bench/results/methods_search.json")
     args = parser.parse_args(argv)

@@ -11,7 +11,9 @@ TINY = ["epochs=5", "data.subset=256", "data.val_size=60"]
 
 def test_baseline_search_retrain_collect_at_a_tiny_size(tmp_path, data_dir, capsys, ray_shut_down_after):
     common = ["--eps", "0.02", "--work", str(tmp_path / "runs"), "--data-dir", str(data_dir), "--defaults",
-              "batch_size=64", "--steps", str(tmp_path / "steps.json"), *TINY]
+              "batch_size=64", "--steps", str(tmp_path / "steps.json"), *TINY,
+              # at this size an epoch's seconds are mostly noise: no cap, so the first trial can finish
+              "--max-trial-share", "1"]
     # three methods: the search's budget (their seconds) holds its first trial (`fast`) on a loaded machine too
     main(["baseline", *common, "--methods", "fast,vanilla,crown-ibp"])
     main(["search", *common])
@@ -51,3 +53,15 @@ def test_baseline_search_retrain_collect_at_a_tiny_size(tmp_path, data_dir, caps
     # Another certificate size is another step: collect finds no entry for it rather than mislabelled figures.
     main(["collect", *common, "--test-n", "50", "--strong-n", "60", "--bab-n", "6", "--out", str(again)])
     assert json.loads(again.read_text()) == []
+    # The arm whose rungs rank by CROWN-IBP: its trials measure CROWN-IBP each epoch and the search ranks by it;
+    # the winner is still picked by α-CROWN on validation, and collect then holds three arms.
+    main(["search", *common, "--arm", "search-crown-ibp"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["search"] == "methods_search_crown_ibp_eps0.02" and summary["selection"]["verifier"] == "alpha-crown"
+    from tuner.results.experiment import load_search
+    search = load_search("methods_search_crown_ibp_eps0.02", str((tmp_path / "runs" / "searches").resolve()))
+    assert search.record.objective == ["crown_ibp_err"]
+    assert all("crown_ibp_err" in r for t in search.trials for r in t.history)
+    main(["retrain", *common, *sizes, "--arms", "search-crown-ibp"])
+    main(["collect", *common, *sizes, "--out", str(again)])
+    assert {e["arm"] for e in json.loads(again.read_text())} == {"best-single", "search", "search-crown-ibp"}
