@@ -47,9 +47,10 @@ def test_a_long_costly_ramp_is_stopped_after_its_first_epoch():
 
 
 def test_a_trial_that_finishes_within_its_share_is_never_stopped_by_it():
-    sched = scheduler(cap=100.0)
+    sched = scheduler(cap=65.0)
     trial = added(sched)
-    # 5 s an epoch, 12 epochs: 60 s in all
+    # 5 s an epoch, 12 epochs: 60 s in all. From epoch 8 (30 s at target) the next rung (90 s at target) lies past
+    # the cap, but the trial's end does not: it goes on
     assert [sched.on_trial_result(None, trial, result(e, 5.0, first_target=3)) for e in range(1, 12)] == [CONTINUE] * 11
     assert sched.share.stopped == set()
 
@@ -215,3 +216,33 @@ def test_a_scheduler_pickled_before_the_cap_restores_without_one():
     trial = added(restored)
     assert restored.share is None
     assert restored.on_trial_result(None, trial, result(1, 30.0, first_target=9)) == CONTINUE
+
+
+def test_a_scheduler_with_a_cap_pickles_with_its_state_and_still_stops():
+    import pickle
+
+    sched = scheduler(cap=100.0)
+    trial = added(sched)
+    assert sched.on_trial_result(None, trial, result(1, 10.0, first_target=4)) == CONTINUE
+    restored = pickle.loads(pickle.dumps(sched))
+    assert restored.share.cap_seconds == 100.0
+    # the restored one remembers epoch 1 (10 s): epoch 2 at 40 s more is priced at 40 s an epoch, as above
+    assert restored.on_trial_result(None, trial, {**result(2, 10.0, first_target=4), "train_seconds": 50.0}) == STOP
+
+
+def test_re_evaluations_are_never_capped():
+    from tuner.study.keys import CONFIG_OF
+
+    sched = scheduler(cap=1.0)
+    rerun = Trial("t", config={CONFIG_OF: "abc"}, stub=True)
+    sched.on_trial_add(None, rerun)
+    assert sched.on_trial_result(None, rerun, result(1, 30.0, first_target=9)) == CONTINUE
+
+
+def test_epochs_at_target_follow_the_trainers_first_target_epoch_after_a_resume():
+    from tuner.study.verdict import TargetEpochCounter
+
+    counter = TargetEpochCounter()
+    # a trial resumed at epoch 12 (at target from epoch 3): its first result seen is epoch 12, 10 epochs at target
+    assert counter.update("t", {"epoch": 12, "at_target": True, "first_target_epoch": 3}) == 10
+    assert counter.update("u", {"epoch": 12, "at_target": True}) == 1  # without the fact: counted from here

@@ -203,12 +203,13 @@ class Search:
                               self.record.seconds_weight()[1])
 
     def largest_trial_share(self) -> float | None:
-        """The most of the device-seconds budget one trial took (None without that budget)."""
+        """The most of the device-seconds budget one of the search's own trials took (None without that budget).
+        Re-evaluations are left out: they train a point that already won, in full, outside the cap."""
         budget = self.record.max_trial_seconds
         if budget is None:
             return None
         weight = self.record.seconds_weight()[1]
-        return max((weight * t.seconds_run for t in self.trials), default=0.0) / budget
+        return max((weight * t.seconds_run for t in self.trials if not t.is_rerun), default=0.0) / budget
 
     def budget_spent(self) -> bool:
         """The trial-epoch or the device-seconds budget is spent."""

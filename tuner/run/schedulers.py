@@ -37,7 +37,8 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
     (it cannot be ranked and a diverged model does not recover).
 
     `stop_last_trials` defaults to False: the trainable owns its budget (`epochs`) and the scheduler only
-    stops at rungs, so "stopped by the scheduler" always means "lost at a rung". With True, a trial is also
+    stops at rungs (and, with a trial share, a trial that cannot reach its next rung or its end within its
+    share), never for having trained long enough. With True, a trial is also
     stopped once it reaches `max_epochs_at_target` (Ray's default behaviour).
 
     With `rungs="seconds"`, progress is a trial's seconds trained at target (`target_seconds`, reported by the
@@ -58,7 +59,7 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
                  rungs: str = "epochs", grace_seconds: float | None = None, trial_seconds_cap: float | None = None):
         check_asha_args(mode, max_epochs_at_target, grace_period, reduction_factor)
         check_rungs(rungs, grace_seconds)
-        self.share = None if trial_seconds_cap is None else TrialShare(trial_seconds_cap, self.epochs_to_next_rung)
+        self.share = None if trial_seconds_cap is None else TrialShare(trial_seconds_cap)
         seconds = rungs == "seconds"
         super().__init__(time_attr=SECONDS_AT_TARGET if seconds else EPOCHS_AT_TARGET, metric=metric, mode=mode,
                          max_t=max_epochs_at_target, grace_period=grace_period, reduction_factor=reduction_factor,
@@ -91,7 +92,8 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
             self._num_stopped += 1
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, judged)
-        if decision == TrialScheduler.CONTINUE and self.share is not None and self.share.exceeded(trial.trial_id, result):
+        if (decision == TrialScheduler.CONTINUE and self.share is not None
+                and self.share.exceeded(trial.trial_id, result, self.epochs_to_next_rung)):
             self._num_stopped += 1
             return TrialScheduler.STOP
         return decision
@@ -116,8 +118,9 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         if not ahead:
             return None
         if self._time_attr == EPOCHS_AT_TARGET:
-            return ramp_left + int(ahead[0] - done)
-        return ramp_left + max(1, math.ceil((ahead[0] - done) / epoch_seconds))
+            return ramp_left + math.ceil(ahead[0] - done)  # Ray judges at progress >= rung
+        # less a hair: seconds summed epoch by epoch that land on a rung are not an epoch short of it
+        return ramp_left + max(1, math.ceil((ahead[0] - done) / epoch_seconds - 1e-9))
 
     def _with_progress(self, trial_id: str, result: dict) -> dict:
         """A copy of `result` carrying our own `epochs_at_target` (absent during the ramp, so ASHA skips it).

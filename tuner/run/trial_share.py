@@ -17,26 +17,25 @@ from typing import Callable
 
 from tuner.study.verdict import is_finite_float
 
-# A trial's share of the budget unless --max-trial-share says otherwise: the reduction factor's share. Successive
-# halving keeps one trial in three at each rung, so no single trial, the winner included, costs more than a third.
+# A trial's share of the budget unless --max-trial-share says otherwise: a third. The search's ASHA keeps one trial in
+# three at each rung (reduction factor 3), and no single trial, the winner included, should cost more than a third.
 DEFAULT_TRIAL_SHARE = 1 / 3
 NEEDED = ("epoch", "epochs", "train_seconds", "first_target_epoch")
 
 
 class TrialShare:
     """Predicts, result by result, whether a trial can reach its next judgment within `cap_seconds` of training.
+    Only data is kept (it is pickled with the scheduler); the scheduler's rungs come in with each call."""
 
-    `epochs_to_rung(result, epoch_seconds)` (the scheduler's) gives the epochs from this result to the trial's next
-    rung, ramp included, or None when no rung is ahead."""
-
-    def __init__(self, cap_seconds: float, epochs_to_rung: Callable[[dict, float], int | None]):
+    def __init__(self, cap_seconds: float):
         self.cap_seconds = cap_seconds
-        self._epochs_to_rung = epochs_to_rung
         self._last: dict[str, tuple[int, float]] = {}  # trial id -> (epoch, train_seconds) of its previous result
         self.stopped: set[str] = set()
 
-    def exceeded(self, trial_id: str, result: dict) -> bool:
-        """True when the trial's next judgment lies past the cap (the trial is then recorded as stopped here)."""
+    def exceeded(self, trial_id: str, result: dict, epochs_to_rung: Callable[[dict, float], int | None]) -> bool:
+        """True when the trial's next judgment lies past the cap (the trial is then recorded as stopped here).
+        `epochs_to_rung(result, epoch_seconds)` (the scheduler's) gives the epochs from this result to the trial's
+        next rung, ramp included, or None when no rung is ahead."""
         if not all(is_finite_float(result.get(k)) for k in NEEDED):
             return False
         epoch, seconds = int(result["epoch"]), float(result["train_seconds"])
@@ -44,7 +43,7 @@ class TrialShare:
         left = int(result["epochs"]) - epoch
         if left <= 0 or per_epoch <= 0:
             return False  # its last epoch: nothing more to spend
-        to_rung = self._epochs_to_rung(result, per_epoch)
+        to_rung = epochs_to_rung(result, per_epoch)
         epochs_to_judgment = left if to_rung is None else min(left, to_rung)
         if seconds + epochs_to_judgment * per_epoch <= self.cap_seconds:
             return False

@@ -144,7 +144,11 @@ class TargetEpochCounter:
             raise ValueError("a result with at_target=True has no 'epoch': the trainable must report "
                              "'epoch' (1-based) with every result")
         epoch = int(result["epoch"])
-        first = min(self._first_at_target.get(trial_id, epoch), epoch)
+        # The trainer reports its first epoch at target (`first_target_epoch`); without it, the first result seen at
+        # target stands in (after a resume that is the first epoch since, so the trainer's figure is preferred).
+        reported = result.get("first_target_epoch")
+        first = (int(reported) if is_number(reported) and 1 <= reported <= epoch
+                 else min(self._first_at_target.get(trial_id, epoch), epoch))
         self._first_at_target[trial_id] = first
         return epochs_at_target(epoch, first)
 
