@@ -270,7 +270,10 @@ def run_search(args, trials: int) -> dict:
 def cmd_search(args) -> None:
     trials = int(args.budget // trial_cost(args))
     inputs = {"space": args.space, "overrides": args.overrides, "budget": args.budget, "trials": trials,
-              "fidelity": args.fidelity, "reeval_top": args.reeval_top, "reeval_seeds": args.reeval_seeds}
+              "fidelity": args.fidelity, "reeval_top": args.reeval_top, "reeval_seeds": args.reeval_seeds,
+              # the reserve races K + 1 points (the next best when the defaults are among the K): searches recorded
+              # before that left reserved trials unused, so they are not this step
+              "reeval_points": args.reeval_top + 1}
     print(json.dumps({"arm": args.arm, "eps": args.eps, "search_seed": args.search_seed, "trials": trials,
                       "trial_cost_full_data_epochs": round(trial_cost(args), 3)}), flush=True)
     step = kept_step(args.steps, search_step_name(args.arm, args.eps, args.search_seed), inputs,

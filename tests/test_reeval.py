@@ -40,8 +40,10 @@ def test_plan_races_the_best_points_and_the_defaults():
     runs = plan.reruns(finals, params, "min")
     assert [(r.of, r.seed_offset) for r in runs] == [("b", 1), ("b", 2), ("c", 1), ("c", 2), ("d", 1), ("d", 2)]
     assert runs[0].params == {"lr": 2}
-    # the baseline among the best is raced once; infeasible points come after feasible ones; mode max
-    assert [r.of for r in ReevalPlan(2, 1, 9, {"lr": 2}).reruns(finals, params, "min")] == ["b", "c"]
+    # the baseline among the best is raced once and the reserve races the next point; infeasible points come
+    # after feasible ones; mode max
+    assert [r.of for r in ReevalPlan(2, 1, 9, {"lr": 2}).reruns(finals, params, "min")] == ["b", "c", "a"]
+    assert [r.of for r in ReevalPlan(2, 1, 9, {"lr": 9}).reruns(finals, params, "min")] == ["b", "c", "a"]  # unfinished
     infeasible = {**finals, "b": (0.10, False)}
     assert [r.of for r in ReevalPlan(2, 1, 9).reruns(infeasible, params, "min")] == ["c", "a"]
     assert [r.of for r in ReevalPlan(1, 1, 9).reruns(finals, params, "max")] == ["d"]

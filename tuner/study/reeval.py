@@ -4,7 +4,8 @@ One seed per point ranks points by noise when seeds differ more than points do (
 recipe scored 0.176 and 0.218). A search with `--reeval-top K --reeval-seeds S` therefore ends by racing its
 best points on more seeds, as SMAC's intensification races challengers against the incumbent on more
 instances: when every other trial has ended, the K best points (feasible first, by the first objective) and
-the space's defaults point (the recipe a user would run without a search) are trained again with S more
+the space's defaults point (the recipe a user would run without a search; the next best point when the defaults
+are among the K or did not finish) are trained again with S more
 seeds each, seed offsets 1..S added to the config's seed. These runs are trials of the same experiment and
 the same Optuna study, counted in --num-samples: the search plans `num_samples - reserved` trials of its own.
 
@@ -53,9 +54,10 @@ class ReevalPlan:
         ranked = sorted(finals, key=lambda t: (not finals[t][1], sign * finals[t][0]))
         chosen = ranked[:self.top]
         if self.baseline is not None:
-            base = [t for t in ranked if params.get(t) == self.baseline]
-            if base and base[0] not in chosen:
-                chosen.append(base[0])
+            # The reserve holds K + 1 points' seeds: the defaults' when they are not among the K best, else (or when
+            # they did not finish) the next best point's, so no reserved trial goes unused.
+            base = [t for t in ranked if params.get(t) == self.baseline][:1]
+            chosen += [t for t in base if t not in chosen] or ranked[self.top:self.top + 1]
         return [Rerun(dict(params[t]), t, offset) for t in chosen for offset in range(1, self.seeds + 1)]
 
 
