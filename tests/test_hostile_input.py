@@ -276,9 +276,12 @@ def test_a_second_writer_on_one_run_directory_is_refused(tmp_path, trained, data
         os.close(fd)
 
 
-def test_two_real_train_processes_on_one_out(tmp_path, config_file, data_dir):
+def test_two_real_train_processes_on_one_out(tmp_path, data_dir):
     """Two real `certtune train` processes started together: exactly one trains, the other gets one line."""
-    run = tmp_path / "run"
+    run, config_file = tmp_path / "run", tmp_path / "longer.yaml"
+    # Long enough (a few seconds an epoch) that the two always overlap: with the tiny run, one process could
+    # finish before the other, still importing torch on a loaded machine, reached the lock (seen once).
+    config_file.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "subset": 4096}}))
     args = ["train", config_file, "--data-dir", data_dir, "--out", run, "--no-progress"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CERTTUNE_")} | {"PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-m", "tuner.cli", *map(str, args)], cwd=REPO, env=env,
