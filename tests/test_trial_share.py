@@ -12,7 +12,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from trainers.config import ConfigError
-from tuner.run.schedulers import WarmupAwareASHA, make_scheduler
+from tuner.run.schedulers import EPOCHS_AT_TARGET, SECONDS_AT_TARGET, WarmupAwareASHA, make_scheduler
 from tuner.space.record import SearchError
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
@@ -67,15 +67,19 @@ def test_a_trial_goes_on_while_its_next_rung_fits_and_stops_at_the_cap():
 
 
 def test_the_next_judgment_counts_the_ramp_and_rungs_in_epochs_or_seconds():
+    # the results as the scheduler judges them: at target they carry its progress (epochs or seconds at target)
     seconds = scheduler(cap=1e9)
     assert seconds.epochs_to_next_rung(result(1, 4.0, first_target=5), 4.0) == 3 + 3  # 3 ramp epochs, 10 s / 4 s
-    assert seconds.epochs_to_next_rung(result(6, 4.0, first_target=5), 4.0) == 1  # 8 s at target, the 10-s rung
+    at_target = {**result(6, 4.0, first_target=5), SECONDS_AT_TARGET: 8.0}
+    assert seconds.epochs_to_next_rung(at_target, 4.0) == 1  # 8 s at target, the 10-s rung
     unplaced = scheduler(cap=1e9, grace_seconds=None)  # rungs placed by the first epoch at target: that is the next
     assert unplaced.rungs == [] and unplaced.epochs_to_next_rung(result(1, 4.0, first_target=5), 4.0) == 4
     epochs = scheduler(cap=1e9, rungs="epochs", grace_seconds=None)  # rungs 1, 3, 9, 27 epochs at target
     assert epochs.epochs_to_next_rung(result(1, 4.0, first_target=5), 4.0) == 3 + 1
-    assert epochs.epochs_to_next_rung(result(6, 4.0, first_target=5), 4.0) == 1  # 2 at target, the 3-epoch rung
-    assert epochs.epochs_to_next_rung(result(40, 4.0, first_target=5, epochs=50), 4.0) is None  # past the last
+    at_target = {**result(6, 4.0, first_target=5), EPOCHS_AT_TARGET: 2}
+    assert epochs.epochs_to_next_rung(at_target, 4.0) == 1  # 2 at target, the 3-epoch rung
+    past_the_last = {**result(40, 4.0, first_target=5, epochs=50), EPOCHS_AT_TARGET: 36}
+    assert epochs.epochs_to_next_rung(past_the_last, 4.0) is None
 
 
 def test_the_last_epochs_cost_predicts_the_next():
@@ -193,8 +197,9 @@ def test_the_default_share_and_its_weighting(tmp_path, data_dir):
     names = iter(range(100))
 
     def record(**kwargs):
-        return prepare_search(SPACE, {}, f"s{next(names)}", 2, 1, kwargs.pop("resources", "cpu=1"), kwargs.pop("scheduler", "asha"),
-                              "ibp_err", str(tmp_path / "r"), None, None, str(data_dir), 0, **kwargs)[0]
+        resources, scheduler = kwargs.pop("resources", "cpu=1"), kwargs.pop("scheduler", "asha")
+        return prepare_search(SPACE, {}, f"s{next(names)}", 2, 1, resources, scheduler, "ibp_err",
+                              str(tmp_path / "r"), None, None, str(data_dir), 0, **kwargs)[0]
 
     assert record(max_trial_seconds=60).max_trial_share == pytest.approx(1 / 3)
     unbudgeted = record()

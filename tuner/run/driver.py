@@ -108,11 +108,16 @@ def check_constraints(texts: list[str] | None, space: SearchSpace) -> list[str]:
     return [str(c) for c in constraints]
 
 
-def positive_seconds(value: Any, flag: str = "--max-trial-seconds", unit: str = "device-seconds") -> float:
+def as_float(value: Any) -> float:
+    """A flag's value as a float; NaN (which every range check refuses) when it is not a number."""
     try:
-        seconds = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        seconds = math.nan
+        return math.nan
+
+
+def positive_seconds(value: Any, flag: str = "--max-trial-seconds", unit: str = "device-seconds") -> float:
+    seconds = as_float(value)
     if not math.isfinite(seconds) or seconds <= 0:
         raise SearchError(f"{flag}: must be a number of {unit} > 0, got {str(value)[:40]!r}")
     return seconds
@@ -125,10 +130,7 @@ def trial_share(value: Any, seconds_budget: float | None, scheduler: str) -> flo
 
     if value in (None, ""):
         return DEFAULT_TRIAL_SHARE if seconds_budget is not None and scheduler == "asha" else None
-    try:
-        share = float(value)
-    except (TypeError, ValueError):
-        share = math.nan
+    share = as_float(value)
     if not (math.isfinite(share) and 0 < share <= 1):
         raise SearchError(f"--max-trial-share: must be a fraction in (0, 1] of --max-trial-seconds, "
                           f"got {str(value)[:40]!r}")
@@ -140,10 +142,7 @@ def trial_share(value: Any, seconds_budget: float | None, scheduler: str) -> flo
 
 
 def checkpoint_seconds(value: Any) -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
+    seconds = as_float(value)
     if not 0 <= seconds <= 86_400:  # NaN fails too
         raise SearchError(f"--checkpoint-every: must be seconds in [0, 86400] (0: every epoch), got {str(value)[:40]!r}")
     return seconds
@@ -210,8 +209,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
     seconds_budget = None if max_trial_seconds in (None, "") else positive_seconds(max_trial_seconds)
     share = trial_share(max_trial_share, seconds_budget, scheduler)
     make_scheduler(scheduler, objectives[0], modes[0], max_epochs_at_target(space, str(trial_fidelity)),
-                   rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds,
-                   trial_seconds_cap=None if share is None else share * seconds_budget)  # validates
+                   rungs=rungs if scheduler == "asha" else "epochs", grace_seconds=grace_seconds)  # validates
     samples = positive_int("--num-samples", num_samples)
     top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.start_points()), bool(space.defaults))
     select_by, select_top, select_n = check_selection(select_by, select_top, select_n)

@@ -93,7 +93,7 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, judged)
         if (decision == TrialScheduler.CONTINUE and self.share is not None
-                and self.share.exceeded(trial.trial_id, result, self.epochs_to_next_rung)):
+                and self.share.exceeded(trial.trial_id, judged, self.epochs_to_next_rung)):
             self._num_stopped += 1
             return TrialScheduler.STOP
         return decision
@@ -105,15 +105,15 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         if self.share is not None:
             self.share.forget(trial.trial_id)
 
-    def epochs_to_next_rung(self, result: dict, epoch_seconds: float) -> int | None:
-        """Epochs from this result to the trial's next rung, its remaining ramp included (None: no rung ahead).
-        Rungs in seconds not yet placed: the first epoch at target places them, so that epoch is the next judgment."""
-        epoch, first = int(result["epoch"]), int(result["first_target_epoch"])
+    def epochs_to_next_rung(self, judged: dict, epoch_seconds: float) -> int | None:
+        """Epochs from a judged result (`_with_progress`) to the trial's next rung, its remaining ramp included (None:
+        no rung ahead). Rungs in seconds not yet placed: the first epoch at target places them, so that epoch is the
+        next judgment."""
+        epoch, first = int(judged["epoch"]), int(judged["first_target_epoch"])
         ramp_left = max(0, first - 1 - epoch)
         if not self._rungs_set:
             return ramp_left + 1
-        done = (max(0, epoch - first + 1) if self._time_attr == EPOCHS_AT_TARGET
-                else float(result.get("target_seconds") or 0.0))
+        done = float(judged.get(self._time_attr, 0.0))  # the progress ASHA judged (absent during the ramp)
         ahead = [rung for rung in self.rungs if rung > done]
         if not ahead:
             return None
