@@ -75,6 +75,7 @@ def test_search_stops_when_its_trial_epoch_budget_is_spent(local_ray, tmp_path, 
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
     search = load_search("budget", str(tmp_path / "results"))
     assert search.counts()["finished"] == 2 and search.counts()["stopped"] == 1
+    assert [search.stop_rule(t) for t in search.trials if t.status == "stopped"] == ["budget"]
 
 
 def test_random_sampler_is_seeded_and_recorded(local_ray, tmp_path, data_dir):

@@ -562,7 +562,7 @@ def point_outside(exp: Path, tamper: str, outside: Path, dotdot: str) -> str:
 
 
 @pytest.mark.parametrize("tamper", ["absolute_logdir", "dotdot_logdir", "dotdot_error_file", "error_file_link",
-                                    "result_link", "trial_dir_link"])
+                                    "result_link", "trial_dir_link", "stop_reason_link"])
 def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
     exp = fake_experiment(tmp_path / "results")
     outside = tmp_path / "outside"
@@ -581,6 +581,10 @@ def test_export_and_report_read_only_inside_the_experiment(tmp_path, tamper):
         (exp / "trial_a" / "result.json").unlink()
         (exp / "trial_a" / "result.json").symlink_to(outside / "result.json")
         named = "trial_a/result.json"
+    elif tamper == "stop_reason_link":  # the scheduler's marker (tuner/run/schedulers.py record_stop)
+        (outside / "stop.json").write_text('{"by": "rung", "note": "%s"}\n' % SECRET)
+        (exp / "trial_a" / "certtune_stop_reason.json").symlink_to(outside / "stop.json")
+        named = "trial_a/certtune_stop_reason.json"
     before = snapshot(tmp_path)
     out = tmp_path / "export"
     for command in (("export", "exp", "--storage", tmp_path / "results", "--out", out),
@@ -943,6 +947,9 @@ def _deep_state(experiment, _):
     (_deep_state, ["experiment_state-", "nested too deeply"]),
     (lambda e, t: (next(e.glob("experiment_state-*.json")).unlink(), os.mkfifo(e / "experiment_state-9.json")),
      ["experiment_state-9.json: a FIFO, not a regular file"]),
+    (lambda e, t: (t / "certtune_stop_reason.json").write_text('{"by": "gremlins"}'),
+     ["certtune_stop_reason.json: 'by' is 'gremlins', not one of rung, share; damaged"]),
+    (lambda e, t: os.mkfifo(t / "certtune_stop_reason.json"), ["certtune_stop_reason.json: a FIFO, not a regular file"]),
 ])
 def test_damaged_experiment_state_is_named_by_report_and_export(tmp_path, finished_search, damage, fragments):
     storage, experiment = damaged_copy(finished_search, tmp_path / "copy", damage)
@@ -953,6 +960,17 @@ def test_damaged_experiment_state_is_named_by_report_and_export(tmp_path, finish
         assert time.monotonic() - start < 60 and not (tmp_path / "exported").exists()
     if before is not None:
         assert snapshot(experiment) == before
+
+
+def test_a_params_file_nested_past_any_parser_falls_back_to_rays_record_of_the_config(tmp_path, finished_search):
+    """params.json is Ray's copy of a trial's config, also held in Ray's experiment state: one that is not JSON
+    (here a million open brackets, which Python's own parser meets with a RecursionError) is set aside for the
+    state's copy, without a traceback."""
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy",
+                                       lambda e, t: (t / "params.json").write_text("[" * 10**6))
+    proc = certtune("report", "s", "--storage", storage, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "2 finished" in proc.stdout.splitlines()[0] and "_unused=" in proc.stdout, proc.stdout
 
 
 def test_a_finished_trial_whose_result_json_lost_its_tail_is_not_demoted(tmp_path, finished_search):

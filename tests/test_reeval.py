@@ -134,9 +134,13 @@ def test_a_real_search_races_its_best_points_and_every_reader_agrees(data_dir, t
     search = load_search("race", str(storage))
     reruns = search.reruns()
     assert search.is_complete() and len(search.trials) == search.planned_trials() in (4, 6)
-    assert all(t.status == "finished" and t.last["epochs"] == 4 for t in search.trials)  # the fidelity, not 6
+    # every trial ran at the fidelity; one the warmup-aware ASHA stopped lost at a rung (which trials do depends on the
+    # order their results arrive in, so on the machine's load), and every re-evaluation ran its whole length
+    assert all(t.last["epochs"] == 4 for t in search.trials)  # the fidelity, not 6
+    assert all(t.status == "finished" or search.stop_rule(t) == "rung" for t in search.trials)
+    assert reruns and all(t.status == "finished" for t in reruns)
     by_id = {t.trial_id: t for t in search.trials}
-    best_single = min(search.points(), key=lambda t: (t.value("clean_err"), t.order))
+    best_single = min((t for t in search.points() if t.status == "finished"), key=lambda t: (t.value("clean_err"), t.order))
     assert {t.config_of for t in reruns} >= {best_single.trial_id}
     for t in reruns:
         assert t.params == by_id[t.config_of].params and t.seed_offset in (1, 2)
@@ -147,7 +151,7 @@ def test_a_real_search_races_its_best_points_and_every_reader_agrees(data_dir, t
     groups: dict[str, list[float]] = {}
     for ot in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         groups.setdefault(ot.user_attrs[CONFIG_OF], []).append(ot.value)
-    assert len(sum(groups.values(), [])) == len(search.trials)
+    assert len(sum(groups.values(), [])) == sum(t.status == "finished" for t in search.trials)
     for point in search.ranked():
         assert Score.of(groups[point.trial_id]).mean == pytest.approx(search.score(point, "clean_err").mean)
     text = report_search("race", str(storage))

@@ -118,10 +118,12 @@ def test_optuna_study_saved_with_the_experiment_matches_the_trials(searched):
         params = json.loads((searched["exp"] / f"trial_{t.user_attrs['ray_trial_id']}" / "params.json").read_text())
         assert params == t.params  # the Ray config is exactly the sampled params
         last = rows[-1]
+        marker = searched["exp"] / f"trial_{t.user_attrs['ray_trial_id']}" / "certtune_stop_reason.json"
         if last["epoch"] == last["epochs"]:
-            assert t.state == TrialState.COMPLETE and t.value == last["ibp_err"]
+            assert t.state == TrialState.COMPLETE and t.value == last["ibp_err"] and not marker.exists()
         else:  # stopped by the scheduler at a rung: PRUNED, never COMPLETE with a short-budget value
             assert t.state == TrialState.PRUNED
+            assert json.loads(marker.read_text())["by"] == "rung"  # the rule, for report and trials.csv
         at_target = [r["ibp_err"] for r in rows if r["at_target"]]
         assert list(t.intermediate_values.values()) == at_target
         states.append(t.state)

@@ -6,6 +6,9 @@ whose trainable reports exact seconds, so the cap's arithmetic is checked end to
 scheduler, searcher and budget."""
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import ray
 from ray.tune.experiment import Trial
@@ -14,6 +17,7 @@ from ray.tune.schedulers import TrialScheduler
 from trainers.config import ConfigError
 from tuner.run.schedulers import EPOCHS_AT_TARGET, SECONDS_AT_TARGET, WarmupAwareASHA, make_scheduler
 from tuner.space.record import SearchError
+from tuner.study.keys import STOP_REASON_FILE
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -162,6 +166,13 @@ def test_a_real_search_stops_the_costly_trial_at_its_share(local_ray, tmp_path, 
     assert by_batch[64].status == "stopped" and by_batch[64].epochs_run == 1
     assert search.largest_trial_share() == pytest.approx(3.0 / 12)
     assert "(largest trial 25% of it, cap 33%)" in search.budget_text()
+    # the rule that stopped it is told apart from a rung or the budget, in the report and in trials.csv
+    marker = search.path / by_batch[64].dirname / STOP_REASON_FILE
+    assert json.loads(marker.read_text())["by"] == "share" and by_batch[64].stop_marker == "share"
+    assert search.stop_rule(by_batch[64]) == "share" and search.stop_rule(by_batch[128]) is None
+    from tuner.results.report import format_report
+    row = next(line for line in format_report(search).splitlines() if line.split()[1:2] == [by_batch[64].trial_id])
+    assert "stopped (share)" in row
 
 
 def test_with_the_whole_budget_as_its_share_the_costly_trial_goes_on(local_ray, tmp_path, data_dir):
@@ -207,6 +218,25 @@ def test_the_default_share_and_its_weighting(tmp_path, data_dir):
     assert record(max_trial_seconds=60, scheduler="none").max_trial_share is None
     # 60 CPU-seconds on cpu=2 trials: a third is 20 CPU-seconds, 10 s of a trial's own training
     assert record(max_trial_seconds=60, resources="cpu=2").trial_seconds_cap() == pytest.approx(10.0)
+
+
+def test_a_stop_is_recorded_in_the_trials_directory_and_a_failed_write_costs_only_the_label(tmp_path, capsys):
+    import pyarrow.fs
+
+    from tuner.run.schedulers import record_stop
+
+    def trial_in(path):
+        storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(path))
+        return SimpleNamespace(trial_id="t1", storage=storage)
+
+    record_stop(trial_in(tmp_path / "trial_t1"), "rung", {"epoch": 4})
+    note = json.loads((tmp_path / "trial_t1" / STOP_REASON_FILE).read_text())
+    assert note["by"] == "rung" and note["epoch"] == 4
+    (tmp_path / "a_file").write_text("")
+    record_stop(trial_in(tmp_path / "a_file" / "trial_t1"), "share", {"epoch": 1})  # its folder cannot be made
+    assert "could not record why trial t1 stopped (share)" in capsys.readouterr().out
+    record_stop(added(scheduler(cap=10.0)), "share", {})  # a stub trial has no storage: nothing written, no error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "trial_t1"]
 
 
 def test_a_scheduler_pickled_before_the_cap_restores_without_one():

@@ -37,9 +37,9 @@ from typing import Any, Iterable
 
 from trainers.config import ConfigError
 from trainers.errors import shown
-from trainers.input_files import read_text
+from trainers.input_files import parse_json, read_text
 from tuner.space.constraints import parse_constraints, satisfied
-from tuner.study.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET
+from tuner.study.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET, STOP_REASON_FILE, STOP_REASONS
 from tuner.space.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
                           first_line, is_uri, normalize_storage)
 from tuner.study.reeval import ReevalPlan, Score
@@ -51,7 +51,9 @@ from tuner.study.verdict import (ENDED, FAILED, FINISHED, NO_RESULT, PENDING, ST
 MAX_STATE_BYTES = 256 * 2**20  # one state file (Ray's experiment state, a trial's result.json): far above real ones
 SUPERSEDED_FILE = "certtune_superseded.json"  # in a trial directory: trained again under another id (resume)
 SELECTION_FILE = "certtune_selection.json"  # in the experiment: the --select-by choice (tuner/results/selection.py)
-TRIAL_FILES = ("params.json", "result.json", "error.txt", SUPERSEDED_FILE)  # what a remote copy needs per trial
+# what a remote copy needs per trial
+TRIAL_FILES = ("params.json", "result.json", "error.txt", SUPERSEDED_FILE, STOP_REASON_FILE)
+MAX_NOTE_BYTES = 2**16  # a marker certtune writes in a trial directory (a few dozen bytes)
 
 
 class ExportError(SearchError):
@@ -79,6 +81,7 @@ class TrialResult:
     superseded: bool = False  # set aside on resume (SUPERSEDED_FILE): its params were trained again as another trial
     config_of: str = ""  # the trial that first trained this point: itself, or the one a re-evaluation repeats
     seed_offset: int = 0  # added to the config's seed (re-evaluations: 1, 2, ...)
+    stop_marker: str | None = None  # a stopped trial: the rule its STOP_REASON_FILE names (Search.stop_rule)
 
     @property
     def is_rerun(self) -> bool:
@@ -119,6 +122,19 @@ class Search:
 
     def counts(self) -> dict[str, int]:
         return {s: sum(t.status == s for t in self.trials) for s in STATUSES}
+
+    def stop_rule(self, trial: TrialResult) -> str | None:
+        """Why a stopped trial stopped: "rung" or "share" (the marker the warmup-aware scheduler left), "budget" (a
+        search with a budget, and no marker where the scheduler leaves them, or no scheduler); None when not
+        stopped, or unknown (Ray's plain ASHA leaves no marker, nor did searches recorded before the markers)."""
+        if trial.status != STOPPED:
+            return None
+        if trial.stop_marker:
+            return trial.stop_marker
+        record = self.record
+        budgeted = record.max_trial_epochs is not None or record.max_trial_seconds is not None
+        known = record.scheduler == "none" or (record.scheduler == "asha" and record.stop_markers)
+        return "budget" if known and budgeted else None
 
     def seeds_of(self, trial: TrialResult) -> list[TrialResult]:
         """The trial and the finished re-evaluations of its point (tuner/study/reeval.py)."""
@@ -514,7 +530,7 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
                error_file: Path | None, order: int, ended_at: float | None, objectives: list[str]) -> TrialResult:
     params = config
     if logdir is not None and (logdir / "params.json").is_file():
-        params = _read_json(logdir / "params.json", config)
+        params = read_params(logdir / "params.json", config)
     params = dict(params)
     config_of, seed_offset = params.pop(CONFIG_OF, None), params.pop(SEED_OFFSET, 0)
     rows, torn = read_result_file(logdir / "result.json") if logdir is not None else ([], False)
@@ -530,6 +546,8 @@ def make_trial(trial_id: str, ray_status: str | None, config: dict, logdir: Path
     trial.diverged = str(trial.last[DIVERGED]) if trial.last.get(DIVERGED) else None
     trial.status, reason = trial_status(ray_status, trial.last, objectives,
                                         lost_tail=str(logdir / "result.json") if torn else None)
+    if logdir is not None:  # read, hence checked, wherever it is; it counts only for a stopped trial (stop_rule)
+        trial.stop_marker = read_stop_reason(logdir / STOP_REASON_FILE)
     if trial.last.get(FAIL_REASON) and not trial.diverged:
         trial.error = str(trial.last[FAIL_REASON])  # the trial's own reason (e.g. invalid config, no data)
     elif trial.status not in (FINISHED, STOPPED) and not trial.diverged:
@@ -645,12 +663,27 @@ def load_study(experiment_dir: str | Path):
 
 
 # ---- small helpers -----------------------------------------------------------------------------------
-def _read_json(path: Path, default: dict) -> dict:
+def read_params(path: Path, default: dict) -> dict:
+    """A trial's params.json, or `default` (the config Ray's state holds) where it is not a JSON object. A FIFO
+    or a huge file is refused in one line (it would block or fill memory), as every file of a search is."""
+    text = read_text(path, MAX_STATE_BYTES, "params.json")
     try:
-        data = json.loads(path.read_text())
-    except ValueError:
+        data = parse_json(text, str(path))
+    except ConfigError:  # not JSON (or NaN, or nested absurdly deep): Ray's own record of the config stands
         return default
     return data if isinstance(data, dict) else default
+
+
+def read_stop_reason(path: Path) -> str | None:
+    """Which rule stopped a trial, from the marker the scheduler left (tuner/run/schedulers.py); None without one."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    note = parse_json(read_text(path, MAX_NOTE_BYTES, STOP_REASON_FILE), str(path))
+    reason = note.get("by") if isinstance(note, dict) else None
+    if reason not in STOP_REASONS:
+        raise ExportError(f"{path}: 'by' is {str(reason)[:40]!r}, not one of {', '.join(STOP_REASONS)}; "
+                          f"damaged (certtune writes this file when its scheduler stops a trial)")
+    return reason
 
 
 def counts_text(search: Search) -> str:

@@ -241,7 +241,8 @@ def metric_columns(trials: list[TrialResult], objectives: list[str]) -> list[str
 
 
 def trial_table(search: Search, trials: list[TrialResult]) -> tuple[list[str], list[list[Any]]]:
-    """One row per trial: id, status, rank among finished (None if not finished), each searched param (None when
+    """One row per trial: id, status, the rule that stopped it (Search.stop_rule), rank among finished (None if not
+    finished), each searched param (None when
     inactive), final metrics, Ray's wall seconds, and why it failed. trials.csv and `certtune.report()` show it."""
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
     params = search.searched_names()
@@ -249,11 +250,11 @@ def trial_table(search: Search, trials: list[TrialResult]) -> tuple[list[str], l
     constrained = bool(search.record.constraints)
     seeds = bool(search.record.reeval_top)
     objective = search.objectives[0]
-    header = ["trial_id", "status", "rank", *[f"param.{p}" for p in params], *metrics, "wall_seconds",
+    header = ["trial_id", "status", "stopped_by", "rank", *[f"param.{p}" for p in params], *metrics, "wall_seconds",
               *(["constraints_ok"] if constrained else []),
               *(["config_of", "seed_offset", f"{objective}_mean", f"{objective}_se", "seeds"] if seeds else []),
               "diverged", "error"]
-    rows = [[t.trial_id, t.status, rank.get(t.trial_id), *[t.params.get(p) for p in params],
+    rows = [[t.trial_id, t.status, search.stop_rule(t), rank.get(t.trial_id), *[t.params.get(p) for p in params],
              *[t.last.get(m) for m in metrics], t.last.get("time_total_s"),
              *([search.feasible(t) if t.last else None] if constrained else []),
              *(point_cells(search, t, objective) if seeds else []),

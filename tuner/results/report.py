@@ -19,6 +19,8 @@ from tuner.study.verdict import FAILED, FINISHED, PENDING, RUNNING, STOPPED, fai
 TOP = 10
 ROW_ORDER = (FINISHED, RUNNING, STOPPED, FAILED, PENDING)
 MAX_REASONS = 5
+STOP_RULES = ("(rung): lost at an ASHA rung; (share): could not reach its next rung or its end within its share of "
+              "the seconds budget; (budget): the search's budget ran out; no rule named: the scheduler records none")
 
 
 def report_search(name: str, storage: str | None) -> str:
@@ -58,7 +60,7 @@ def format_report(search: Search, top: int = TOP) -> str:
     lines += seed_notes(seed_summary(search))
     lines += selection_lines(search)
     if counts[STOPPED]:
-        lines.append("* stopped early (by the scheduler or a spent budget): the value is from its last epoch, not a final one")
+        lines.append("* stopped early: the value is from its last epoch, not a final one. " + STOP_RULES)
     failed = [t for t in search.trials if t.status == FAILED]
     for t in failed[:MAX_REASONS]:
         lines.append(f"failed {t.trial_id}: {failure_reason(t.diverged, t.error)}")
@@ -85,7 +87,8 @@ def trial_rows(search: Search, trials: list[TrialResult]) -> tuple[list[str], li
     for t in trials:
         mark = "*" if t.status == STOPPED else ""
         epoch, epochs = t.last.get("epoch"), t.last.get("epochs")
-        rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status,
+        rule = search.stop_rule(t)
+        rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status + (f" ({rule})" if rule else ""),
                      *[fmt(t.last.get(m)) + (mark if m in search.objectives and m in t.last else "") for m in shown],
                      *(score_cells(search.score(t, search.objectives[0])) if seeds else []),
                      f"{fmt(epoch)}/{fmt(epochs)}" if epoch is not None else "-",

@@ -233,6 +233,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                                                                                     max_trial_epochs),
         max_trial_seconds=seconds_budget, max_trial_share=share,
         seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints,
+        stop_markers=True,
         **({} if checkpoint_every in (None, "") else {"checkpoint_every_s": checkpoint_seconds(checkpoint_every)}))
     if check_address(address) is None:  # a fresh local instance (tuner/run/cluster.py: --address, RAY_ADDRESS)
         if Path(record.data_dir).exists() and not Path(record.data_dir).is_dir():

@@ -9,13 +9,15 @@ The rule and a worked example: docs/early_stopping.md.
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from trainers.config import ConfigError
 from tuner.run.trial_share import TrialShare
-from tuner.study.keys import CONFIG_OF
+from tuner.study.keys import CONFIG_OF, STOP_REASON_FILE
 from tuner.study.verdict import TargetEpochCounter, is_finite_float
 
 EPOCHS_AT_TARGET = "epochs_at_target"
@@ -92,9 +94,11 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
             self._num_stopped += 1
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, judged)
-        if (decision == TrialScheduler.CONTINUE and self.share is not None
-                and self.share.exceeded(trial.trial_id, judged, self.epochs_to_next_rung)):
+        if decision == TrialScheduler.STOP:  # stop_last_trials aside (off in a search), Ray's ASHA stops at a rung
+            record_stop(trial, "rung", judged)
+        elif self.share is not None and self.share.exceeded(trial.trial_id, judged, self.epochs_to_next_rung):
             self._num_stopped += 1
+            record_stop(trial, "share", judged)
             return TrialScheduler.STOP
         return decision
 
@@ -142,6 +146,22 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
             self._place_second_rungs(float(seconds))
         judged[SECONDS_AT_TARGET] = float(seconds)
         return judged
+
+
+def record_stop(trial, reason: str, result: dict) -> None:
+    """Leave STOP_REASON_FILE in the trial's directory, so report and export say which rule stopped it (a trial the
+    search's budget ended has none). Written through Ray's own storage of the trial, which Ray rebases when a
+    search resumes where its experiment is now; a failure to write costs the label, never the search."""
+    from tuner.space.record import first_line, write_text_on
+
+    storage = getattr(trial, "storage", None)
+    if storage is None:  # a stub trial (a scheduler driven by hand): nowhere to write
+        return
+    note = json.dumps({"by": reason, "epoch": result.get("epoch"), "at": time.time()}) + "\n"
+    try:
+        write_text_on(storage.storage_filesystem, f"{storage.trial_fs_path}/{STOP_REASON_FILE}", note)
+    except (OSError, ValueError) as e:  # a full disk, a lost bucket
+        print(f"certtune: could not record why trial {trial.trial_id} stopped ({reason}): {first_line(e)}", flush=True)
 
 
 def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int, grace_period: int = 1,

@@ -86,6 +86,9 @@ class SearchRecord:
     # Where the experiment last ran (experiment_path). A resume elsewhere (a copy, a move) rebases Ray's and the
     # searcher's saved paths onto where it is now (tuner/run/relocate.py) and records the new place here.
     location: str | None = None
+    # The warmup-aware scheduler leaves a marker in each trial it stops (rung or share; tuner/run/schedulers.py), so a
+    # stopped trial without one was ended by the budget. False: a search recorded before the markers.
+    stop_markers: bool = False
 
     def seconds_weight(self) -> tuple[str, float]:
         """(device, weight): a trial's train_seconds count `weight` device-seconds each (device_weight)."""
@@ -289,14 +292,28 @@ def write_text(target: str, text: str) -> None:
     """Write a small file at a local path (atomically) or a URI (through pyarrow), creating its folder."""
     if is_uri(target):
         import pyarrow.fs
-        fs, path = pyarrow.fs.FileSystem.from_uri(target)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(text.encode())
-    else:  # a fresh temporary file, then a rename; never through a link (trainers/files.py)
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
+        write_text_on(*pyarrow.fs.FileSystem.from_uri(target), text)
+    else:
+        write_local(Path(target), text)
+
+
+def write_text_on(fs, path: str, text: str) -> None:
+    """Write a small file at `path` of a pyarrow filesystem (Ray's storage of a trial, say), creating its folder;
+    on a local one atomically, as a local path."""
+    import pyarrow.fs
+
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        write_local(Path(path), text)
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def write_local(path: Path, text: str) -> None:
+    """A fresh temporary file, then a rename; never through a link (trainers/files.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
 
 
 DRIVER_LOCK = ".lock"  # in a local experiment directory: held (flock) by the driver running the search
