@@ -962,15 +962,27 @@ def test_damaged_experiment_state_is_named_by_report_and_export(tmp_path, finish
         assert snapshot(experiment) == before
 
 
-def test_a_params_file_nested_past_any_parser_falls_back_to_rays_record_of_the_config(tmp_path, finished_search):
+@pytest.mark.parametrize("garbage", [b"[" * 10**6, b'{"_unused": "\xff\xfe"}'], ids=["nested", "not-utf8"])
+def test_a_params_file_nested_past_any_parser_falls_back_to_rays_record_of_the_config(tmp_path, finished_search, garbage):
     """params.json is Ray's copy of a trial's config, also held in Ray's experiment state: one that is not JSON
-    (here a million open brackets, which Python's own parser meets with a RecursionError) is set aside for the
-    state's copy, without a traceback."""
+    (a million open brackets, which Python's own parser meets with a RecursionError; bytes that are not UTF-8) is
+    set aside for the state's copy, without a traceback."""
     storage, experiment = damaged_copy(finished_search, tmp_path / "copy",
-                                       lambda e, t: (t / "params.json").write_text("[" * 10**6))
+                                       lambda e, t: (t / "params.json").write_bytes(garbage))
     proc = certtune("report", "s", "--storage", storage, timeout=60)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "2 finished" in proc.stdout.splitlines()[0] and "_unused=" in proc.stdout, proc.stdout
+
+
+def test_a_huge_file_in_remote_storage_is_refused_before_it_is_copied(tmp_path, finished_search):
+    """A search in URI storage is copied file by file before it is read: each file's size is checked first (a
+    sparse 257-MiB result.json here: no disk is spent), so a planted huge file costs neither memory nor disk."""
+    storage, experiment = damaged_copy(finished_search, tmp_path / "copy",
+                                       lambda e, t: os.truncate(t / "result.json", 257 * 2**20))
+    for command in (["report", "s"], ["export", "s", "--out", tmp_path / "exported"]):
+        assert_refused(certtune(*command, "--storage", f"file://{storage}", timeout=120),
+                       "result.json: 257 MiB is too large for a file of a search")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_a_finished_trial_whose_result_json_lost_its_tail_is_not_demoted(tmp_path, finished_search):

@@ -236,7 +236,18 @@ def test_a_stop_is_recorded_in_the_trials_directory_and_a_failed_write_costs_onl
     record_stop(trial_in(tmp_path / "a_file" / "trial_t1"), "share", {"epoch": 1})  # its folder cannot be made
     assert "could not record why trial t1 stopped (share)" in capsys.readouterr().out
     record_stop(added(scheduler(cap=10.0)), "share", {})  # a stub trial has no storage: nothing written, no error
+    record_stop(trial_in(tmp_path / "trial_t2"), "rung", {"epoch": 12, "epochs": 12})  # its last epoch: not stopped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "trial_t1"]
+    broken = SimpleNamespace(trial_id="t3", storage=SimpleNamespace(storage_filesystem=None, trial_fs_path="x"))
+    record_stop(broken, "rung", {"epoch": 1})  # whatever the storage raises, the search goes on
+    assert "could not record why trial t3 stopped (rung)" in capsys.readouterr().out
+
+
+def test_a_non_finite_value_at_target_stops_the_trial_with_rungs_in_seconds_too():
+    sched = scheduler(cap=1000.0)
+    trial = added(sched)
+    assert sched.on_trial_result(None, trial, result(1, 5.0, first_target=2, err=float("nan"))) == CONTINUE  # ramp
+    assert sched.on_trial_result(None, trial, result(2, 5.0, first_target=2, err=float("nan"))) == STOP
 
 
 def test_a_scheduler_pickled_before_the_cap_restores_without_one():

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 from trainers.config import ConfigError
 from trainers.errors import shown
-from trainers.input_files import parse_json, read_text
+from trainers.input_files import parse_json, read_bytes, read_text
 from tuner.space.constraints import parse_constraints, satisfied
 from tuner.study.keys import CONFIG_OF, DIVERGED, FAIL_REASON, SEED_OFFSET, STOP_REASON_FILE, STOP_REASONS
 from tuner.space.record import (MAX_RECORD_BYTES, RECORD_FILE, SearchError, SearchRecord, check_name, experiment_path,
@@ -132,9 +132,8 @@ class Search:
         if trial.stop_marker:
             return trial.stop_marker
         record = self.record
-        budgeted = record.max_trial_epochs is not None or record.max_trial_seconds is not None
         known = record.scheduler == "none" or (record.scheduler == "asha" and record.stop_markers)
-        return "budget" if known and budgeted else None
+        return "budget" if known and record.has_budget() else None
 
     def seeds_of(self, trial: TrialResult) -> list[TrialResult]:
         """The trial and the finished re-evaluations of its point (tuner/study/reeval.py)."""
@@ -442,6 +441,9 @@ def download_experiment(uri: str, local: Path) -> Path:
                                            or rel.name.startswith("experiment_state-"))
                   or len(rel.parts) == 2 and rel.name in TRIAL_FILES)
         if info.type == pyarrow.fs.FileType.File and wanted:
+            if info.size is not None and info.size > MAX_STATE_BYTES:  # the largest any of them may be: not copied
+                raise ExportError(f"{uri}/{rel}: {info.size / 2**20:.0f} MiB is too large for a file of a search "
+                                  f"(at most {MAX_STATE_BYTES // 2**20} MiB); refused")
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as f:
                 (local / rel).write_bytes(f.read())
@@ -666,10 +668,10 @@ def load_study(experiment_dir: str | Path):
 def read_params(path: Path, default: dict) -> dict:
     """A trial's params.json, or `default` (the config Ray's state holds) where it is not a JSON object. A FIFO
     or a huge file is refused in one line (it would block or fill memory), as every file of a search is."""
-    text = read_text(path, MAX_STATE_BYTES, "params.json")
+    data = read_bytes(path, MAX_STATE_BYTES, "params.json")
     try:
-        data = parse_json(text, str(path))
-    except ConfigError:  # not JSON (or NaN, or nested absurdly deep): Ray's own record of the config stands
+        data = parse_json(data.decode("utf-8"), str(path))
+    except (UnicodeDecodeError, ConfigError):  # not JSON (or NaN, nested absurdly deep): Ray's record of it stands
         return default
     return data if isinstance(data, dict) else default
 

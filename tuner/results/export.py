@@ -242,8 +242,8 @@ def metric_columns(trials: list[TrialResult], objectives: list[str]) -> list[str
 
 def trial_table(search: Search, trials: list[TrialResult]) -> tuple[list[str], list[list[Any]]]:
     """One row per trial: id, status, the rule that stopped it (Search.stop_rule), rank among finished (None if not
-    finished), each searched param (None when
-    inactive), final metrics, Ray's wall seconds, and why it failed. trials.csv and `certtune.report()` show it."""
+    finished), each searched param (None when inactive), final metrics, Ray's wall seconds, and why it failed.
+    trials.csv and `certtune.report()` show it."""
     rank = {t.trial_id: i for i, t in enumerate(search.ranked(), 1)}
     params = search.searched_names()
     metrics = metric_columns(search.trials, search.objectives)

@@ -20,7 +20,7 @@ TOP = 10
 ROW_ORDER = (FINISHED, RUNNING, STOPPED, FAILED, PENDING)
 MAX_REASONS = 5
 STOP_RULES = ("(rung): lost at an ASHA rung; (share): could not reach its next rung or its end within its share of "
-              "the seconds budget; (budget): the search's budget ran out; no rule named: the scheduler records none")
+              "the seconds budget; (budget): the search's budget ran out")
 
 
 def report_search(name: str, storage: str | None) -> str:
@@ -60,7 +60,8 @@ def format_report(search: Search, top: int = TOP) -> str:
     lines += seed_notes(seed_summary(search))
     lines += selection_lines(search)
     if counts[STOPPED]:
-        lines.append("* stopped early: the value is from its last epoch, not a final one. " + STOP_RULES)
+        named = any(search.stop_rule(t) for t in search.trials)  # none with Ray's plain ASHA or an older search
+        lines.append("* stopped early: the value is from its last epoch, not a final one" + (f". {STOP_RULES}" if named else ""))
     failed = [t for t in search.trials if t.status == FAILED]
     for t in failed[:MAX_REASONS]:
         lines.append(f"failed {t.trial_id}: {failure_reason(t.diverged, t.error)}")

@@ -464,7 +464,7 @@ def make_budget(record: SearchRecord, storage: str):
     on local or URI storage, so a resumed search does not get its budget again (tuner/run/budget.py)."""
     from tuner.run.budget import SearchBudget
 
-    if record.max_trial_epochs is None and record.max_trial_seconds is None:
+    if not record.has_budget():
         return None
     return SearchBudget(record.max_trial_epochs, experiment_path(storage, record.name),
                         record.max_trial_seconds, record.seconds_weight()[1])

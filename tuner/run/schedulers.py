@@ -17,6 +17,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from trainers.config import ConfigError
 from tuner.run.trial_share import TrialShare
+from tuner.space.record import first_line, write_text_on
 from tuner.study.keys import CONFIG_OF, STOP_REASON_FILE
 from tuner.study.verdict import TargetEpochCounter, is_finite_float
 
@@ -90,12 +91,12 @@ class WarmupAwareASHA(AsyncHyperBandScheduler):
         if is_rerun(trial):
             return TrialScheduler.CONTINUE  # a re-evaluation runs its whole length: it is a seed, not a rival
         judged = self._with_progress(trial.trial_id, result)
-        if EPOCHS_AT_TARGET in judged and not is_finite_float(judged.get(self._metric, 0.0)):
+        if self._time_attr in judged and not is_finite_float(judged.get(self._metric, 0.0)):
             self._num_stopped += 1
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, judged)
         if decision == TrialScheduler.STOP:  # stop_last_trials aside (off in a search), Ray's ASHA stops at a rung
-            record_stop(trial, "rung", judged)
+            record_stop(trial, "rung", judged)  # (a rung on a trial's last epoch stops nothing: no marker then)
         elif self.share is not None and self.share.exceeded(trial.trial_id, judged, self.epochs_to_next_rung):
             self._num_stopped += 1
             record_stop(trial, "share", judged)
@@ -152,16 +153,16 @@ def record_stop(trial, reason: str, result: dict) -> None:
     """Leave STOP_REASON_FILE in the trial's directory, so report and export say which rule stopped it (a trial the
     search's budget ended has none). Written through Ray's own storage of the trial, which Ray rebases when a
     search resumes where its experiment is now; a failure to write costs the label, never the search."""
-    from tuner.space.record import first_line, write_text_on
-
     storage = getattr(trial, "storage", None)
-    if storage is None:  # a stub trial (a scheduler driven by hand): nowhere to write
-        return
-    note = json.dumps({"by": reason, "epoch": result.get("epoch"), "at": time.time()}) + "\n"
+    epoch, epochs = result.get("epoch"), result.get("epochs")
+    if storage is None or (is_finite_float(epoch) and is_finite_float(epochs) and epoch >= epochs):
+        return  # a stub trial (a scheduler driven by hand); or its last epoch, where a stop stops nothing
+    note = json.dumps({"by": reason, "epoch": epoch, "at": time.time()}) + "\n"
     try:
         write_text_on(storage.storage_filesystem, f"{storage.trial_fs_path}/{STOP_REASON_FILE}", note)
-    except (OSError, ValueError) as e:  # a full disk, a lost bucket
-        print(f"certtune: could not record why trial {trial.trial_id} stopped ({reason}): {first_line(e)}", flush=True)
+    except Exception as e:  # noqa: BLE001 -- a full disk, a lost bucket, Arrow's own errors: the search goes on
+        print(f"certtune: could not record why trial {trial.trial_id} stopped ({reason}): {first_line(e)}; "
+              f"report will call it stopped by the budget", flush=True)
 
 
 def make_scheduler(kind: str, metric: str, mode: str, max_epochs_at_target: int, grace_period: int = 1,

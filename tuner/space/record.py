@@ -95,6 +95,10 @@ class SearchRecord:
         device = self.seconds_device or device_weight(self.resources_per_trial)[0]
         return device, float(self.resources_per_trial.get(device, 0) or 0)
 
+    def has_budget(self) -> bool:
+        """A compute budget (trial-epochs or device-seconds) ends the search, not only --num-samples."""
+        return self.max_trial_epochs is not None or self.max_trial_seconds is not None
+
     def trial_seconds_cap(self) -> float | None:
         """The most training seconds one trial may take: its share of the device-seconds budget, unweighted."""
         if self.max_trial_share is None or self.max_trial_seconds is None:

@@ -11,7 +11,7 @@ RAY_TRIAL_ID = "ray_trial_id"  # Optuna user attr linking each Optuna trial to i
 # Optuna trial of a search with re-evaluation carries them, the original with its own Ray id and offset 0.
 CONFIG_OF = "config_of"  # the Ray trial id of the trial that first trained this point
 SEED_OFFSET = "seed_offset"  # added to the config's seed
-# In a stopped trial's directory: which rule stopped it (tuner/run/schedulers.py writes it, the readers of a search show
-# it). A trial stopped without one was ended by the search's budget (or by a scheduler that leaves none: plain-asha).
+# In a stopped trial's directory: the rule that stopped it, one of STOP_REASONS (written by tuner/run/schedulers.py;
+# what each means, and a trial without one: tuner/results/experiment.py Search.stop_rule).
 STOP_REASON_FILE = "certtune_stop_reason.json"
-STOP_REASONS = ("rung", "share")  # lost at an ASHA rung; could not reach its next judgment within its share
+STOP_REASONS = ("rung", "share")
