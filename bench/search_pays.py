@@ -10,9 +10,10 @@ paper's recipe and random search at equal compute (issue 19 §1, §4).
 Part 2 (`search`, `retrain`, `collect`): each search arm gets the same budget, `--budget` full-data epochs
 (default 140, two paper runs), counting every trial and re-evaluation: `certtune` is TPE with the warmup-aware
 ASHA, `random` uniform random sampling with the same scheduler; both at the space's fidelity (or `--fidelity`),
-both ending with `--reeval-top 2 --reeval-seeds 2`. The budget is kept by the number of trials: a trial costs at
-most its fidelity's share of a target run, so `--num-samples` = budget // that cost (early-stopped trials cost
-less; what they leave unspent is reported, not reused). `search` records the exported best point (the target
+both ending with `--reeval-top 2 --reeval-seeds 2`. The budget is the search's own `--max-trial-epochs` (the
+full-data epochs in trial-epochs at the fidelity), so what early-stopped trials leave unspent buys more trials,
+and the re-evaluations are kept room for inside it; `--num-samples` is four times the full-length trials the
+budget holds, a bound the budget reaches first. `search` records the exported best point (the target
 run), the search's anytime curve and its cost; `retrain` trains that point from scratch with seeds 1000, 1001,
 1002 and certifies each run on the 10,000 test images as it ends (clean, IBP, CROWN-IBP, PGD) - the only place
 the test split is read; `collect` writes bench/results/search_pays.json with the paper arms from
@@ -225,6 +226,15 @@ def search_name(arm: str, eps: float, search_seed: int) -> str:
     return f"{arm}_eps{eps}_s{search_seed}"
 
 
+def trial_epoch_budget(args) -> int:
+    """`--budget` full-data epochs in the trial-epochs the search's --max-trial-epochs counts (at its fidelity)."""
+    from tuner.run.driver import trial_epochs
+    from tuner.space.search_space import load_space
+
+    epochs = trial_epochs(load_space(args.space), args.fidelity or str(load_space(args.space).fidelity))
+    return int(args.budget * epochs / trial_cost(args) + 1e-9)
+
+
 def trial_cost(args) -> float:
     """Full-data epochs of one trial at the search's fidelity, at most (the defaults point: every point of the
     space has the same epochs and training images)."""
@@ -246,7 +256,7 @@ def search_step_name(arm: str, eps: float, search_seed: int) -> str:
     return f"{search_name(arm, eps, search_seed)} search"
 
 
-def run_search(args, trials: int) -> dict:
+def run_search(args, trials: int, budget_epochs: int) -> dict:
     """One arm's search, exported: its best point (the target run's config), its anytime curve and its cost."""
     from trainers.config import parse_overrides
     from trainers.safe_yaml import read_yaml_file
@@ -258,7 +268,7 @@ def run_search(args, trials: int) -> dict:
                max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
                sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed, storage=storage,
                data_dir=args.data_dir, fidelity=args.fidelity, reeval_top=args.reeval_top,
-               reeval_seeds=args.reeval_seeds)
+               reeval_seeds=args.reeval_seeds, max_trial_epochs=budget_epochs)
     out = args.work / "exports" / name
     api.export(name, storage=storage, out=out)
     search = load_search(name, storage)
@@ -268,16 +278,18 @@ def run_search(args, trials: int) -> dict:
 
 
 def cmd_search(args) -> None:
-    trials = int(args.budget // trial_cost(args))
+    trials, budget_epochs = 4 * int(args.budget // trial_cost(args)), trial_epoch_budget(args)
+    # Searches recorded before the budget was the search's own (--num-samples = budget // a full trial's cost, so
+    # early stopping's savings went unspent) or before TPE's startup followed the budget are not this step.
     inputs = {"space": args.space, "overrides": args.overrides, "budget": args.budget, "trials": trials,
+              "budget_trial_epochs": budget_epochs, "startup": "budget",
               "fidelity": args.fidelity, "reeval_top": args.reeval_top, "reeval_seeds": args.reeval_seeds,
-              # the reserve races K + 1 points (the next best when the defaults are among the K): searches recorded
-              # before that left reserved trials unused, so they are not this step
               "reeval_points": args.reeval_top + 1}
     print(json.dumps({"arm": args.arm, "eps": args.eps, "search_seed": args.search_seed, "trials": trials,
+                      "budget_trial_epochs": budget_epochs,
                       "trial_cost_full_data_epochs": round(trial_cost(args), 3)}), flush=True)
     step = kept_step(args.steps, search_step_name(args.arm, args.eps, args.search_seed), inputs,
-                     lambda: run_search(args, trials))
+                     lambda: run_search(args, trials, budget_epochs))
     print(json.dumps({k: step[k] for k in ("best_point", "trials", "cost_full_data_epochs")}), flush=True)
 
 

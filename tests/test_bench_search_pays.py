@@ -57,8 +57,10 @@ def test_fidelity_study_at_a_tiny_size(tmp_path, data_dir):
 
 
 def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_shut_down_after):
-    """Both arms search at the same budget in full-data epochs (the trial count follows from it: 3 trials here,
-    enough for TPE's and random's paths and the re-evaluation of the best), the best point retrains at the target run, collect certifies it on test and writes the issue's entries and the plot."""
+    """Both arms search at the same budget in full-data epochs, which is the search's own --max-trial-epochs (9
+    trial-epochs here: a trial of 3 epochs on 600 of 59,700 images costs 0.03 full-data epochs), with room for the
+    re-evaluation of the best point and the defaults; the best point retrains at the target run, collect certifies
+    it on test and writes the issue's entries and the plot."""
     common = ["--work", str(tmp_path / "runs"), "--data-dir", str(data_dir), "--space", "mnist_tiny",
               "--steps", str(tmp_path / "steps.json"), "data.subset=600", "data.val_size=300"]
     for arm in ("certtune", "random"):
@@ -67,7 +69,9 @@ def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_
     from tuner.results.experiment import load_search
 
     search = load_search("certtune_eps0.1_s0", str(tmp_path / "runs" / "searches"))
-    assert search.record.num_samples == int(0.1 // (3 * 600 / 59_700)) == 3  # a trial: 0.03 full-data epochs
+    assert search.record.max_trial_epochs == int(0.1 * 3 / (3 * 600 / 59_700)) == 9  # the budget, in trial-epochs
+    assert search.record.num_samples == 4 * int(0.1 // (3 * 600 / 59_700)) == 12  # a bound the budget reaches first
+    assert search.trial_epochs() <= 9 + 1 and search.reruns()  # two trials at a time: one epoch past it at most
     assert search.record.sampler == "tpe" and load_search("random_eps0.1_s0", str(tmp_path / "runs" / "searches")).record.sampler == "random"
     main(["retrain", "--arm", "certtune", "--eps", "0.1", "--seeds", "1000", *common, "data.test_subset=200"])
     out, plot = tmp_path / "pays.json", tmp_path / "pays.png"
@@ -75,7 +79,7 @@ def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_
     entries = [e for e in json.loads(out.read_text()) if e["arm"] == "certtune"]
     assert len(entries) == 1 and entries[0]["seed"] == 1000 and entries[0]["epochs"] == 6  # the target run
     assert set(entries[0]["test"]) == {"clean_err", "ibp_err", "crown_ibp_err", "pgd_err"}
-    assert 0 < entries[0]["search_cost_epochs"] <= 0.1 + 1e-9 and plot.stat().st_size > 0
+    assert 0 < entries[0]["search_cost_epochs"] <= 0.1 + 600 / 59_700 + 1e-9 and plot.stat().st_size > 0
     paper = [e for e in json.loads(out.read_text()) if e["arm"] in ("paper-70", "paper-halved")]
     assert {e["arm"] for e in paper} == {"paper-70", "paper-halved"} and all(e["search_seed"] is None for e in paper)
 

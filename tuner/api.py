@@ -56,7 +56,8 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
            wandb_artifacts: bool = False, checkpoint_every: float | None = None, fidelity: str | None = None,
            reeval_top: int = 0, reeval_seeds: int = 0, rungs: str | None = None,
            grace_seconds: float | None = None, select_by: str | None = None, select_top: int = 3,
-           select_n: int | None = None, max_trial_share: float | None = None, echo: bool = True):
+           select_n: int | None = None, max_trial_share: float | None = None, startup_trials: int | None = None,
+           echo: bool = True):
     """`certtune search`: a space file, a shipped space name (`mnist_tiny`) or a space as a dict (the YAML's
     mapping). Every input is checked first (and, for a local search, the data is downloaded once); then the
     trials run. Returns the search read back (tuner.results.experiment.Search: `.best()`, `.trials`, `.counts()`).
@@ -66,7 +67,8 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
     or "seconds" at the target ε (tuner/run/schedulers.py; default seconds when the space searches `method`).
     `select_by` (a verifier), `select_top`, `select_n`: pick the winner by that certificate on validation
     (tuner/results/selection.py). `max_trial_share`: the most of `max_trial_seconds` one trial may take (default
-    1/3 with a seconds budget and the warmup-aware ASHA; tuner/run/trial_share.py).
+    1/3 with a seconds budget and the warmup-aware ASHA; tuner/run/trial_share.py). `startup_trials`: TPE's random
+    trials before it models the results (default: Optuna's 10, or a quarter of the trials the search affords).
     `echo` prints the experiment path and the summary, as the CLI does."""
     from tuner.run.driver import finish, prepare_search, run_search
 
@@ -77,7 +79,7 @@ def search(space: str | Path | dict, overrides: dict[str, Any] | list[str] | Non
         constraints, optuna_storage, warm_start, None if enqueue is None else str(enqueue), wandb_artifacts,
         checkpoint_every, fidelity=fidelity, reeval_top=reeval_top, reeval_seeds=reeval_seeds,
         rungs=rungs, grace_seconds=grace_seconds, select_by=select_by, select_top=select_top, select_n=select_n,
-        max_trial_share=max_trial_share)
+        max_trial_share=max_trial_share, startup_trials=startup_trials)
     if echo:
         print(f"search {record.name}: experiment in {storage}/{record.name}", flush=True)
         if record.method_costs:

@@ -64,6 +64,9 @@ def add_search_commands(sub) -> None:
     p.add_argument("--reeval-seeds", default="0", metavar="S", help="more seeds per re-evaluated point (with --reeval-top)")
     p.add_argument("--seed", default="0", help="seed of the Optuna sampler (default 0)")
     p.add_argument("--sampler", default="tpe", help="tpe (Optuna's TPE, default) or random (the baseline)")
+    p.add_argument("--startup-trials", default=None, metavar="N",
+                   help="with --sampler tpe: the trials sampled at random before TPE models the results (default: "
+                        "Optuna's 10, or a quarter of the trials the search affords when that is fewer, at least 2)")
     p.add_argument("--max-trial-epochs", default=None,
                    help="compute budget: stop the search once its trials have trained this many epochs in "
                         "total (default: no budget; --num-samples trials)")
@@ -135,7 +138,8 @@ def cmd_search(args) -> int:
         warm_start=args.warm_start, enqueue=args.enqueue, wandb_artifacts=args.wandb_artifacts,
         checkpoint_every=args.checkpoint_every, fidelity=args.fidelity, reeval_top=args.reeval_top,
         reeval_seeds=args.reeval_seeds, rungs=args.rungs, grace_seconds=args.grace_seconds, select_by=args.select_by,
-        select_top=args.select_top, select_n=args.select_n, max_trial_share=args.max_trial_share))
+        select_top=args.select_top, select_n=args.select_n, max_trial_share=args.max_trial_share,
+        startup_trials=args.startup_trials))
 
 
 def cmd_resume(args) -> int:

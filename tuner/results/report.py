@@ -14,6 +14,7 @@ from typing import Any
 
 from tuner.results.experiment import STATUSES, Search, TrialResult, load_search, seed_notes, seed_summary
 from tuner.results.selection import selection_lines
+from tuner.space.record import OPTUNA_STARTUP_TRIALS
 from tuner.study.verdict import FAILED, FINISHED, PENDING, RUNNING, STOPPED, failure_reason
 
 TOP = 10
@@ -34,7 +35,7 @@ def format_report(search: Search, top: int = TOP) -> str:
     objectives = ", ".join(f"{o} ({m})" for o, m in zip(search.objectives, search.modes))
     lines = [f"search {search.name}: {len(search.trials)} trials of {search.planned_trials()} planned; "
              + ", ".join(f"{counts[s]} {s}" for s in STATUSES),
-             f"objective: {objectives}; scheduler: {record.scheduler}"
+             f"objective: {objectives}; sampler: {sampler_text(record)}; scheduler: {record.scheduler}"
              + (f" (rungs in {record.rungs} at target)" if record.scheduler == "asha" else "")
              + f"; fidelity: {record.fidelity}; "
              f"experiment: {search.location}",
@@ -68,6 +69,13 @@ def format_report(search: Search, top: int = TOP) -> str:
     if len(failed) > MAX_REASONS:
         lines.append(f"... {len(failed) - MAX_REASONS} more failed trials (reasons in trials.csv)")
     return "\n".join(lines)
+
+
+def sampler_text(record) -> str:
+    """`tpe (its first N trials at random)` or `random`."""
+    if record.sampler != "tpe":
+        return record.sampler
+    return f"tpe (its first {record.startup_trials or OPTUNA_STARTUP_TRIALS} trials at random)"
 
 
 def ordered_trials(search: Search) -> list[TrialResult]:

@@ -28,9 +28,10 @@ from trainers.verifiers import per_epoch_metrics
 from tuner.run.cluster import check_address, recorded_address, resolve_address, resume_flag
 from tuner.space.constraints import parse_constraints
 from tuner.space.fidelity import Fidelity
-from tuner.space.record import (SearchError, SearchRecord, check_location, check_name, device_weight, experiment_path,
-                          first_line, hold_driver_lock, is_uri, normalize_storage, positive_int, read_record,
-                          release_driver_lock, space_source, space_with_overrides, write_record, write_text)
+from tuner.space.record import (OPTUNA_STARTUP_TRIALS, SearchError, SearchRecord, check_location, check_name,
+                          device_weight, experiment_path, first_line, hold_driver_lock, is_uri, normalize_storage,
+                          positive_int, read_record, release_driver_lock, space_source, space_with_overrides,
+                          write_record, write_text)
 from tuner.study.keys import RAY_TRIAL_ID
 from tuner.study.reeval import ReevalPlan, check_reeval
 from tuner.results.selection import check_selection
@@ -184,7 +185,8 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
                    wandb_artifacts: bool = False, checkpoint_every: Any = None, fidelity: str | None = None,
                    reeval_top: Any = 0, reeval_seeds: Any = 0, rungs: str | None = None,
                    grace_seconds: Any = None, select_by: str | None = None, select_top: Any = 3,
-                   select_n: Any = None, max_trial_share: Any = None) -> tuple[SearchRecord, str]:
+                   select_n: Any = None, max_trial_share: Any = None, startup_trials: Any = None
+                   ) -> tuple[SearchRecord, str]:
     """Check every input (one SearchError/SpaceError at the first problem) and write the record.
 
     W&B is on when a project is given, or `WANDB_PROJECT` is set (W&B's own convention).
@@ -213,6 +215,10 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
     samples = positive_int("--num-samples", num_samples)
     top, seeds = check_reeval(reeval_top, reeval_seeds, samples, len(space.start_points()), bool(space.defaults))
     select_by, select_top, select_n = check_selection(select_by, select_top, select_n)
+    budget_epochs = None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs", max_trial_epochs)
+    reserved = ReevalPlan(top, seeds, samples, space.default_point() or None).reserved if top else 0
+    startup = startup_trials_of(startup_trials, sampler, samples - reserved, budget_epochs,
+                                trial_epochs(space, str(trial_fidelity)), reserved)
     if top and scheduler == "plain-asha":
         raise SearchError("--reeval-top: re-evaluation runs with --scheduler asha or none (plain-asha would stop "
                           "the re-evaluation trials at its rungs)")
@@ -229,8 +235,7 @@ def prepare_search(space_path: str | dict, overrides: dict[str, Any], name: str 
         overrides=dict(overrides), seed=seed_value(seed), wandb_project=wandb_project,
         wandb_artifacts=bool(wandb_artifacts),
         address=recorded_address(address), sampler=sampler,
-        max_trial_epochs=None if max_trial_epochs in (None, "") else positive_int("--max-trial-epochs",
-                                                                                    max_trial_epochs),
+        max_trial_epochs=budget_epochs, startup_trials=startup,
         max_trial_seconds=seconds_budget, max_trial_share=share,
         seconds_device=device_weight(parse_resources(resources))[0], constraints=checked_constraints,
         stop_markers=True,
@@ -471,12 +476,45 @@ def make_budget(record: SearchRecord, storage: str):
 
 
 def make_sampler(record: SearchRecord):
-    """The Optuna sampler of a search: None for TPE with Optuna 5's defaults (multivariate for one objective;
-    Ray builds it with the search's seed, and refuses a sampler together with its seed argument), or
-    uniform random sampling, seeded."""
+    """The Optuna sampler of a search: uniform random sampling, seeded; or TPE with Optuna 5's defaults
+    (multivariate for one objective) but `startup_trials` random ones first, seeded (None for a record from before:
+    Ray builds Optuna's default TPE with the search's seed, and refuses a sampler together with its seed argument)."""
     import optuna
 
-    return optuna.samplers.RandomSampler(seed=record.seed) if record.sampler == "random" else None
+    if record.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=record.seed)
+    if record.startup_trials is None:
+        return None
+    return optuna.samplers.TPESampler(n_startup_trials=record.startup_trials, seed=record.seed)
+
+
+MIN_STARTUP_TRIALS = 2  # TPE splits the trials it has into better and worse: it needs two
+
+
+def startup_trials_of(value: Any, sampler: str, main_trials: int, budget_epochs: int | None, epochs_per_trial: int,
+                      reeval_trials: int) -> int | None:
+    """--startup-trials: how many trials TPE samples at random before it models the results. By default Optuna's
+    10, or a quarter of the search's own trials where that is fewer (at least 2): `main_trials` (--num-samples less
+    the re-evaluations), or what the trial-epoch budget buys at full length after the re-evaluations, if fewer.
+    With Optuna's 10, a search that affords a dozen trials is random search (issue 19's benchmark: a TPE and a
+    random search of one seed drew the same points). None: the random sampler, which has no startup."""
+    if sampler != "tpe":
+        if value not in (None, ""):
+            raise SearchError("--startup-trials: goes with --sampler tpe (random sampling has no startup)")
+        return None
+    if value not in (None, ""):
+        return positive_int("--startup-trials", value)
+    affordable = main_trials
+    if budget_epochs is not None:
+        affordable = min(affordable, budget_epochs // max(epochs_per_trial, 1) - reeval_trials)
+    return max(MIN_STARTUP_TRIALS, min(OPTUNA_STARTUP_TRIALS, affordable // 4))
+
+
+def trial_epochs(space: SearchSpace, fidelity: str) -> int:
+    """Epochs of the space's defaults point at the fidelity: a full-length trial's cost in trial-epochs."""
+    compress = Fidelity.parse(fidelity)
+    cfg = space.to_train_config(space.default_point())
+    return compress.trial_config(cfg).epochs if compress.kind == "epochs" else cfg.epochs
 
 
 def run_search(record: SearchRecord, storage: str):

@@ -47,6 +47,9 @@ class SearchRecord:
     wandb_project: str | None = None
     address: str | None = None
     sampler: str = "tpe"  # Optuna's TPE (Optuna 5 defaults) or uniform random sampling, the baseline
+    # TPE samples at random until this many of the search's trials have ended (tuner/run/driver.py startup_trials_of);
+    # None: Optuna's own OPTUNA_STARTUP_TRIALS (records from before).
+    startup_trials: int | None = None
     max_trial_epochs: int | None = None  # compute budget in trial-epochs (tuner/run/budget.py); None: num_samples only
     max_trial_seconds: float | None = None  # compute budget in device-seconds (tuner/run/budget.py); None: no limit
     # The most of max_trial_seconds one trial may take (tuner/run/trial_share.py); None: no cap (records from before).
@@ -244,6 +247,9 @@ def check_name(name: str, flag: str = "--name") -> str:
     if len(name) > MAX_NAME_CHARS:  # a file name holds 255 bytes; Ray and certtune add to it
         raise SearchError(f"{flag}: {len(name)} characters; a search name has at most {MAX_NAME_CHARS}")
     return name
+
+
+OPTUNA_STARTUP_TRIALS = 10  # TPESampler's n_startup_trials unless told otherwise
 
 
 def positive_int(flag: str, value: Any) -> int:

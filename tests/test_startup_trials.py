@@ -1,0 +1,58 @@
+"""TPE's startup (`--startup-trials`, tuner/run/driver.py startup_trials_of): how many trials it samples at random
+before it models the results. Optuna's 10 turns a search that affords a dozen trials into random search (issue 19's
+benchmark: a TPE and a random search of one seed drew the same points), so by default it is a quarter of the trials
+the search affords, between 2 and 10."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tuner.run.driver import make_sampler, prepare_search, startup_trials_of, trial_epochs
+from tuner.space.record import SearchError, read_record
+from tuner.space.search_space import load_space
+
+
+@pytest.mark.parametrize("main_trials, budget_epochs, per_trial, reeval, expected", [
+    (100, None, 6, 0, 10),  # Optuna's own 10 where 40 or more trials fit
+    (40, None, 6, 0, 10),
+    (20, None, 6, 0, 5),  # a quarter
+    (11, None, 6, 0, 2),
+    (5, None, 6, 0, 2),  # never fewer than 2: TPE splits what it has into better and worse
+    (38, 385, 35, 6, 2),  # issue 19's searches: 385 trial-epochs buy 11 full trials, 6 of them re-evaluations
+    (38, 35 * 46, 35, 6, 9),  # the budget holds 40 trials of its own, the samples 38: the fewer decide
+    (30, 35 * 26, 35, 6, 5),
+])
+def test_the_default_is_a_quarter_of_the_trials_the_search_affords(main_trials, budget_epochs, per_trial, reeval,
+                                                                   expected):
+    assert startup_trials_of(None, "tpe", main_trials, budget_epochs, per_trial, reeval) == expected
+
+
+def test_a_given_startup_is_kept_and_random_sampling_has_none():
+    assert startup_trials_of("7", "tpe", 11, None, 6, 0) == 7
+    assert startup_trials_of(None, "random", 11, None, 6, 0) is None
+    for bad in ("0", "-1", "two", "2.5"):
+        with pytest.raises(SearchError, match="--startup-trials: must be an integer >= 1"):
+            startup_trials_of(bad, "tpe", 11, None, 6, 0)
+    with pytest.raises(SearchError, match="--startup-trials: goes with --sampler tpe"):
+        startup_trials_of("3", "random", 11, None, 6, 0)
+
+
+def test_the_record_builds_a_seeded_tpe_with_that_startup(tmp_path, data_dir):
+    record, storage = prepare_search("search_spaces/mnist_tiny.yaml", {}, "startup", 11, 1, "cpu=1", "asha",
+                                     "ibp_err", str(tmp_path / "results"), None, None, str(data_dir), 4)
+    assert read_record(storage, "startup").startup_trials == 2  # 11 // 4
+    sampler = make_sampler(record)
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
+    again = make_sampler(record)  # seeded by the search's seed: the same first draws
+    draws = [optuna.create_study(sampler=s).ask().suggest_float("x", 0, 1) for s in (sampler, again)]
+    assert draws[0] == draws[1]
+    record.startup_trials = None  # a record from before: Ray builds Optuna's default TPE with the seed
+    assert make_sampler(record) is None
+    from tuner.results.report import sampler_text
+    assert sampler_text(record) == "tpe (its first 10 trials at random)"
+
+
+def test_a_full_length_trial_is_counted_at_the_fidelity():
+    space = load_space("search_spaces/mnist_short_warmup.yaml")
+    assert trial_epochs(space, "target") == trial_epochs(space, "subset:20000") == 35  # a subset keeps the epochs
+    assert trial_epochs(space, "epochs:9") == 9
