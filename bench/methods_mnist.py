@@ -115,7 +115,7 @@ def cmd_search(args) -> None:
     storage = str((args.work / "searches").resolve())
     api.search(space, overrides, name=name, num_samples=1000, max_concurrent=1,
                resources_per_trial="cpu=1", scheduler="asha", storage=storage, data_dir=args.data_dir,
-               seed=args.seed, max_trial_seconds=seconds)
+               seed=args.seed, max_trial_seconds=seconds, max_trial_share=args.max_trial_share)
     out = args.work / f"export_eps{args.eps}"
     api.export(name, storage=storage, out=out)
     from trainers.safe_yaml import read_yaml_file
@@ -239,7 +239,9 @@ def main(argv=None) -> None:
     common.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t = sub.add_parser("train", parents=[common])
     t.add_argument("--methods", default=None, help="comma list (default: every method with a paper point)")
-    sub.add_parser("search", parents=[common])
+    s = sub.add_parser("search", parents=[common])
+    s.add_argument("--max-trial-share", default=None, metavar="F",
+                   help="the most of the budget one trial may take (default: the service's, 1/3)")
     c = sub.add_parser("collect", parents=[common])
     c.add_argument("--test-n", type=int, default=FULL_TEST)
     c.add_argument("--strong-n", type=int, default=FULL_TEST, help="images for CROWN and α-CROWN (the first ones)")
