@@ -47,6 +47,9 @@ def test_plan_races_the_best_points_and_the_defaults():
     infeasible = {**finals, "b": (0.10, False)}
     assert [r.of for r in ReevalPlan(2, 1, 9).reruns(infeasible, params, "min")] == ["c", "a"]
     assert [r.of for r in ReevalPlan(1, 1, 9).reruns(finals, params, "max")] == ["d"]
+    # under a budget the room kept follows the points that can be raced: S for each, at most K + 1 of them
+    assert [plan.reserved_for(n) for n in (0, 1, 2, 3, 7)] == [0, 2, 4, 6, 6]
+    assert ReevalPlan(2, 3, 20).reserved_for(5) == 6  # no defaults point: K points
 
 
 @pytest.mark.parametrize("top, seeds, samples, match", [

@@ -47,6 +47,13 @@ class ReevalPlan:
     def main_trials(self) -> int:
         return self.num_samples - self.reserved
 
+    def reserved_for(self, candidates: int) -> int:
+        """The trials the race needs when `candidates` points can be raced (the finished ones, and the running ones
+        should they finish): S for each of at most K + 1 of them. Under a budget the search explores while what
+        is spent, what runs and this reserve fit, so a race of fewer points does not hold back the budget of K + 1
+        (with ASHA most trials stop early: issue 19's search had 1 finished point and kept 6 trials' room)."""
+        return self.seeds * min(self.top + (self.baseline is not None), candidates)
+
     def reruns(self, finals: dict[str, tuple[float, bool]], params: dict[str, dict], mode: str) -> list[Rerun]:
         """The re-evaluation trials, best point first. `finals`: {Ray trial id: (final value of the first
         objective, feasible)} of the trials that finished; `params`: {Ray trial id: its point}."""

@@ -160,11 +160,13 @@ class HonestOptunaSearch(OptunaSearch):
 
     def _reserve_reached(self) -> bool:
         """With a budget, the search's own points end while the re-evaluations still fit in it (their trials
-        costing what a finished trial cost), so a budget never cuts the race off."""
+        costing what a finished trial cost, as many as the points that can be raced need: ReevalPlan.reserved_for),
+        so a budget does not cut the race off."""
         if self._budget is None:
             return False
         running = [t for t in self._main_ids if t not in self._completed_trials]
-        return self._budget.reserve_reached(self._reeval.reserved, list(self._finals), running)
+        reserve = self._reeval.reserved_for(len(self._finals) + len(running))
+        return self._budget.reserve_reached(reserve, list(self._finals), running)
 
     def _suggest_rerun(self, trial_id: str):
         """A re-evaluation trial once every trial of the search's own has ended; None (ask again later) before."""
