@@ -56,3 +56,11 @@ def test_a_full_length_trial_is_counted_at_the_fidelity():
     space = load_space("search_spaces/mnist_short_warmup.yaml")
     assert trial_epochs(space, "target") == trial_epochs(space, "subset:20000") == 35  # a subset keeps the epochs
     assert trial_epochs(space, "epochs:9") == 9
+
+
+def test_a_space_whose_defaults_do_not_name_every_param_counts_its_base_epochs():
+    from tuner.space.record import space_with_overrides
+
+    space = space_with_overrides({"base": {"epochs": 7, "eps": 0.1, "schedule": {"start": 1, "length": 3}},
+                                  "params": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}, {}, "test")
+    assert trial_epochs(space, "target") == 7 and trial_epochs(space, "epochs:3") == 3

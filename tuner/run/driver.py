@@ -511,9 +511,13 @@ def startup_trials_of(value: Any, sampler: str, main_trials: int, budget_epochs:
 
 
 def trial_epochs(space: SearchSpace, fidelity: str) -> int:
-    """Epochs of the space's defaults point at the fidelity: a full-length trial's cost in trial-epochs."""
+    """Epochs of the space's defaults point at the fidelity: a full-length trial's cost in trial-epochs (the base
+    config's where the defaults do not name every param)."""
     compress = Fidelity.parse(fidelity)
-    cfg = space.to_train_config(space.default_point())
+    try:
+        cfg = space.to_train_config(space.default_point())
+    except (SpaceError, ConfigError):
+        cfg = space.base_config
     return compress.trial_config(cfg).epochs if compress.kind == "epochs" else cfg.epochs
 
 
