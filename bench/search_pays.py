@@ -280,9 +280,10 @@ def run_search(args, trials: int, budget_epochs: int) -> dict:
 def cmd_search(args) -> None:
     trials, budget_epochs = 4 * int(args.budget // trial_cost(args)), trial_epoch_budget(args)
     # Searches recorded before the budget was the search's own (--num-samples = budget // a full trial's cost, so
-    # early stopping's savings went unspent) or before TPE's startup followed the budget are not this step.
+    # early stopping's savings went unspent), before TPE's startup followed the budget, or before the room kept for
+    # re-evaluation followed the points that can be raced are not this step.
     inputs = {"space": args.space, "overrides": args.overrides, "budget": args.budget, "trials": trials,
-              "budget_trial_epochs": budget_epochs, "startup": "budget",
+              "budget_trial_epochs": budget_epochs, "startup": "budget", "reserve": "raceable points",
               "fidelity": args.fidelity, "reeval_top": args.reeval_top, "reeval_seeds": args.reeval_seeds,
               "reeval_points": args.reeval_top + 1}
     print(json.dumps({"arm": args.arm, "eps": args.eps, "search_seed": args.search_seed, "trials": trials,
