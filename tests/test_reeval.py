@@ -189,3 +189,5 @@ def test_a_budget_keeps_room_for_the_reevaluations(data_dir, tmp_path, ray_shut_
     assert reruns and all(t.status == "finished" and t.seed_offset == 1 for t in reruns)
     assert {t.config_of for t in reruns} >= {min(search.points(), key=lambda t: (t.value("clean_err"), t.order)).trial_id}
     assert search.trial_epochs() <= 14 and len(search.points()) >= 3  # it explored, then raced, within budget
+    # its own trials ended early for the race: the search is complete with what it ran, not "interrupted" at 40
+    assert search.is_complete() and len(search.trials) == search.planned_trials() < 40

@@ -189,14 +189,17 @@ class Search:
 
     def planned_trials(self) -> int:
         """The trials the search will run: --num-samples, less the re-evaluation trials it will not need (the
-        defaults point among the best needs no seeds of its own; few finished points need fewer)."""
+        defaults point among the best needs no seeds of its own; few finished points need fewer) and, under a
+        budget, the trials of its own it did not start once its race began."""
         record = self.record
         if not record.reeval_top:
             return record.num_samples
         baseline = self.space().default_point() or None
         plan = ReevalPlan(record.reeval_top, record.reeval_seeds, record.num_samples, baseline)
         own = self.points()
-        if sum(t.status in ENDED for t in own) < plan.main_trials:
+        # Its own trials are over when they all ended, or when the race began (under a budget the searcher ends
+        # them early, to keep room for the race: tuner/study/searcher.py _reserve_reached).
+        if sum(t.status in ENDED for t in own) < plan.main_trials and not self.reruns():
             return record.num_samples
         sign_mode = self.modes[0]
         finals = {t.trial_id: (t.value(self.objectives[0]), self.feasible(t)) for t in own if t.status == FINISHED}
