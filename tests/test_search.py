@@ -308,7 +308,7 @@ def test_wandb_offline_runs_one_per_trial_grouped_with_config_and_epoch_metrics(
 
 
 def test_wandb_search_run_holds_the_report_table(searched):
-    from tuner.results.report import ordered_trials, report_search, trial_rows
+    from tuner.results.report import ordered_trials, report_search, status_cell, trial_rows
     from tuner.results.experiment import load_search
     from tuner.tracking.search_run import table_rows
 
@@ -320,7 +320,7 @@ def test_wandb_search_run_holds_the_report_table(searched):
     columns, rows = table_rows(table_file)
     search = load_search(NAME, str(searched["storage"]))
     assert columns[:3] == ["rank", "trial_id", "status"] and columns[-1] == "reason" and "ibp_err" in columns
-    assert [(r[1], r[2]) for r in rows] == [(t.trial_id, t.status) for t in ordered_trials(search)]
+    assert [(r[1], r[2]) for r in rows] == [(t.trial_id, status_cell(search, t)) for t in ordered_trials(search)]
     assert run.summary["best/trial_id"] == search.best().trial_id == rows[0][1]
     assert run.summary["trials/finished"] == search.counts()["finished"]
     # The table `certtune report` prints (report.trial_rows), every trial, cell for cell, plus the reasons.

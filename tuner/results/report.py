@@ -96,14 +96,19 @@ def trial_rows(search: Search, trials: list[TrialResult]) -> tuple[list[str], li
     for t in trials:
         mark = "*" if t.status == STOPPED else ""
         epoch, epochs = t.last.get("epoch"), t.last.get("epochs")
-        rule = search.stop_rule(t)
-        rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, t.status + (f" ({rule})" if rule else ""),
+        rows.append([str(rank.get(t.trial_id, "-")), t.trial_id, status_cell(search, t),
                      *[fmt(t.last.get(m)) + (mark if m in search.objectives and m in t.last else "") for m in shown],
                      *(score_cells(search.score(t, search.objectives[0])) if seeds else []),
                      f"{fmt(epoch)}/{fmt(epochs)}" if epoch is not None else "-",
                      *([("yes" if search.feasible(t) else "no") if t.last else "-"] if constrained else []),
                      " ".join(f"{n}={fmt(t.params[n])}" for n in names if n in t.params)])
     return header, rows
+
+
+def status_cell(search: Search, trial: TrialResult) -> str:
+    """The trial's status, and for a stopped one the rule that stopped it: `stopped (rung)`."""
+    rule = search.stop_rule(trial)
+    return trial.status + (f" ({rule})" if rule else "")
 
 
 def score_cells(score) -> list[str]:
