@@ -228,16 +228,18 @@ def search_name(arm: str, eps: float, search_seed: int) -> str:
 
 def trial_epoch_budget(args) -> int:
     """`--budget` full-data epochs in the trial-epochs the search's --max-trial-epochs counts (at its fidelity)."""
-    from tuner.run.driver import trial_epochs
-    from tuner.space.search_space import load_space
-
-    epochs = trial_epochs(load_space(args.space), args.fidelity or str(load_space(args.space).fidelity))
-    return int(args.budget * epochs / trial_cost(args) + 1e-9)
+    epochs, full_data_epochs = trial_shape(args)
+    return int(args.budget * epochs / full_data_epochs + 1e-9)
 
 
 def trial_cost(args) -> float:
     """Full-data epochs of one trial at the search's fidelity, at most (the defaults point: every point of the
     space has the same epochs and training images)."""
+    return trial_shape(args)[1]
+
+
+def trial_shape(args) -> tuple[int, float]:
+    """(epochs, full-data epochs) of a full-length trial at the search's fidelity (the defaults point)."""
     from trainers.config import parse_overrides
     from trainers.data import train_split_size
     from tuner.space.fidelity import Fidelity
@@ -249,7 +251,7 @@ def trial_cost(args) -> float:
         {"eps": args.eps, **parse_overrides(args.overrides)}).resolve()
     full = train_split_size(target.dataset, args.data_dir, target.data)
     cfg = fidelity.trial_config(target, full)
-    return cfg.epochs * (cfg.data.subset or full) / full
+    return cfg.epochs, cfg.epochs * (cfg.data.subset or full) / full
 
 
 def search_step_name(arm: str, eps: float, search_seed: int) -> str:

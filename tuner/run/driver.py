@@ -161,16 +161,20 @@ def max_epochs_at_target(space: SearchSpace, fidelity: str = "target") -> int:
         points.append(space.corner("low", fixed={"epochs": space.corner("high")["epochs"]}))
     points += space.start_points()
     best = 1
-    compress = Fidelity.parse(fidelity)
     for point in points:
         try:
-            cfg = space.to_train_config(point)
-            if compress.kind == "epochs":  # the subset fidelity keeps the epochs
-                cfg = compress.trial_config(cfg)
+            cfg = epochs_at_fidelity(space.to_train_config(point), fidelity)
         except (SpaceError, ConfigError):
             continue  # a corner may be outside the space's conditions; the others still count
         best = max(best, epochs_at_target(cfg.epochs, first_target_epoch(cfg.schedule)))
     return best
+
+
+def epochs_at_fidelity(cfg, fidelity: str):
+    """A point's config with the fidelity's epochs and schedule (the subset fidelity keeps the epochs, and needs
+    the data to size its batch, so it is left as it is)."""
+    compress = Fidelity.parse(fidelity)
+    return compress.trial_config(cfg) if compress.kind == "epochs" else cfg
 
 
 
@@ -513,12 +517,11 @@ def startup_trials_of(value: Any, sampler: str, main_trials: int, budget_epochs:
 def trial_epochs(space: SearchSpace, fidelity: str) -> int:
     """Epochs of the space's defaults point at the fidelity: a full-length trial's cost in trial-epochs (the base
     config's where the defaults do not name every param)."""
-    compress = Fidelity.parse(fidelity)
     try:
         cfg = space.to_train_config(space.default_point())
     except (SpaceError, ConfigError):
         cfg = space.base_config
-    return compress.trial_config(cfg).epochs if compress.kind == "epochs" else cfg.epochs
+    return epochs_at_fidelity(cfg, fidelity).epochs
 
 
 def run_search(record: SearchRecord, storage: str):

@@ -39,9 +39,14 @@ class ReevalPlan:
     baseline: dict | None = None  # the space's defaults point, re-evaluated as well
 
     @property
+    def points(self) -> int:
+        """The points raced: the K best and the baseline (or, when it is among them, the next best)."""
+        return self.top + (self.baseline is not None)
+
+    @property
     def reserved(self) -> int:
-        """Trials kept for re-evaluation: S for each of the K points and the baseline."""
-        return (self.top + (self.baseline is not None)) * self.seeds
+        """Trials kept for re-evaluation: S for each of the points raced."""
+        return self.points * self.seeds
 
     @property
     def main_trials(self) -> int:
@@ -52,7 +57,7 @@ class ReevalPlan:
         should they finish): S for each of at most K + 1 of them. Under a budget the search explores while what
         is spent, what runs and this reserve fit, so a race of fewer points does not hold back the budget of K + 1
         (with ASHA most trials stop early: issue 19's search had 1 finished point and kept 6 trials' room)."""
-        return self.seeds * min(self.top + (self.baseline is not None), candidates)
+        return self.seeds * min(self.points, candidates)
 
     def reruns(self, finals: dict[str, tuple[float, bool]], params: dict[str, dict], mode: str) -> list[Rerun]:
         """The re-evaluation trials, best point first. `finals`: {Ray trial id: (final value of the first
