@@ -283,11 +283,14 @@ def cmd_search(args) -> None:
     trials, budget_epochs = 4 * int(args.budget // trial_cost(args)), trial_epoch_budget(args)
     # Searches recorded before the budget was the search's own (--num-samples = budget // a full trial's cost, so
     # early stopping's savings went unspent), before TPE's startup followed the budget, or before the room kept for
-    # re-evaluation followed the points that can be raced are not this step.
+    # re-evaluation followed the points that can be raced are not this step; nor, for TPE, searches before its good
+    # set held more than one trial.
     inputs = {"space": args.space, "overrides": args.overrides, "budget": args.budget, "trials": trials,
               "budget_trial_epochs": budget_epochs, "startup": "budget", "reserve": "raceable points",
               "fidelity": args.fidelity, "reeval_top": args.reeval_top, "reeval_seeds": args.reeval_seeds,
               "reeval_points": args.reeval_top + 1}
+    if args.arm == "certtune":  # TPE's good set holds more than one trial in a small search (tuner/run/driver.py)
+        inputs["tpe_good_set"] = "a quarter, up to 3"
     print(json.dumps({"arm": args.arm, "eps": args.eps, "search_seed": args.search_seed, "trials": trials,
                       "budget_trial_epochs": budget_epochs,
                       "trial_cost_full_data_epochs": round(trial_cost(args), 3)}), flush=True)

@@ -1,13 +1,15 @@
 """TPE's startup (`--startup-trials`, tuner/run/driver.py startup_trials_of): how many trials it samples at random
 before it models the results. Optuna's 10 turns a search that affords a dozen trials into random search (issue 19's
 benchmark: a TPE and a random search of one seed drew the same points), so by default it is a quarter of the trials
-the search affords, between 2 and 10."""
+the search affords, between 2 and 10. And TPE's good set (`good_trials`, Optuna's gamma) holds more than one trial
+in a small search, so TPE does not propose near the one finished trial only."""
 from __future__ import annotations
 
 import optuna
 import pytest
 
-from tuner.run.driver import make_sampler, prepare_search, startup_trials_of, trial_epochs
+from tuner.run.driver import (good_trials, make_sampler, prepare_search, small_search_tpe, startup_trials_of,
+                              trial_epochs)
 from tuner.space.record import SearchError, read_record
 from tuner.space.search_space import load_space
 
@@ -43,6 +45,7 @@ def test_the_record_builds_a_seeded_tpe_with_that_startup(tmp_path, data_dir):
     assert read_record(storage, "startup").startup_trials == 2  # 11 // 4
     sampler = make_sampler(record)
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
+    assert sampler._gamma is good_trials
     again = make_sampler(record)  # seeded by the search's seed: the same first draws
     draws = [optuna.create_study(sampler=s).ask().suggest_float("x", 0, 1) for s in (sampler, again)]
     assert draws[0] == draws[1]
@@ -64,3 +67,44 @@ def test_a_space_whose_defaults_do_not_name_every_param_counts_its_base_epochs()
     space = space_with_overrides({"base": {"epochs": 7, "eps": 0.1, "schedule": {"start": 1, "length": 3}},
                                   "params": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}, {}, "test")
     assert trial_epochs(space, "target") == 7 and trial_epochs(space, "epochs:3") == 3
+
+
+@pytest.mark.parametrize("ended, good", [(1, 1), (4, 1), (5, 2), (8, 2), (9, 3), (12, 3), (20, 3), (21, 3), (31, 4),
+                                         (100, 10), (1000, 25)])
+def test_the_good_set_is_a_quarter_up_to_3_or_optunas_tenth(ended, good):
+    assert good_trials(ended) == good
+
+
+def small_search_history():
+    """Issue 19's searches in small: the defaults point finished (batch 256); of the early-stopped trials, two with
+    batch 64 went furthest (to rung 9), the rest were stopped at rungs 1 and 3."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dists = {"batch_size": CategoricalDistribution([64, 128, 256]), "lr": FloatDistribution(1e-4, 3e-3, log=True)}
+    trials = [create_trial(params={"batch_size": 256, "lr": 5e-4}, distributions=dists, value=0.136,
+                           intermediate_values={step: 0.2 - 0.003 * step for step in range(1, 25)})]
+    for batch, lr, rung, value in [(64, 9e-4, 9, 0.172), (64, 2.8e-3, 9, 0.160), (128, 1e-3, 3, 0.19),
+                                   (256, 1.1e-3, 1, 0.195), (256, 3e-4, 1, 0.447), (128, 2e-4, 1, 0.9),
+                                   (256, 1.6e-3, 1, 0.254), (128, 4e-4, 1, 0.33)]:
+        trials.append(create_trial(params={"batch_size": batch, "lr": lr}, distributions=dists,
+                                   state=TrialState.PRUNED, intermediate_values={s: value for s in range(1, rung + 1)}))
+    return dists, trials
+
+
+def next_batch_sizes(make_tpe) -> list[int]:
+    dists, history = small_search_history()
+    picks = []
+    for seed in range(20):  # one proposal per seed, each from the same 9 ended trials
+        study = optuna.create_study(sampler=make_tpe(2, seed))
+        study.add_trials(history)
+        picks.append(study.ask(dists).params["batch_size"])
+    return picks
+
+
+def test_with_one_finished_trial_tpe_follows_the_trials_that_went_furthest_not_the_defaults_alone():
+    # Optuna's 10 %: the good set is the defaults point alone
+    stock = next_batch_sizes(lambda startup, seed: optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed))
+    ours = next_batch_sizes(small_search_tpe)  # 3 of 9: the defaults and the two that reached rung 9
+    assert stock.count(256) >= 14, stock
+    assert ours.count(64) >= 14, ours
