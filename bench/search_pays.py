@@ -258,19 +258,39 @@ def search_step_name(arm: str, eps: float, search_seed: int) -> str:
     return f"{search_name(arm, eps, search_seed)} search"
 
 
+def check_same_search(storage: str, name: str, **wanted) -> None:
+    """A search left in the work folder is resumed only if it is this step's search; one started with other
+    settings (an earlier version of the benchmark) is not silently continued as this one."""
+    from tuner.space.record import read_record
+
+    record = read_record(storage, name)
+    differs = {k: (getattr(record, k), v) for k, v in wanted.items() if getattr(record, k) != v}
+    if differs:
+        raise SystemExit(f"{name}: the search in {storage} was started with other settings "
+                         f"({', '.join(f'{k} {a} here, {b} now' for k, (a, b) in differs.items())}): "
+                         f"move it aside to search afresh")
+
+
 def run_search(args, trials: int, budget_epochs: int) -> dict:
     """One arm's search, exported: its best point (the target run's config), its anytime curve and its cost."""
     from trainers.config import parse_overrides
     from trainers.safe_yaml import read_yaml_file
     from tuner import api
     from tuner.results.experiment import load_search
+    from tuner.space.record import experiment_path
 
     name, storage = search_name(args.arm, args.eps, args.search_seed), str((args.work / "searches").resolve())
-    api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)}, name=name, num_samples=trials,
-               max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
-               sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed, storage=storage,
-               data_dir=args.data_dir, fidelity=args.fidelity, reeval_top=args.reeval_top,
-               reeval_seeds=args.reeval_seeds, max_trial_epochs=budget_epochs)
+    if Path(experiment_path(storage, name)).exists():  # an earlier session's search, cut off: it goes on as it was
+        check_same_search(storage, name, num_samples=trials, max_trial_epochs=budget_epochs, seed=args.search_seed,
+                          sampler="random" if args.arm == "random" else "tpe", reeval_top=args.reeval_top,
+                          reeval_seeds=args.reeval_seeds)
+        api.resume(name, storage=storage)
+    else:
+        api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)}, name=name, num_samples=trials,
+                   max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
+                   sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed, storage=storage,
+                   data_dir=args.data_dir, fidelity=args.fidelity, reeval_top=args.reeval_top,
+                   reeval_seeds=args.reeval_seeds, max_trial_epochs=budget_epochs)
     out = args.work / "exports" / name
     api.export(name, storage=storage, out=out)
     search = load_search(name, storage)

@@ -83,6 +83,22 @@ def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_
     paper = [e for e in json.loads(out.read_text()) if e["arm"] in ("paper-70", "paper-halved")]
     assert {e["arm"] for e in paper} == {"paper-70", "paper-halved"} and all(e["search_seed"] is None for e in paper)
 
+    # A search the steps file does not hold yet (its session ended before it was recorded) goes on from its
+    # experiment: nothing is trained again and its record is the same; one started with other settings is refused.
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    recorded = steps.pop("random_eps0.1_s0 search")
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    def random_search(reeval_seeds):
+        return ["search", "--arm", "random", "--eps", "0.1", "--budget", "0.1", "--fidelity", "epochs:3",
+                "--reeval-top", "1", "--reeval-seeds", reeval_seeds, "--concurrent", "2", *common]
+
+    trained = sorted(p.name for p in (tmp_path / "runs" / "searches" / "random_eps0.1_s0").glob("trial_*"))
+    with pytest.raises(SystemExit, match="started with other settings .*reeval_seeds 1 here, 2 now"):
+        main(random_search("2"))
+    main(random_search("1"))
+    assert json.loads((tmp_path / "steps.json").read_text())["random_eps0.1_s0 search"]["output"] == recorded["output"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "searches" / "random_eps0.1_s0").glob("trial_*")) == trained
+
     # The steps file outlives the run directories (a later session has none): nothing is searched, trained or
     # certified again, and collect writes the same entries.
     shutil.rmtree(tmp_path / "runs")
