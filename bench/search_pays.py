@@ -20,7 +20,9 @@ the test split is read; `collect` writes bench/results/search_pays.json with the
 bench/results/shorter_warmup*.json (their provenance), and bench/results/search_pays.png: best validation score
 so far against full-data epochs spent, per search. Each finished search and retrained seed is kept in
 bench/results/search_pays_steps.json (`--steps`, committed), so the part continues across sessions whose run
-directories are gone (bench/runs.kept_step).
+directories are gone (bench/runs.kept_step). A search that a session's end cut off resumes from its experiment
+when `search` is started again with the same settings (`certtune resume`'s path), and a retrained seed from its
+last epoch.
 
 Setting (`--space`, default): search_spaces/mnist_short_warmup.yaml (the paper's `fast` method on cnn_small; the target run is 35 epochs
 on the full MNIST training split less 5,000 validation images). `--configs` points (default 12): the space's
