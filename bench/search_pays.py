@@ -279,20 +279,20 @@ def run_search(args, trials: int, budget_epochs: int) -> dict:
     from trainers.safe_yaml import read_yaml_file
     from tuner import api
     from tuner.results.experiment import load_search
-    from tuner.space.record import experiment_path
+    from tuner.run.driver import experiment_exists
 
     name, storage = search_name(args.arm, args.eps, args.search_seed), str((args.work / "searches").resolve())
-    if Path(experiment_path(storage, name)).exists():  # an earlier session's search, cut off: it goes on as it was
-        check_same_search(storage, name, num_samples=trials, max_trial_epochs=budget_epochs, seed=args.search_seed,
-                          sampler="random" if args.arm == "random" else "tpe", reeval_top=args.reeval_top,
-                          reeval_seeds=args.reeval_seeds)
+    # what makes this search this step's: checked against a search an earlier session left, passed to a new one
+    settings = {"num_samples": trials, "max_trial_epochs": budget_epochs, "seed": args.search_seed,
+                "sampler": "random" if args.arm == "random" else "tpe", "reeval_top": args.reeval_top,
+                "reeval_seeds": args.reeval_seeds}
+    if experiment_exists(storage, name):  # an earlier session's search, cut off: it goes on as it was
+        check_same_search(storage, name, **settings)
         api.resume(name, storage=storage)
     else:
-        api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)}, name=name, num_samples=trials,
+        api.search(args.space, {"eps": args.eps, **parse_overrides(args.overrides)}, name=name,
                    max_concurrent=args.concurrent, resources_per_trial=f"cpu={args.cpus_per_trial}", scheduler="asha",
-                   sampler="random" if args.arm == "random" else "tpe", seed=args.search_seed, storage=storage,
-                   data_dir=args.data_dir, fidelity=args.fidelity, reeval_top=args.reeval_top,
-                   reeval_seeds=args.reeval_seeds, max_trial_epochs=budget_epochs)
+                   storage=storage, data_dir=args.data_dir, fidelity=args.fidelity, **settings)
     out = args.work / "exports" / name
     api.export(name, storage=storage, out=out)
     search = load_search(name, storage)

@@ -88,6 +88,7 @@ def test_search_arms_retrain_and_collect_at_a_tiny_size(tmp_path, data_dir, ray_
     steps = json.loads((tmp_path / "steps.json").read_text())
     recorded = steps.pop("random_eps0.1_s0 search")
     (tmp_path / "steps.json").write_text(json.dumps(steps))
+
     def random_search(reeval_seeds):
         return ["search", "--arm", "random", "--eps", "0.1", "--budget", "0.1", "--fidelity", "epochs:3",
                 "--reeval-top", "1", "--reeval-seeds", reeval_seeds, "--concurrent", "2", *common]
