@@ -12,8 +12,12 @@ DATA ?= $(if $(CERTTUNE_DATA),$(CERTTUNE_DATA),$(if $(wildcard ../shared/data),.
 
 install: .venv/.installed
 
+# Two test processes (pytest-xdist), one per core of the 2-core machine the suite is sized for; a test file stays in
+# one process (its module fixtures are built once). The tests share nothing: each Ray instance has its own temp dir
+# and free ports, and none runs `ray stop` (docs/decisions.md "Two test processes"). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # A real search on real MNIST with the local defaults (local Ray, TPE, warmup-aware ASHA): 12 small trials.
 DEMO := demo-$(shell date +%Y%m%d-%H%M%S)

@@ -74,7 +74,7 @@ def searched(tmp_path_factory, data_dir):
     record, storage = prepare_search(SPACE, TINY, "constrained", 3, 2, "cpu=1", "none", "ibp_err", storage, None,
                                      None, str(data_dir), 3, max_trial_seconds="1000",
                                      constraints=[" clean_err <= 0.5", "ibp_err>=0"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         build_tuner(record, storage).fit()
     finally:

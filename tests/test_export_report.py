@@ -111,7 +111,7 @@ def experiment(tmp_path_factory, data_dir):
     write_record(exp, NAME, space_path, raw, ["ibp_err"], data_dir)
     # Ray workers cannot import this test module (tests/ is not on their path): ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         searcher = HonestOptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min",
                                       points_to_evaluate=points, seed=0)

@@ -62,7 +62,7 @@ def searches(tmp_path_factory, data_dir):
     space = write_yaml(tmp / "space.yaml", SPACE)
     enqueue = write_yaml(tmp / "points.yaml", [DIVERGING, STOPPED])
     url = f"sqlite:///{tmp / 'db' / 'studies.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # Budget 4 trial-epochs: defaults 2 epochs, the diverging point 1, the last stopped after 1.
         first, storage = search(tmp, data_dir, "first", space, optuna_storage=url, enqueue=str(enqueue),

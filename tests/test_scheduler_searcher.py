@@ -64,7 +64,7 @@ def synthetic_trainable(config: dict) -> None:
 def local_ray():
     # Ray workers cannot import this test module (tests/ is not on their path): ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
