@@ -14,10 +14,24 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+@contextmanager
+def own_ray(num_cpus: int = 2):
+    """A Ray instance of this test's own, shut down after: `address="local"` starts a new one, where an init
+    without an address would join the cluster of the last `ray start` on the machine (another test's)."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def free_ports(n: int) -> list[int]:

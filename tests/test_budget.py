@@ -10,7 +10,7 @@ import os
 import signal
 
 import pytest
-import ray
+from raycluster import own_ray
 
 from bench.search_overhead import make_sleep_trainable
 from ray import tune
@@ -26,9 +26,8 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with own_ray():
+        yield
 
 
 def write_results(trial_dir, epochs):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
+from raycluster import own_ray
 
 from tuner.space.constraints import Constraint, parse_constraint, satisfied
 from tuner.results.export import export_search
@@ -74,11 +74,8 @@ def searched(tmp_path_factory, data_dir):
     record, storage = prepare_search(SPACE, TINY, "constrained", 3, 2, "cpu=1", "none", "ibp_err", storage, None,
                                      None, str(data_dir), 3, max_trial_seconds="1000",
                                      constraints=[" clean_err <= 0.5", "ibp_err>=0"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with own_ray():
         build_tuner(record, storage).fit()
-    finally:
-        ray.shutdown()
     return record, storage
 
 

@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 import optuna  # noqa: E402
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
+from raycluster import own_ray  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.schedules import EpsSchedule, first_target_epoch  # noqa: E402
@@ -111,16 +112,13 @@ def experiment(tmp_path_factory, data_dir):
     write_record(exp, NAME, space_path, raw, ["ibp_err"], data_dir)
     # Ray workers cannot import this test module (tests/ is not on their path): ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with own_ray():
         searcher = HonestOptunaSearch(space=space.define_by_run, metric="ibp_err", mode="min",
                                       points_to_evaluate=points, seed=0)
         tune.Tuner(make_trainable(plans),
                    tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(ROLES), max_concurrent_trials=2,
                                                reuse_actors=True, trial_dirname_creator=trial_dirname),
                    run_config=tune.RunConfig(name=NAME, storage_path=str(storage), verbose=0)).fit()
-    finally:
-        ray.shutdown()
     shutil.copytree(exp, storage / MULTI)
     write_record(storage / MULTI, MULTI, space_path, raw, ["ibp_err", "clean_err"], data_dir)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 import yaml
 from optuna.trial import TrialState
+from raycluster import own_ray
 
 from tuner.space.record import SearchError, read_record
 from tuner.results.experiment import load_search, load_study
@@ -62,14 +62,11 @@ def searches(tmp_path_factory, data_dir):
     space = write_yaml(tmp / "space.yaml", SPACE)
     enqueue = write_yaml(tmp / "points.yaml", [DIVERGING, STOPPED])
     url = f"sqlite:///{tmp / 'db' / 'studies.db'}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with own_ray():
         # Budget 4 trial-epochs: defaults 2 epochs, the diverging point 1, the last stopped after 1.
         first, storage = search(tmp, data_dir, "first", space, optuna_storage=url, enqueue=str(enqueue),
                                 max_trial_epochs=4)
         warm, _ = search(tmp, data_dir, "warm", space, num_samples=1, warm_start="first")
-    finally:
-        ray.shutdown()
     return {"tmp": tmp, "space": space, "storage": storage, "url": url, "first": first, "warm": warm,
             "data_dir": str(data_dir)}
 

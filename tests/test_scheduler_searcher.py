@@ -19,6 +19,7 @@ from ray import tune  # noqa: E402
 from ray.tune.experiment import Trial  # noqa: E402
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+from raycluster import own_ray  # noqa: E402
 
 from trainers.config import ConfigError  # noqa: E402
 from tuner.run.schedulers import TargetEpochCounter, WarmupAwareASHA, make_scheduler  # noqa: E402
@@ -64,9 +65,8 @@ def synthetic_trainable(config: dict) -> None:
 def local_ray():
     # Ray workers cannot import this test module (tests/ is not on their path): ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with own_ray():
+        yield
 
 
 def run(tmp_path, name, param_space, scheduler=None, searcher=None, num_samples=1):

@@ -10,9 +10,9 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import ray
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+from raycluster import own_ray
 
 from trainers.config import ConfigError
 from tuner.run.schedulers import EPOCHS_AT_TARGET, SECONDS_AT_TARGET, WarmupAwareASHA, make_scheduler
@@ -139,9 +139,8 @@ def make_timed_trainable():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with own_ray():
+        yield
 
 
 def run(tmp_path, data_dir, name: str, **kwargs):
