@@ -22,12 +22,12 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 @contextmanager
-def own_ray(num_cpus: int = 2):
+def own_ray():
     """A Ray instance of this test's own, shut down after: `address="local"` starts a new one, where an init
     without an address would join the cluster of the last `ray start` on the machine (another test's)."""
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
